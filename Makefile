@@ -1,0 +1,31 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv/ (torch 2.11.0,
+# whose libtorch the Rust crates link) on first use.
+.PHONY: setup build demo test fixtures bench clean-venv
+
+CARGO ?= cargo
+VENV := .venv
+
+setup:
+	@scripts/setup_venv.sh
+
+build: setup
+	$(CARGO) build --release --bin medtvt
+
+# Until the PT -> SFT -> GRPO pipeline lands, the demo runs what exists end to end and says so.
+demo: build
+	./target/release/medtvt demo
+
+test: setup
+	$(CARGO) test --workspace --no-fail-fast
+
+# Regenerates the committed test fixtures (needs transformers, wfdb, scikit-learn in .venv).
+fixtures:
+	@scripts/setup_venv.sh scripts/requirements-fixtures.txt
+	$(VENV)/bin/python scripts/make_llama_fixtures.py
+
+bench: setup
+	@scripts/setup_venv.sh scripts/requirements-fixtures.txt
+	$(CARGO) run --release -p medtvt-model --example bench_generate
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,30 @@
+//! `medtvt`: the one binary of MedTVT-R1. Each role (coordinator, rollout worker, learner) and each
+//! tool (data, eval, doctor, ...) is a subcommand, so one container image serves every role.
+
+mod demo;
+mod doctor;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "medtvt", version, about = "MedTVT-R1: multimodal medical reasoning trained with distributed GRPO")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Report what this machine offers: libtorch, CUDA devices, NCCL, build features.
+    Doctor(doctor::DoctorArgs),
+    /// Run the end-to-end demo on the tiny CPU default.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Doctor(args) => doctor::run(&args),
+        Command::Demo(args) => demo::run(&args),
+    }
+}

@@ -1,0 +1,4 @@
+//! The learner role: optimisation steps for GRPO, PT and SFT, and the collective that averages
+//! gradients across learner ranks.
+
+pub mod nccl;

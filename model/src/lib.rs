@@ -1,0 +1,6 @@
+//! MedTVT-R1's networks on tch (libtorch).
+//!
+//! This crate owns every tensor computation of the system and nothing else: it has no notion of
+//! processes, RPCs or runs. `runtime` reports what the linked libtorch can do.
+
+pub mod runtime;
