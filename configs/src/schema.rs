@@ -1,0 +1,442 @@
+//! The run config's schema: one serde struct per TOML table, each rejecting unknown keys, with
+//! defaults where a sensible one exists and `validate` for ranges, cross-field rules and paths.
+
+use crate::ConfigError;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The paper's seven diseases, in canonical spelling; the default disease list.
+pub const DEFAULT_DISEASES: [&str; 7] = [
+    "coronary artery disease",
+    "acute renal failure",
+    "hypertension",
+    "atrial fibrillation",
+    "pneumonia",
+    "diabetes mellitus",
+    "sepsis",
+];
+
+/// One stage of one run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub run: RunSection,
+    pub data: DataSection,
+    pub model: ModelSection,
+    pub train: TrainSection,
+    /// Required when `run.stage = "grpo"`, refused otherwise.
+    pub grpo: Option<GrpoSection>,
+    #[serde(default)]
+    pub cluster: ClusterSection,
+    #[serde(default)]
+    pub telemetry: TelemetrySection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Stage 1: align the modality encoders with the LLM (physiological QA).
+    Pt,
+    /// Stage 2: instruction tuning on disease-level QA with the Modality Perception Layer.
+    Sft,
+    /// Stage 3: reinforcement fine-tuning with GRPO.
+    Grpo,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    pub name: String,
+    pub stage: Stage,
+    /// Where checkpoints, metrics.jsonl and plots of this run go.
+    pub out_dir: PathBuf,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// A MedTVT-QA directory (train/val/test JSONL files beside their modality files).
+    pub dir: PathBuf,
+    #[serde(default = "default_diseases")]
+    pub diseases: Vec<String>,
+    /// Prompts longer than this (in tokens, modality placeholders included) are truncated.
+    #[serde(default = "default_max_prompt_tokens")]
+    pub max_prompt_tokens: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DType {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    /// CUDA when available, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A checkpoint directory to start from (HF layout: config.json, *.safetensors,
+    /// tokenizer.json); a previous stage's output or a real Llama checkpoint. Without it the tiny
+    /// model of `[model.tiny]` is built from scratch.
+    pub checkpoint: Option<PathBuf>,
+    #[serde(default)]
+    pub dtype: DType,
+    #[serde(default)]
+    pub device: DeviceChoice,
+    /// Sizes of the from-scratch model; ignored when `checkpoint` is set.
+    #[serde(default)]
+    pub tiny: TinyModel,
+}
+
+/// Sizes of the CPU default model trained from scratch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TinyModel {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    /// Side of the square X-ray input in pixels.
+    pub image_size: usize,
+    pub vit_patch_size: usize,
+    pub vit_depth: usize,
+    pub ecg_resnet_blocks: usize,
+}
+
+impl Default for TinyModel {
+    fn default() -> Self {
+        TinyModel {
+            vocab_size: 1024,
+            hidden_size: 128,
+            intermediate_size: 344,
+            num_layers: 4,
+            num_heads: 4,
+            num_kv_heads: 2,
+            image_size: 64,
+            vit_patch_size: 16,
+            vit_depth: 2,
+            ecg_resnet_blocks: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Optimizer steps of this stage.
+    pub steps: u64,
+    /// Samples per optimizer step over all learners (PT/SFT). For GRPO the batch is
+    /// `grpo.prompts_per_step * grpo.group_size` completions.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// The cosine schedule decays to `learning_rate * min_lr_ratio`.
+    #[serde(default = "default_min_lr_ratio")]
+    pub min_lr_ratio: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Global gradient-norm clip; 0 disables it.
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: f64,
+    #[serde(default = "one")]
+    pub grad_accumulation: u32,
+    /// Write a checkpoint every this many steps (and always at the end); 0 = only at the end.
+    #[serde(default)]
+    pub checkpoint_every: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AdvantageEstimator {
+    /// (r - mean) / (std + eps) within each group (DeepSeekMath GRPO).
+    #[default]
+    Grpo,
+    /// r - mean, no std normalisation (Dr. GRPO).
+    DrGrpo,
+    /// r - mean of the other G-1 rewards (RLOO).
+    Rloo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum KlEstimator {
+    K1,
+    K2,
+    /// exp(ref - logp) - (ref - logp) - 1, the low-variance estimator GRPO uses.
+    #[default]
+    K3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LossAggregation {
+    /// Mean over all completion tokens in the batch (DAPO).
+    #[default]
+    TokenMean,
+    /// Mean over sequences of each sequence's token mean (original GRPO).
+    SeqMeanTokenMean,
+    /// Mean over sequences of token sums divided by the max completion length (Dr. GRPO).
+    SeqMeanTokenSum,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpoSection {
+    /// Completions sampled per prompt (G).
+    pub group_size: u32,
+    pub prompts_per_step: u32,
+    pub max_new_tokens: u32,
+    #[serde(default = "one_f64")]
+    pub temperature: f64,
+    #[serde(default = "one_f64")]
+    pub top_p: f64,
+    /// 0 disables top-k.
+    #[serde(default)]
+    pub top_k: u32,
+    /// KL coefficient; 0 drops the reference model entirely.
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    #[serde(default)]
+    pub kl_estimator: KlEstimator,
+    #[serde(default = "default_eps")]
+    pub eps_low: f64,
+    #[serde(default = "default_eps")]
+    pub eps_high: f64,
+    #[serde(default)]
+    pub advantage: AdvantageEstimator,
+    #[serde(default)]
+    pub loss_aggregation: LossAggregation,
+    /// Drop groups whose rewards all tie (they carry no signal) instead of training on them.
+    #[serde(default)]
+    pub filter_tied_groups: bool,
+    /// A group sampled from a policy more than this many versions old is dropped.
+    #[serde(default = "one")]
+    pub max_staleness: u32,
+    #[serde(default)]
+    pub reward: RewardWeights,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardWeights {
+    pub jaccard: f64,
+    pub format: f64,
+    /// Match disease names case-insensitively with synonyms (false = the reference's exact match).
+    pub synonyms: bool,
+}
+
+impl Default for RewardWeights {
+    fn default() -> Self {
+        RewardWeights { jaccard: 1.0, format: 1.0, synonyms: true }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// Rollout workers `medtvt train` starts locally (GRPO only).
+    pub rollout_workers: u32,
+    /// Learner ranks (world size).
+    pub learners: u32,
+    pub lease_timeout_s: f64,
+    pub heartbeat_timeout_s: f64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection { rollout_workers: 2, learners: 2, lease_timeout_s: 120.0, heartbeat_timeout_s: 30.0 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySection {
+    /// OTLP/gRPC endpoint for traces and metrics, e.g. "http://127.0.0.1:4317".
+    pub otlp_endpoint: Option<String>,
+}
+
+fn default_diseases() -> Vec<String> {
+    DEFAULT_DISEASES.iter().map(|s| s.to_string()).collect()
+}
+fn default_max_prompt_tokens() -> usize {
+    256
+}
+fn default_batch_size() -> usize {
+    8
+}
+fn default_min_lr_ratio() -> f64 {
+    0.1
+}
+fn default_grad_clip() -> f64 {
+    1.0
+}
+fn default_beta() -> f64 {
+    0.04
+}
+fn default_eps() -> f64 {
+    0.2
+}
+fn one() -> u32 {
+    1
+}
+fn one_f64() -> f64 {
+    1.0
+}
+
+impl RunConfig {
+    /// Range, cross-field and path checks; the first problem found is returned, naming its key.
+    pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, problem: &str| Err(ConfigError::invalid(file, key, problem));
+        if self.run.name.trim().is_empty() {
+            return bad("run.name", "must not be empty");
+        }
+        require_dir(file, "data.dir", &self.data.dir)?;
+        if self.data.diseases.is_empty() {
+            return bad("data.diseases", "must list at least one disease");
+        }
+        if let Some(ckpt) = &self.model.checkpoint {
+            require_dir(file, "model.checkpoint", ckpt)?;
+        }
+        self.model.tiny.validate(file)?;
+        self.train.validate(file)?;
+        match (self.run.stage, &self.grpo) {
+            (Stage::Grpo, None) => return bad("grpo", "is required when run.stage = \"grpo\""),
+            (Stage::Grpo, Some(g)) => g.validate(file)?,
+            (_, Some(_)) => return bad("grpo", "is only allowed when run.stage = \"grpo\""),
+            (_, None) => {}
+        }
+        if self.cluster.learners == 0 {
+            return bad("cluster.learners", "must be at least 1");
+        }
+        if self.run.stage == Stage::Grpo && self.cluster.rollout_workers == 0 {
+            return bad("cluster.rollout_workers", "must be at least 1 for a GRPO run");
+        }
+        if !(self.cluster.lease_timeout_s > 0.0) {
+            return bad("cluster.lease_timeout_s", "must be > 0");
+        }
+        if !(self.cluster.heartbeat_timeout_s > 0.0) {
+            return bad("cluster.heartbeat_timeout_s", "must be > 0");
+        }
+        if self.run.stage != Stage::Grpo && self.train.batch_size % self.cluster.learners as usize != 0 {
+            return bad("train.batch_size", "must be a multiple of cluster.learners");
+        }
+        Ok(())
+    }
+}
+
+impl TinyModel {
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, problem: String| Err(ConfigError::invalid(file, key, problem));
+        for (key, v) in [
+            ("model.tiny.vocab_size", self.vocab_size),
+            ("model.tiny.hidden_size", self.hidden_size),
+            ("model.tiny.intermediate_size", self.intermediate_size),
+            ("model.tiny.num_layers", self.num_layers),
+            ("model.tiny.num_heads", self.num_heads),
+            ("model.tiny.num_kv_heads", self.num_kv_heads),
+            ("model.tiny.image_size", self.image_size),
+            ("model.tiny.vit_patch_size", self.vit_patch_size),
+        ] {
+            if v == 0 {
+                return bad(key, "must be > 0".into());
+            }
+        }
+        if self.hidden_size % self.num_heads != 0 {
+            return bad("model.tiny.hidden_size", format!("{} is not divisible by num_heads {}", self.hidden_size, self.num_heads));
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return bad("model.tiny.num_heads", format!("{} is not divisible by num_kv_heads {}", self.num_heads, self.num_kv_heads));
+        }
+        if self.image_size % self.vit_patch_size != 0 {
+            return bad("model.tiny.image_size", format!("{} is not divisible by vit_patch_size {}", self.image_size, self.vit_patch_size));
+        }
+        Ok(())
+    }
+}
+
+impl TrainSection {
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, problem: &str| Err(ConfigError::invalid(file, key, problem));
+        if self.steps == 0 {
+            return bad("train.steps", "must be at least 1");
+        }
+        if self.batch_size == 0 {
+            return bad("train.batch_size", "must be at least 1");
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return bad("train.learning_rate", "must be a finite number > 0");
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad("train.min_lr_ratio", "must be in [0, 1]");
+        }
+        if !(self.weight_decay >= 0.0) {
+            return bad("train.weight_decay", "must be >= 0");
+        }
+        if !(self.grad_clip >= 0.0) {
+            return bad("train.grad_clip", "must be >= 0 (0 disables clipping)");
+        }
+        if self.grad_accumulation == 0 {
+            return bad("train.grad_accumulation", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+impl GrpoSection {
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, problem: &str| Err(ConfigError::invalid(file, key, problem));
+        if self.group_size < 2 {
+            return bad("grpo.group_size", "must be at least 2 (advantages are relative within a group)");
+        }
+        if self.prompts_per_step == 0 {
+            return bad("grpo.prompts_per_step", "must be at least 1");
+        }
+        if self.max_new_tokens == 0 {
+            return bad("grpo.max_new_tokens", "must be at least 1");
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return bad("grpo.temperature", "must be a finite number > 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("grpo.top_p", "must be in (0, 1]");
+        }
+        if !(self.beta >= 0.0 && self.beta.is_finite()) {
+            return bad("grpo.beta", "must be a finite number >= 0");
+        }
+        if !(self.eps_low > 0.0 && self.eps_low < 1.0) {
+            return bad("grpo.eps_low", "must be in (0, 1)");
+        }
+        if !(self.eps_high > 0.0 && self.eps_high.is_finite()) {
+            return bad("grpo.eps_high", "must be a finite number > 0");
+        }
+        if !(self.reward.jaccard >= 0.0 && self.reward.format >= 0.0) {
+            return bad("grpo.reward", "weights must be >= 0");
+        }
+        Ok(())
+    }
+}
+
+fn require_dir(file: &Path, key: &str, dir: &Path) -> Result<(), ConfigError> {
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(file, key, format!("= \"{}\": no such directory", dir.display())))
+    }
+}
