@@ -1,4 +1,5 @@
 //! The learner role: optimisation steps for GRPO, PT and SFT, and the collective that averages
 //! gradients across learner ranks.
 
+pub mod collective;
 pub mod nccl;
