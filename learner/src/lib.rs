@@ -3,5 +3,6 @@
 
 pub mod checkpoint;
 pub mod collective;
+pub mod metrics_log;
 pub mod nccl;
 pub mod optim;
