@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod collective;
+pub mod grpo;
 pub mod metrics_log;
 pub mod nccl;
 pub mod optim;

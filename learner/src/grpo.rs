@@ -1,0 +1,681 @@
+//! The GRPO math as pure functions over tensors: group-relative advantages, the clipped
+//! policy-ratio surrogate, KL estimators to the reference policy, loss aggregation over masked
+//! tokens, and [`grpo_loss`] that combines them. Each function carries its formula; options are
+//! typed enums a run config selects by snake_case name (the same names as medtvt-config's
+//! `grpo` section).
+//!
+//! Shapes: `n_groups` prompts with `G` completions each; `b = n_groups * G` sequences of `t`
+//! completion tokens; a `[b, t]` mask is 1 on real completion tokens and 0 on padding. Tensors
+//! keep the caller's dtype and device; only the scalar metrics are copied to the host.
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum GrpoError {
+    #[error("GRPO: {what} has shape {got:?}, expected {expected}")]
+    Shape { what: &'static str, got: Vec<i64>, expected: String },
+
+    #[error("GRPO: groups of {group_size} completions carry no relative signal; sample at least 2 per prompt")]
+    GroupTooSmall { group_size: i64 },
+
+    #[error("GRPO option {field} = {value} is invalid: {reason}")]
+    BadOption { field: &'static str, value: f64, reason: &'static str },
+
+    #[error(
+        "GRPO: beta = {beta} needs the reference policy's log-probs, but none were given; pass them or set beta = 0"
+    )]
+    MissingReference { beta: f64 },
+
+    #[error("GRPO: reading a metric from a tensor failed: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// How a completion's advantage is computed from its group's rewards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdvantageEstimator {
+    /// (r - mean) / (std + eps) (DeepSeekMath GRPO, TRL's default `scale_rewards`).
+    #[default]
+    Grpo,
+    /// r - mean (Dr. GRPO: no std normalisation).
+    DrGrpo,
+    /// r - mean of the other G - 1 rewards (RLOO).
+    Rloo,
+}
+
+/// Which per-token estimate of KL(policy || reference) enters the loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlEstimator {
+    K1,
+    K2,
+    /// The low-variance, always non-negative estimator GRPO and TRL use.
+    #[default]
+    K3,
+}
+
+/// How a `[b, t]` per-token loss becomes one scalar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossAggregation {
+    /// Mean over every real token of the batch (DAPO; TRL's current default `loss_type="dapo"`).
+    #[default]
+    TokenMean,
+    /// Mean over sequences of each sequence's token mean (original GRPO).
+    SeqMeanTokenMean,
+    /// Mean over sequences of token sums divided by a constant (Dr. GRPO).
+    SeqMeanTokenSum,
+}
+
+/// Everything that selects and parameterises the GRPO loss.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoOptions {
+    pub advantage: AdvantageEstimator,
+    /// The eps in (r - mean) / (std + eps); TRL uses 1e-4.
+    pub advantage_eps: f64,
+    /// The ratio is clipped below at 1 - eps_low (TRL `epsilon`, 0.2).
+    pub eps_low: f64,
+    /// The ratio is clipped above at 1 + eps_high (TRL `epsilon_high`, defaulting to `epsilon`;
+    /// DAPO's clip-higher raises it, e.g. to 0.28).
+    pub eps_high: f64,
+    /// Dual-clip constant c > 1: for negative advantages the loss is capped at c * |A| (verl's
+    /// `clip_ratio_c`, 3.0 there); `None` (TRL) disables it.
+    pub dual_clip: Option<f64>,
+    /// KL coefficient; 0 skips the reference policy entirely. 0.04 is the value the MedTVT-R1
+    /// reference run used (TRL's default at the time; TRL now defaults to 0).
+    pub beta: f64,
+    pub kl_estimator: KlEstimator,
+    pub loss_aggregation: LossAggregation,
+    /// Dr. GRPO's constant divisor of token sums; `None` uses the completion axis length `t`,
+    /// which equals TRL's `max_completion_length` when completions are padded to it.
+    pub token_sum_divisor: Option<f64>,
+}
+
+impl Default for GrpoOptions {
+    fn default() -> Self {
+        GrpoOptions {
+            advantage: AdvantageEstimator::Grpo,
+            advantage_eps: 1e-4,
+            eps_low: 0.2,
+            eps_high: 0.2,
+            dual_clip: None,
+            beta: 0.04,
+            kl_estimator: KlEstimator::K3,
+            loss_aggregation: LossAggregation::TokenMean,
+            token_sum_divisor: None,
+        }
+    }
+}
+
+impl GrpoOptions {
+    /// Reject values that would make the loss meaningless, naming the field.
+    pub fn validate(&self) -> Result<(), GrpoError> {
+        let bad = |field, value, reason| Err(GrpoError::BadOption { field, value, reason });
+        if !(0.0..1.0).contains(&self.eps_low) {
+            return bad("eps_low", self.eps_low, "must be in [0, 1)");
+        }
+        if !(self.eps_high >= 0.0) {
+            return bad("eps_high", self.eps_high, "must be >= 0");
+        }
+        if !(self.advantage_eps >= 0.0) {
+            return bad("advantage_eps", self.advantage_eps, "must be >= 0");
+        }
+        if !(self.beta >= 0.0) {
+            return bad("beta", self.beta, "must be >= 0");
+        }
+        if let Some(c) = self.dual_clip {
+            if !(c > 1.0) {
+                return bad("dual_clip", c, "must be > 1 (it caps the loss of negative advantages at c * |A|)");
+            }
+        }
+        match self.token_sum_divisor {
+            Some(d) if !(d > 0.0) => bad("token_sum_divisor", d, "must be > 0"),
+            _ => Ok(()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Advantages
+// ---------------------------------------------------------------------------------------------
+
+/// Advantages of a `[n_groups, G]` reward tensor, and how many groups tied.
+#[derive(Debug)]
+pub struct GroupAdvantages {
+    /// `[n_groups, G]`.
+    pub advantages: Tensor,
+    /// Groups whose rewards all tie (std ≈ 0, TRL's `isclose(std, 0)`): their advantages are 0
+    /// and they carry no learning signal.
+    pub tied_groups: i64,
+}
+
+/// TRL counts a group as tied when `torch.isclose(std, 0)`, i.e. std <= atol = 1e-8.
+const TIED_STD_ATOL: f64 = 1e-8;
+
+fn check_rewards(rewards: &Tensor) -> Result<(), GrpoError> {
+    let size = rewards.size();
+    if size.len() != 2 {
+        return Err(GrpoError::Shape { what: "rewards", got: size, expected: "[n_groups, G]".into() });
+    }
+    if size[1] < 2 {
+        return Err(GrpoError::GroupTooSmall { group_size: size[1] });
+    }
+    Ok(())
+}
+
+/// Per-group unbiased std `[n_groups, 1]` and the number of tied groups.
+fn group_std(rewards: &Tensor) -> Result<(Tensor, i64), GrpoError> {
+    let std = rewards.std_dim(1, true, true);
+    let tied = i64::try_from(std.le(TIED_STD_ATOL).sum(Kind::Int64))?;
+    Ok((std, tied))
+}
+
+/// GRPO: A_i = (r_i - mean_j r_j) / (std_j r_j + eps), std unbiased (divisor G - 1) as
+/// `torch.std` in TRL.
+pub fn grpo_advantages(rewards: &Tensor, eps: f64) -> Result<GroupAdvantages, GrpoError> {
+    check_rewards(rewards)?;
+    let (std, tied_groups) = group_std(rewards)?;
+    let mean = rewards.mean_dim(1, true, None); // [n_groups, 1]
+    Ok(GroupAdvantages { advantages: (rewards - mean) / (std + eps), tied_groups })
+}
+
+/// Dr. GRPO: A_i = r_i - mean_j r_j.
+pub fn dr_grpo_advantages(rewards: &Tensor) -> Result<GroupAdvantages, GrpoError> {
+    check_rewards(rewards)?;
+    let (_, tied_groups) = group_std(rewards)?;
+    let mean = rewards.mean_dim(1, true, None);
+    Ok(GroupAdvantages { advantages: rewards - mean, tied_groups })
+}
+
+/// RLOO: A_i = r_i - (sum_j r_j - r_i) / (G - 1), the baseline being the mean of the others.
+pub fn rloo_advantages(rewards: &Tensor) -> Result<GroupAdvantages, GrpoError> {
+    check_rewards(rewards)?;
+    let (_, tied_groups) = group_std(rewards)?;
+    let g = rewards.size()[1] as f64;
+    let sum = rewards.sum_dim_intlist(1, true, None); // [n_groups, 1]
+    let leave_one_out_mean = (sum - rewards) / (g - 1.0);
+    Ok(GroupAdvantages { advantages: rewards - leave_one_out_mean, tied_groups })
+}
+
+/// The advantages the chosen estimator gives.
+pub fn group_advantages(
+    rewards: &Tensor,
+    estimator: AdvantageEstimator,
+    eps: f64,
+) -> Result<GroupAdvantages, GrpoError> {
+    match estimator {
+        AdvantageEstimator::Grpo => grpo_advantages(rewards, eps),
+        AdvantageEstimator::DrGrpo => dr_grpo_advantages(rewards),
+        AdvantageEstimator::Rloo => rloo_advantages(rewards),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clipped policy-ratio surrogate
+// ---------------------------------------------------------------------------------------------
+
+/// The ratio clip range and the optional dual-clip constant.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClipRange {
+    pub eps_low: f64,
+    pub eps_high: f64,
+    pub dual_clip: Option<f64>,
+}
+
+/// Per-token surrogate loss and where each clip was active (all `[b, t]`).
+#[derive(Debug)]
+pub struct ClippedPolicyLoss {
+    pub per_token_loss: Tensor,
+    /// ratio < 1 - eps_low with A < 0: the clipped term is taken and the gradient is 0.
+    pub low_clipped: Tensor,
+    /// ratio > 1 + eps_high with A > 0: the clipped term is taken and the gradient is 0.
+    pub high_clipped: Tensor,
+    /// A < 0 and the dual-clip cap c * |A| was taken (all false without dual clip).
+    pub dual_clipped: Tensor,
+}
+
+/// PPO/GRPO clipped surrogate per token:
+///
+///   ratio = exp(logp - logp_old)
+///   loss  = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
+///
+/// and with dual clip c (for A < 0 only): loss = min(loss, -c * A), so a very large ratio on a
+/// bad completion cannot blow the loss up. `logp`, `logp_old`: `[b, t]`; `advantages`: `[b, 1]`
+/// or `[b, t]` (broadcast over tokens).
+pub fn clipped_policy_loss(
+    logp: &Tensor,
+    logp_old: &Tensor,
+    advantages: &Tensor,
+    clip: ClipRange,
+) -> ClippedPolicyLoss {
+    let ratio = (logp - logp_old).exp();
+    let unclipped = &ratio * advantages;
+    let clipped = ratio.clamp(1.0 - clip.eps_low, 1.0 + clip.eps_high) * advantages;
+    let mut per_token_loss = -unclipped.minimum(&clipped);
+    let negative = advantages.lt(0.0).expand_as(&ratio);
+    let low_clipped = ratio.lt(1.0 - clip.eps_low).logical_and(&negative);
+    let high_clipped = ratio.gt(1.0 + clip.eps_high).logical_and(&advantages.gt(0.0));
+    let mut dual_clipped = low_clipped.zeros_like();
+    if let Some(c) = clip.dual_clip {
+        let cap = advantages * (-c); // positive where A < 0
+        dual_clipped = per_token_loss.gt_tensor(&cap).logical_and(&negative);
+        per_token_loss = per_token_loss.where_self(&dual_clipped.logical_not(), &cap.expand_as(&ratio));
+    }
+    ClippedPolicyLoss { per_token_loss, low_clipped, high_clipped, dual_clipped }
+}
+
+// ---------------------------------------------------------------------------------------------
+// KL to the reference policy
+// ---------------------------------------------------------------------------------------------
+
+/// Per-token estimate of KL(pi || pi_ref) from the sampled tokens' log-probs (Schulman,
+/// "Approximating KL divergence"), with log r = logp_ref - logp:
+///
+///   k1 = logp - logp_ref                       (unbiased, high variance, can be negative)
+///   k2 = 0.5 * (logp - logp_ref)^2             (low variance, biased)
+///   k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1   (unbiased, low variance, >= 0)
+pub fn kl_estimate(logp: &Tensor, logp_ref: &Tensor, estimator: KlEstimator) -> Tensor {
+    match estimator {
+        KlEstimator::K1 => logp - logp_ref,
+        KlEstimator::K2 => (logp - logp_ref).square() * 0.5,
+        KlEstimator::K3 => {
+            let log_ratio = logp_ref - logp;
+            log_ratio.exp() - log_ratio - 1.0
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Aggregation
+// ---------------------------------------------------------------------------------------------
+
+/// sum(values * mask) / max(sum(mask), 1): the mean over real tokens (0 when there are none).
+pub fn masked_mean(values: &Tensor, mask: &Tensor) -> Tensor {
+    let mask = mask.to_kind(values.kind());
+    (values * &mask).sum(values.kind()) / mask.sum(values.kind()).clamp_min(1.0)
+}
+
+/// Reduce a `[b, t]` per-token loss over the `[b, t]` mask:
+///
+///   token_mean:          sum_{i,t} m L / max(sum_{i,t} m, 1)
+///   seq_mean_token_mean: (1 / b) sum_i [ sum_t m L / max(sum_t m, 1) ]
+///   seq_mean_token_sum:  (1 / b) sum_i [ sum_t m L ] / divisor   (divisor: a constant, e.g. t)
+///
+/// (The max(·, 1) guards, as in TRL, make an all-padding sequence count as 0.)
+pub fn aggregate_loss(per_token: &Tensor, mask: &Tensor, mode: LossAggregation, token_sum_divisor: f64) -> Tensor {
+    let kind = per_token.kind();
+    let mask = mask.to_kind(kind);
+    let masked = per_token * &mask;
+    match mode {
+        LossAggregation::TokenMean => masked_mean(per_token, &mask),
+        LossAggregation::SeqMeanTokenMean => {
+            let sums = masked.sum_dim_intlist(1, false, kind); // [b]
+            let counts = mask.sum_dim_intlist(1, false, kind).clamp_min(1.0);
+            (sums / counts).mean(kind)
+        }
+        LossAggregation::SeqMeanTokenSum => masked.sum_dim_intlist(1, false, kind).mean(kind) / token_sum_divisor,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The combined loss
+// ---------------------------------------------------------------------------------------------
+
+/// The tensors one GRPO loss needs, for `b` sequences of `t` completion tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct GrpoBatch<'a> {
+    /// `[b, t]` log-probs of the sampled tokens under the policy being trained (with grad).
+    pub logp: &'a Tensor,
+    /// `[b, t]` behaviour log-probs from when the completions were sampled; `None` = on-policy
+    /// (the detached `logp`, ratio 1, as TRL with one optimisation step per batch).
+    pub logp_old: Option<&'a Tensor>,
+    /// `[b, t]` reference-policy log-probs; needed only when beta > 0.
+    pub logp_ref: Option<&'a Tensor>,
+    /// `[b]` one advantage per sequence.
+    pub advantages: &'a Tensor,
+    /// `[b, t]` 1 on completion tokens, 0 on padding.
+    pub mask: &'a Tensor,
+}
+
+/// Scalar metrics of one loss evaluation (each a masked token mean unless said otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct GrpoMetrics {
+    /// The total loss (policy + beta * KL, aggregated).
+    pub loss: f64,
+    /// The clipped surrogate alone, aggregated the same way.
+    pub policy_loss: f64,
+    /// Mean per-token KL estimate; `None` when beta = 0 (the reference was skipped).
+    pub kl_mean: Option<f64>,
+    /// Fraction of tokens where either ratio clip was active (TRL's `clip_ratio/region_mean`).
+    pub clip_fraction: f64,
+    pub clip_low_fraction: f64,
+    pub clip_high_fraction: f64,
+    pub dual_clip_fraction: f64,
+    /// Over the `b` sequences.
+    pub advantage_mean: f64,
+    pub advantage_std: f64,
+    pub advantage_min: f64,
+    pub advantage_max: f64,
+    /// Real (unmasked) tokens in the batch.
+    pub tokens: f64,
+}
+
+/// The loss to backpropagate and its metrics.
+#[derive(Debug)]
+pub struct GrpoLoss {
+    /// Scalar, with grad through `logp`.
+    pub loss: Tensor,
+    pub metrics: GrpoMetrics,
+}
+
+/// GRPO loss = aggregate( clipped_surrogate(logp, logp_old, A) + beta * KL(logp, logp_ref) ).
+pub fn grpo_loss(batch: GrpoBatch<'_>, options: &GrpoOptions) -> Result<GrpoLoss, GrpoError> {
+    options.validate()?;
+    check_batch(&batch)?;
+    let detached;
+    let logp_old = match batch.logp_old {
+        Some(old) => old,
+        None => {
+            detached = batch.logp.detach();
+            &detached
+        }
+    };
+    let clip = ClipRange { eps_low: options.eps_low, eps_high: options.eps_high, dual_clip: options.dual_clip };
+    let advantages = batch.advantages.to_kind(batch.logp.kind()).unsqueeze(1); // [b, 1]
+    let surrogate = clipped_policy_loss(batch.logp, logp_old, &advantages, clip);
+    let kl = kl_term(&batch, options)?;
+    let per_token = match &kl {
+        Some(kl) => &surrogate.per_token_loss + kl * options.beta,
+        None => surrogate.per_token_loss.shallow_clone(),
+    };
+    let divisor = options.token_sum_divisor.unwrap_or(batch.mask.size()[1] as f64);
+    let aggregate = |values: &Tensor| aggregate_loss(values, batch.mask, options.loss_aggregation, divisor);
+    let loss = aggregate(&per_token);
+    let metrics = GrpoMetrics {
+        loss: scalar(&loss)?,
+        policy_loss: scalar(&aggregate(&surrogate.per_token_loss))?,
+        kl_mean: kl.as_ref().map(|kl| scalar(&masked_mean(kl, batch.mask))).transpose()?,
+        clip_fraction: fraction(&surrogate.low_clipped.logical_or(&surrogate.high_clipped), batch.mask)?,
+        clip_low_fraction: fraction(&surrogate.low_clipped, batch.mask)?,
+        clip_high_fraction: fraction(&surrogate.high_clipped, batch.mask)?,
+        dual_clip_fraction: fraction(&surrogate.dual_clipped, batch.mask)?,
+        advantage_mean: scalar(&batch.advantages.to_kind(Kind::Double).mean(Kind::Double))?,
+        advantage_std: advantage_std(batch.advantages)?,
+        advantage_min: scalar(&batch.advantages.min())?,
+        advantage_max: scalar(&batch.advantages.max())?,
+        tokens: scalar(&batch.mask.to_kind(Kind::Double).sum(Kind::Double))?,
+    };
+    Ok(GrpoLoss { loss, metrics })
+}
+
+/// The per-token KL, or `None` when beta = 0 (the reference is then never touched).
+fn kl_term(batch: &GrpoBatch<'_>, options: &GrpoOptions) -> Result<Option<Tensor>, GrpoError> {
+    if options.beta == 0.0 {
+        return Ok(None);
+    }
+    let logp_ref = batch.logp_ref.ok_or(GrpoError::MissingReference { beta: options.beta })?;
+    Ok(Some(kl_estimate(batch.logp, logp_ref, options.kl_estimator)))
+}
+
+fn check_batch(batch: &GrpoBatch<'_>) -> Result<(), GrpoError> {
+    let expected = batch.mask.size();
+    let shape_error = |what, got: Vec<i64>, expected: String| Err(GrpoError::Shape { what, got, expected });
+    if expected.len() != 2 {
+        return shape_error("mask", expected, "[b, t]".into());
+    }
+    let pairs = [("logp", Some(batch.logp)), ("logp_old", batch.logp_old), ("logp_ref", batch.logp_ref)];
+    for (what, tensor) in pairs {
+        if let Some(tensor) = tensor {
+            if tensor.size() != expected {
+                return shape_error(what, tensor.size(), format!("{expected:?} (the mask's shape)"));
+            }
+        }
+    }
+    if batch.advantages.size() != [expected[0]] {
+        return shape_error("advantages", batch.advantages.size(), format!("[{}] (one per sequence)", expected[0]));
+    }
+    Ok(())
+}
+
+fn scalar(tensor: &Tensor) -> Result<f64, GrpoError> {
+    Ok(f64::try_from(tensor.detach().to_kind(Kind::Double))?)
+}
+
+fn fraction(flags: &Tensor, mask: &Tensor) -> Result<f64, GrpoError> {
+    scalar(&masked_mean(&flags.to_kind(Kind::Double), &mask.to_kind(Kind::Double)))
+}
+
+/// Unbiased std over the sequences (0 for a single sequence rather than NaN).
+fn advantage_std(advantages: &Tensor) -> Result<f64, GrpoError> {
+    if advantages.numel() < 2 {
+        return Ok(0.0);
+    }
+    scalar(&advantages.to_kind(Kind::Double).std(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::value::{Error as DeError, MapDeserializer, StrDeserializer};
+    use serde::de::IntoDeserializer;
+
+    fn t2(rows: &[&[f64]]) -> Tensor {
+        let flat: Vec<f64> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        Tensor::from_slice(&flat).view([rows.len() as i64, rows[0].len() as i64])
+    }
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        Vec::<f64>::try_from(t.detach().to_kind(Kind::Double).flatten(0, -1)).unwrap()
+    }
+
+    fn assert_all_close(got: &[f64], want: &[f64]) {
+        assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-9, "{got:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn grpo_advantages_normalise_by_unbiased_std_and_count_ties() {
+        let rewards = t2(&[&[1.0, 0.0, 0.0, 1.0], &[2.0, 2.0, 2.0, 2.0]]);
+        let out = grpo_advantages(&rewards, 1e-4).unwrap();
+        // Group 1: mean 0.5; unbiased std = sqrt(4 * 0.25 / 3) = sqrt(1/3); A = ±0.5 / (sqrt(1/3) + 1e-4).
+        let a = 0.5 / ((1.0f64 / 3.0).sqrt() + 1e-4);
+        // Group 2: all equal -> A = 0 / (0 + eps) = 0, counted as tied.
+        assert_all_close(&values(&out.advantages), &[a, -a, -a, a, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(out.tied_groups, 1);
+    }
+
+    #[test]
+    fn dr_grpo_advantages_subtract_the_mean_only() {
+        let out = dr_grpo_advantages(&t2(&[&[1.0, 0.0, 0.0, 1.0], &[3.0, 1.0, 2.0, 2.0]])).unwrap();
+        // Means 0.5 and 2.
+        assert_all_close(&values(&out.advantages), &[0.5, -0.5, -0.5, 0.5, 1.0, -1.0, 0.0, 0.0]);
+        assert_eq!(out.tied_groups, 0);
+    }
+
+    #[test]
+    fn rloo_advantages_use_the_mean_of_the_others() {
+        let out = rloo_advantages(&t2(&[&[1.0, 0.0, 0.0, 1.0], &[3.0, 1.0, 2.0, 2.0], &[5.0, 5.0, 5.0, 5.0]])).unwrap();
+        // 1 - (0+0+1)/3 = 2/3, 0 - (1+0+1)/3 = -2/3; 3 - 5/3 = 4/3, 1 - 7/3 = -4/3, 2 - 6/3 = 0.
+        let (a, b) = (2.0 / 3.0, 4.0 / 3.0);
+        assert_all_close(&values(&out.advantages), &[a, -a, -a, a, b, -b, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(out.tied_groups, 1);
+    }
+
+    #[test]
+    fn advantage_inputs_are_checked() {
+        let flat = Tensor::from_slice(&[1.0f64, 2.0]);
+        assert!(matches!(grpo_advantages(&flat, 1e-4), Err(GrpoError::Shape { what: "rewards", .. })));
+        let single = t2(&[&[1.0], &[2.0]]);
+        let err = group_advantages(&single, AdvantageEstimator::Rloo, 1e-4).unwrap_err();
+        assert!(matches!(err, GrpoError::GroupTooSmall { group_size: 1 }), "{err}");
+    }
+
+    const CLIP: ClipRange = ClipRange { eps_low: 0.2, eps_high: 0.2, dual_clip: None };
+
+    /// Five tokens of one sequence, logp_old = 0, ratios 1.1, 1.5, 0.5, 0.9, 1.5 with per-token
+    /// advantages +1, +1, -1, -1, -1.
+    fn five_tokens() -> (Tensor, Tensor, Tensor) {
+        let ratios = [1.1f64, 1.5, 0.5, 0.9, 1.5];
+        let logp = Tensor::from_slice(&ratios.map(f64::ln)).view([1, 5]).set_requires_grad(true);
+        let old = Tensor::zeros([1, 5], (Kind::Double, tch::Device::Cpu));
+        let adv = t2(&[&[1.0, 1.0, -1.0, -1.0, -1.0]]);
+        (logp, old, adv)
+    }
+
+    #[test]
+    fn clipped_loss_takes_the_pessimistic_term() {
+        let (logp, old, adv) = five_tokens();
+        let out = clipped_policy_loss(&logp, &old, &adv, CLIP);
+        // -min(1.1, 1.1) = -1.1; -min(1.5, 1.2) = -1.2 (high clip); -min(-0.5, -0.8) = 0.8 (low
+        // clip); -min(-0.9, -0.9) = 0.9; -min(-1.5, -1.2) = 1.5 (A < 0: the large ratio is kept).
+        assert_all_close(&values(&out.per_token_loss), &[-1.1, -1.2, 0.8, 0.9, 1.5]);
+        assert_all_close(&values(&out.high_clipped), &[0.0, 1.0, 0.0, 0.0, 0.0]);
+        assert_all_close(&values(&out.low_clipped), &[0.0, 0.0, 1.0, 0.0, 0.0]);
+        assert_all_close(&values(&out.dual_clipped), &[0.0; 5]);
+    }
+
+    #[test]
+    fn clipped_tokens_get_zero_gradient() {
+        let (logp, old, adv) = five_tokens();
+        clipped_policy_loss(&logp, &old, &adv, CLIP).per_token_loss.sum(Kind::Double).backward();
+        // d(-ratio * A)/dlogp = -ratio * A where unclipped; 0 where the clipped term is taken.
+        assert_all_close(&values(&logp.grad()), &[-1.1, 0.0, 0.0, 0.9, 1.5]);
+    }
+
+    #[test]
+    fn dual_clip_caps_negative_advantage_losses() {
+        let (logp, old, adv) = five_tokens();
+        let dual = ClipRange { dual_clip: Some(1.3), ..CLIP };
+        let out = clipped_policy_loss(&logp, &old, &adv, dual);
+        // Only the last token's loss 1.5 exceeds c * |A| = 1.3.
+        assert_all_close(&values(&out.per_token_loss), &[-1.1, -1.2, 0.8, 0.9, 1.3]);
+        assert_all_close(&values(&out.dual_clipped), &[0.0, 0.0, 0.0, 0.0, 1.0]);
+        out.per_token_loss.sum(Kind::Double).backward();
+        assert_all_close(&values(&logp.grad()), &[-1.1, 0.0, 0.0, 0.9, 0.0]);
+    }
+
+    #[test]
+    fn kl_estimators_at_equal_and_known_log_probs() {
+        let logp = t2(&[&[-1.0, 0.0]]);
+        let reference = t2(&[&[-1.0, 0.5f64.ln()]]);
+        let ln2 = 2.0f64.ln();
+        // Token 1: equal -> 0 for every estimator. Token 2: logp - ref = ln 2.
+        assert_all_close(&values(&kl_estimate(&logp, &reference, KlEstimator::K1)), &[0.0, ln2]);
+        assert_all_close(&values(&kl_estimate(&logp, &reference, KlEstimator::K2)), &[0.0, 0.5 * ln2 * ln2]);
+        // k3 = exp(-ln 2) - (-ln 2) - 1 = 0.5 + ln 2 - 1 ≈ 0.193147.
+        assert_all_close(&values(&kl_estimate(&logp, &reference, KlEstimator::K3)), &[0.0, 0.5 + ln2 - 1.0]);
+    }
+
+    fn padded_batch() -> (Tensor, Tensor) {
+        // Padding positions hold large values that must not leak into any mode.
+        (t2(&[&[1.0, 2.0, 300.0], &[4.0, 500.0, 600.0]]), t2(&[&[1.0, 1.0, 0.0], &[1.0, 0.0, 0.0]]))
+    }
+
+    #[test]
+    fn aggregation_modes_hand_computed() {
+        let (loss, mask) = padded_batch();
+        let get = |mode| values(&aggregate_loss(&loss, &mask, mode, 3.0))[0];
+        // (1 + 2 + 4) / 3 tokens.
+        assert!((get(LossAggregation::TokenMean) - 7.0 / 3.0).abs() < 1e-12);
+        // ((1 + 2) / 2 + 4 / 1) / 2 = 2.75.
+        assert!((get(LossAggregation::SeqMeanTokenMean) - 2.75).abs() < 1e-12);
+        // ((1 + 2) + 4) / 2 sequences / 3 = 7 / 6.
+        assert!((get(LossAggregation::SeqMeanTokenSum) - 7.0 / 6.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn all_padding_sequence_counts_as_zero() {
+        let loss = t2(&[&[2.0, 4.0], &[9.0, 9.0]]);
+        let mask = t2(&[&[1.0, 1.0], &[0.0, 0.0]]);
+        // Sequence 2 has no tokens: (3 + 0) / 2.
+        assert_eq!(values(&aggregate_loss(&loss, &mask, LossAggregation::SeqMeanTokenMean, 2.0))[0], 1.5);
+        assert_eq!(values(&masked_mean(&loss, &Tensor::zeros([2, 2], (Kind::Double, tch::Device::Cpu))))[0], 0.0);
+    }
+
+    #[test]
+    fn grpo_loss_on_policy_with_kl_hand_computed() {
+        // Two sequences of 2 tokens; the second token of sequence 2 is padding.
+        let logp = t2(&[&[-1.0, -2.0], &[-0.5, -7.0]]).set_requires_grad(true);
+        let reference = t2(&[&[-1.0, -2.0 + 2.0f64.ln()], &[-0.5, 0.0]]);
+        let mask = t2(&[&[1.0, 1.0], &[1.0, 0.0]]);
+        let advantages = Tensor::from_slice(&[1.0f64, -2.0]);
+        let options = GrpoOptions { beta: 0.1, ..GrpoOptions::default() };
+        let batch =
+            GrpoBatch { logp: &logp, logp_old: None, logp_ref: Some(&reference), advantages: &advantages, mask: &mask };
+        let out = grpo_loss(batch, &options).unwrap();
+        // On-policy: ratio 1, surrogate = -A per token: [-1, -1, 2]; token mean = 0 / 3 = 0.
+        // k3 on token 2 of sequence 1 (ref - logp = ln 2): 2 - ln 2 - 1; others 0.
+        let k3 = 1.0 - 2.0f64.ln();
+        let m = out.metrics;
+        assert!(m.policy_loss.abs() < 1e-12);
+        assert!((m.kl_mean.unwrap() - k3 / 3.0).abs() < 1e-12);
+        assert!((m.loss - 0.1 * k3 / 3.0).abs() < 1e-12);
+        assert_eq!((m.clip_fraction, m.tokens), (0.0, 3.0));
+        assert_eq!((m.advantage_mean, m.advantage_min, m.advantage_max), (-0.5, -2.0, 1.0));
+        assert!((m.advantage_std - 4.5f64.sqrt()).abs() < 1e-12); // unbiased: (1.5² + 1.5²) / 1
+        out.loss.backward();
+        // d/dlogp: surrogate -A * ratio -> -A / 3; k3 -> beta * (1 - exp(ref - logp)) / 3.
+        let kl_grad = 0.1 * (1.0 - 2.0) / 3.0;
+        assert_all_close(&values(&logp.grad()), &[-1.0 / 3.0, -1.0 / 3.0 + kl_grad, 2.0 / 3.0, 0.0]);
+    }
+
+    #[test]
+    fn grpo_loss_counts_clipping_against_behaviour_log_probs() {
+        let logp = t2(&[&[1.5f64.ln(), 0.0]]);
+        let old = Tensor::zeros([1, 2], (Kind::Double, tch::Device::Cpu));
+        let mask = t2(&[&[1.0, 1.0]]);
+        let advantages = Tensor::from_slice(&[1.0f64]);
+        let options = GrpoOptions { beta: 0.0, ..GrpoOptions::default() };
+        let batch =
+            GrpoBatch { logp: &logp, logp_old: Some(&old), logp_ref: None, advantages: &advantages, mask: &mask };
+        let m = grpo_loss(batch, &options).unwrap().metrics;
+        // Token 1: ratio 1.5 clipped to 1.2 -> -1.2; token 2: ratio 1 -> -1. Mean -1.1.
+        assert!((m.loss + 1.1).abs() < 1e-12);
+        assert_eq!((m.clip_fraction, m.clip_high_fraction, m.clip_low_fraction), (0.5, 0.5, 0.0));
+        assert_eq!(m.kl_mean, None);
+    }
+
+    #[test]
+    fn grpo_loss_rejects_missing_reference_and_bad_shapes() {
+        let logp = t2(&[&[0.0, 0.0]]);
+        let mask = t2(&[&[1.0, 1.0]]);
+        let advantages = Tensor::from_slice(&[1.0f64]);
+        let batch = GrpoBatch { logp: &logp, logp_old: None, logp_ref: None, advantages: &advantages, mask: &mask };
+        let err = grpo_loss(batch, &GrpoOptions::default()).unwrap_err();
+        assert!(matches!(err, GrpoError::MissingReference { .. }), "{err}");
+        let wrong = Tensor::from_slice(&[1.0f64, 2.0]);
+        let err =
+            grpo_loss(GrpoBatch { advantages: &wrong, ..batch }, &GrpoOptions { beta: 0.0, ..Default::default() })
+                .unwrap_err();
+        assert!(err.to_string().contains("advantages has shape [2], expected [1] (one per sequence)"), "{err}");
+    }
+
+    #[test]
+    fn options_validate_and_deserialise_from_snake_case() {
+        assert!(GrpoOptions::default().validate().is_ok());
+        let err = GrpoOptions { dual_clip: Some(0.5), ..Default::default() }.validate().unwrap_err();
+        assert!(err.to_string().contains("dual_clip = 0.5"), "{err}");
+        assert!(GrpoOptions { eps_low: 1.0, ..Default::default() }.validate().is_err());
+        assert!(GrpoOptions { beta: -0.1, ..Default::default() }.validate().is_err());
+
+        let estimator = |name: &'static str| {
+            let de: StrDeserializer<DeError> = name.into_deserializer();
+            AdvantageEstimator::deserialize(de)
+        };
+        assert_eq!(estimator("dr_grpo").unwrap(), AdvantageEstimator::DrGrpo);
+        assert!(estimator("DrGrpo").is_err());
+        let fields = vec![("advantage", "rloo"), ("kl_estimator", "k2"), ("loss_aggregation", "seq_mean_token_sum")];
+        let options = GrpoOptions::deserialize(MapDeserializer::<_, DeError>::new(fields.into_iter())).unwrap();
+        assert_eq!(options.advantage, AdvantageEstimator::Rloo);
+        assert_eq!(options.kl_estimator, KlEstimator::K2);
+        assert_eq!(options.loss_aggregation, LossAggregation::SeqMeanTokenSum);
+        assert_eq!((options.eps_low, options.beta), (0.2, 0.04));
+        let unknown = vec![("epsilon", "0.2")];
+        assert!(GrpoOptions::deserialize(MapDeserializer::<_, DeError>::new(unknown.into_iter())).is_err());
+    }
+}
