@@ -1,0 +1,334 @@
+//! One job on one learner rank, start to finish, on a blocking thread: parse the job's config,
+//! agree on the tokenizer (rank 0 trains it for a from-scratch model), build the policy with the
+//! same seed on every rank, set up the collective through Rendezvous, resume from the newest valid
+//! checkpoint, then for each step pull this rank's shard, train, and report; rank 0 also publishes
+//! the new weights (GRPO), appends metrics.jsonl, writes checkpoints, saves `final/` and finishes
+//! the job.
+
+use crate::checkpoint;
+use crate::collective::{CollectiveError, GradientCollective, SingleRank, TcpCollective};
+use crate::inputs::InputLoader;
+use crate::metrics_log::{self, MetricsRecord};
+use crate::policy::Policy;
+use crate::rpc::{CoordinatorLink, RpcError};
+use crate::trainer::{StepData, Trainer, TrainerOptions};
+use crate::weights::weight_chunks;
+use medtvt_config::{RunConfig, Stage};
+use medtvt_data::Split;
+use medtvt_proto::v1::{FinishJobRequest, JobAssignment, PullBatchRequest, RendezvousRequest, StepReport, TrainingBatch};
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tch::Device;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("job {job_id}: config: {source}")]
+    Config { job_id: u64, source: medtvt_config::ConfigError },
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error(transparent)]
+    Train(#[from] crate::trainer::TrainError),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error(transparent)]
+    Batch(#[from] crate::batch::BatchError),
+    #[error(transparent)]
+    Data(#[from] medtvt_data::DataError),
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    #[error(transparent)]
+    Metrics(#[from] metrics_log::MetricsLogError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("collective set-up: {0}")]
+    Rendezvous(String),
+}
+
+/// Who this learner is within its job.
+#[derive(Debug, Clone)]
+pub struct LearnerIdentity {
+    pub rank: usize,
+    pub world_size: usize,
+    pub device: Device,
+    /// Where rank 0's TCP collective listens (port 0 = any free port).
+    pub collective_bind: SocketAddr,
+    /// The host other ranks dial for rank 0 (default: the bind address's IP).
+    pub collective_host: Option<String>,
+}
+
+/// How a job ended on this rank.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEnd {
+    /// Every step trained; rank 0 wrote `final` there.
+    Completed { steps: u64, final_dir: PathBuf },
+    /// The coordinator said done before the last step (cancelled or failed elsewhere).
+    Stopped { at_step: u64 },
+}
+
+/// The directory rank 0 saves the final model to.
+pub fn final_dir(cfg: &RunConfig) -> PathBuf {
+    cfg.run.out_dir.join("final")
+}
+
+/// Where each rank writes its final weights digest (for checking that ranks agree).
+pub fn rank_report_path(cfg: &RunConfig, rank: usize) -> PathBuf {
+    cfg.run.out_dir.join("ranks").join(format!("rank-{rank}.json"))
+}
+
+/// Runs the job; on failure rank 0 also fails the job at the coordinator.
+pub fn run_job<P: Policy>(link: &CoordinatorLink, me: &LearnerIdentity, job: &JobAssignment) -> Result<JobEnd, JobError> {
+    let result = run_job_inner::<P>(link, me, job);
+    if let Err(err) = &result {
+        if me.rank == 0 && !link.stop_flag().is_stopped() {
+            let request = FinishJobRequest { job_id: job.job_id, rank: 0, checkpoint_dir: String::new(), failure: err.to_string() };
+            if let Err(report) = link.call("FinishJob", |mut c| {
+                let request = request.clone();
+                async move { c.finish_job(request).await }
+            }) {
+                tracing::warn!(error = %report, "could not report the job failure to the coordinator");
+            }
+        }
+    }
+    result
+}
+
+fn run_job_inner<P: Policy>(link: &CoordinatorLink, me: &LearnerIdentity, job: &JobAssignment) -> Result<JobEnd, JobError> {
+    let origin = PathBuf::from(format!("<job {} config>", job.job_id));
+    let cfg = medtvt_config::parse_run_config(&job.config_toml, &origin, &[])
+        .map_err(|source| JobError::Config { job_id: job.job_id, source })?;
+    let rendezvous = Rendezvous { link, job_id: job.job_id, rank: me.rank, world_size: me.world_size };
+    let checkpoints = cfg.run.out_dir.join("checkpoints");
+    let resume = checkpoint::latest_valid(&checkpoints);
+    for skipped in &resume.1 {
+        tracing::warn!(error = %skipped, "skipping an unusable checkpoint");
+    }
+    let resume = resume.0;
+    // A resumed attempt uses fresh rendezvous keys (completed keys are frozen).
+    let attempt = resume.as_ref().map_or(0, |c| c.state.step);
+
+    let from_scratch = cfg.model.checkpoint.is_none();
+    let tokenizer = if from_scratch { Some(shared_tokenizer::<P>(&cfg, &rendezvous, attempt)?) } else { None };
+    tch::manual_seed(cfg.run.seed as i64);
+    let mut policy = P::load(&cfg, me.device, tokenizer.as_deref())?;
+    let trainable = policy.set_trainable(cfg.run.stage, from_scratch);
+    tracing::info!(job = job.job_id, rank = me.rank, trainable = trainable.trainable, frozen = trainable.frozen, groups = ?trainable.groups, "policy built");
+    let reference = match &cfg.grpo {
+        Some(g) if g.beta > 0.0 => Some(P::load(&cfg, me.device, tokenizer.as_deref())?),
+        _ => None,
+    };
+    let collective = connect_collective(me, &rendezvous, attempt)?;
+    let mut trainer = Trainer::new(policy, reference, collective, TrainerOptions::from_config(&cfg));
+    if from_scratch {
+        trainer.broadcast_weights()?;
+    }
+    if let Some(ckpt) = &resume {
+        trainer.restore(ckpt)?;
+        tracing::info!(path = %ckpt.path.display(), step = ckpt.state.step, "resumed from checkpoint");
+    }
+    let loader = InputLoader::from_config(&cfg)?;
+    let stage_name = stage_name(cfg.run.stage);
+    while trainer.step_index() < cfg.train.steps {
+        let step = trainer.step_index();
+        let Some(batch) = pull_batch(link, job.job_id, me, step)? else {
+            return Ok(JobEnd::Stopped { at_step: step });
+        };
+        let data = step_data(&loader, batch)?;
+        let outcome = trainer.step(&data)?;
+        let version_after = step + 1;
+        if me.rank == 0 {
+            if cfg.run.stage == Stage::Grpo {
+                publish_weights(link, job.job_id, version_after, &trainer.policy().trainable_tensors())?;
+            }
+            metrics_log::append(
+                &cfg.run.out_dir.join("metrics.jsonl"),
+                &MetricsRecord { stage: stage_name.into(), step, values: outcome.metrics.clone() },
+            )?;
+            let every = cfg.train.checkpoint_every;
+            if every > 0 && version_after % every == 0 && version_after < cfg.train.steps {
+                trainer.save_checkpoint(&checkpoints, cfg.run.seed)?;
+            }
+        }
+        let report = StepReport {
+            job_id: job.job_id,
+            rank: me.rank as u32,
+            step,
+            metrics: outcome.metrics.into_iter().collect::<HashMap<_, _>>(),
+            policy_version_after: version_after,
+        };
+        link.call("ReportStep", |mut c| {
+            let report = report.clone();
+            async move { c.report_step(report).await }
+        })?;
+    }
+    finish(link, job.job_id, me, &cfg, &trainer)
+}
+
+/// The end of a completed job: every rank records its weights digest; rank 0 writes the last
+/// checkpoint and `final/`, then finishes the job.
+fn finish<P: Policy>(link: &CoordinatorLink, job_id: u64, me: &LearnerIdentity, cfg: &RunConfig, trainer: &Trainer<P>) -> Result<JobEnd, JobError> {
+    let report_path = rank_report_path(cfg, me.rank);
+    let report = serde_json::json!({ "rank": me.rank, "step": trainer.step_index(), "weights_sha256": trainer.weights_digest() });
+    write_file(&report_path, report.to_string().as_bytes())?;
+    let final_dir = final_dir(cfg);
+    if me.rank == 0 {
+        trainer.save_checkpoint(&cfg.run.out_dir.join("checkpoints"), cfg.run.seed)?;
+        trainer.policy().save(&final_dir)?;
+        let request = FinishJobRequest { job_id, rank: 0, checkpoint_dir: final_dir.display().to_string(), failure: String::new() };
+        link.call("FinishJob", |mut c| {
+            let request = request.clone();
+            async move { c.finish_job(request).await }
+        })?;
+    }
+    Ok(JobEnd::Completed { steps: trainer.step_index(), final_dir })
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), JobError> {
+    let io = |source| JobError::Io { path: path.to_path_buf(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    std::fs::write(path, bytes).map_err(io)
+}
+
+fn stage_name(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Pt => "pt",
+        Stage::Sft => "sft",
+        Stage::Grpo => "grpo",
+    }
+}
+
+/// This rank's shard of `step`, waiting while it is pending; `None` when the job is done.
+fn pull_batch(link: &CoordinatorLink, job_id: u64, me: &LearnerIdentity, step: u64) -> Result<Option<TrainingBatch>, JobError> {
+    let request = PullBatchRequest { job_id, rank: me.rank as u32, world_size: me.world_size as u32, step, wait_ms: 5_000 };
+    loop {
+        let batch = link.call("PullTrainingBatch", |mut c| {
+            let request = request.clone();
+            async move { c.pull_training_batch(request).await }
+        })?;
+        if batch.done {
+            return Ok(None);
+        }
+        if !batch.pending {
+            return Ok(Some(batch));
+        }
+        if link.stop_flag().is_stopped() {
+            return Err(RpcError::ShuttingDown { call: "PullTrainingBatch" }.into());
+        }
+    }
+}
+
+fn step_data(loader: &InputLoader, batch: TrainingBatch) -> Result<StepData, JobError> {
+    if batch.groups.is_empty() && !batch.samples.is_empty() {
+        let samples = crate::batch::parse_samples(&batch.samples)?;
+        let answers = samples.iter().map(|s| s.answer.clone()).collect();
+        return Ok(StepData::Supervised { prompts: loader.prompts(&samples)?, answers });
+    }
+    if batch.groups.is_empty() {
+        // An empty shard (more ranks than items): the rank still joins the all-reduce.
+        return Ok(StepData::Supervised { prompts: Vec::new(), answers: Vec::new() });
+    }
+    let samples: Vec<_> = batch
+        .groups
+        .iter()
+        .map(|g| {
+            let raw = g.prompt.as_ref().map(|p| p.sample_json.clone()).unwrap_or_default();
+            crate::batch::parse_samples(std::slice::from_ref(&raw)).map(|mut v| v.remove(0))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(StepData::Grpo { prompts: loader.prompts(&samples)?, groups: batch.groups })
+}
+
+/// Streams one policy version (the trainable tensors) to the coordinator.
+fn publish_weights(link: &CoordinatorLink, job_id: u64, version: u64, tensors: &[(String, tch::Tensor)]) -> Result<(), JobError> {
+    let chunks = weight_chunks(job_id, version, tensors);
+    link.call("PublishWeights", |mut c| {
+        let chunks = chunks.clone();
+        async move { c.publish_weights(tokio_stream::iter(chunks)).await }
+    })?;
+    Ok(())
+}
+
+/// The job's learner ranks meeting at the coordinator.
+struct Rendezvous<'a> {
+    link: &'a CoordinatorLink,
+    job_id: u64,
+    rank: usize,
+    world_size: usize,
+}
+
+impl Rendezvous<'_> {
+    /// All ranks' payloads for `key`, by rank; returns once every rank arrived.
+    fn all_gather(&self, key: &str, payload: Vec<u8>) -> Result<Vec<Vec<u8>>, JobError> {
+        let request = RendezvousRequest {
+            job_id: self.job_id,
+            key: key.to_string(),
+            rank: self.rank as u32,
+            world_size: self.world_size as u32,
+            payload,
+        };
+        let response = self.link.call("Rendezvous", |mut c| {
+            let request = request.clone();
+            async move { c.rendezvous(request).await }
+        })?;
+        if response.payloads.len() != self.world_size {
+            return Err(JobError::Rendezvous(format!("key {key}: {} payloads for world size {}", response.payloads.len(), self.world_size)));
+        }
+        Ok(response.payloads)
+    }
+}
+
+/// The from-scratch tokenizer: rank 0 trains it on the train split's questions and answers and
+/// saves it to `run.out_dir/tokenizer.json` (kept across restarts); the other ranks wait for it.
+fn shared_tokenizer<P: Policy>(cfg: &RunConfig, rendezvous: &Rendezvous<'_>, attempt: u64) -> Result<PathBuf, JobError> {
+    let path = cfg.run.out_dir.join("tokenizer.json");
+    if rendezvous.rank == 0 && !path.exists() {
+        let samples = medtvt_data::read_jsonl(&cfg.data.dir.join("qa.jsonl"))?;
+        let texts: Vec<String> = samples
+            .into_iter()
+            .filter(|s| s.split == Split::Train)
+            .flat_map(|s| [s.question, s.answer])
+            .collect();
+        std::fs::create_dir_all(&cfg.run.out_dir).map_err(|source| JobError::Io { path: cfg.run.out_dir.clone(), source })?;
+        P::train_tokenizer(&texts, cfg.model.tiny.vocab_size, &path)?;
+        tracing::info!(path = %path.display(), texts = texts.len(), "trained the tokenizer");
+    }
+    let payload = if rendezvous.rank == 0 { path.display().to_string().into_bytes() } else { Vec::new() };
+    let payloads = rendezvous.all_gather(&format!("tokenizer/{attempt}"), payload)?;
+    Ok(PathBuf::from(String::from_utf8_lossy(&payloads[0]).into_owned()))
+}
+
+/// SingleRank for one learner; otherwise the TCP collective, rank 0's address shared through
+/// Rendezvous.
+fn connect_collective(me: &LearnerIdentity, rendezvous: &Rendezvous<'_>, attempt: u64) -> Result<Box<dyn GradientCollective>, JobError> {
+    if me.world_size == 1 {
+        return Ok(Box::new(SingleRank));
+    }
+    if me.device.is_cuda() {
+        tracing::warn!("NCCL all-reduce is not wired into the learner yet; CUDA ranks use the CPU TCP collective");
+    }
+    let key = format!("collective/tcp/{attempt}");
+    let timeout = Duration::from_secs(120);
+    if me.rank == 0 {
+        let io = |source| CollectiveError::Io { rank: 0, source };
+        let listener = TcpListener::bind(me.collective_bind).map_err(io)?;
+        let local = listener.local_addr().map_err(io)?;
+        let host = me.collective_host.clone().unwrap_or_else(|| local.ip().to_string());
+        let advertised = format!("{host}:{}", local.port());
+        rendezvous.all_gather(&key, advertised.clone().into_bytes())?;
+        let root = local;
+        Ok(Box::new(TcpCollective::connect(0, me.world_size, Some(listener), root, timeout)?))
+    } else {
+        let payloads = rendezvous.all_gather(&key, Vec::new())?;
+        let text = String::from_utf8_lossy(&payloads[0]).into_owned();
+        let root = resolve(&text).ok_or_else(|| JobError::Rendezvous(format!("rank 0 advertised `{text}`, not host:port")))?;
+        Ok(Box::new(TcpCollective::connect(me.rank, me.world_size, None, root, timeout)?))
+    }
+}
+
+fn resolve(host_port: &str) -> Option<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    host_port.to_socket_addrs().ok()?.next()
+}

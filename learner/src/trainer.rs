@@ -1,0 +1,569 @@
+//! One learner rank's optimisation state and its step: loss over this rank's shard (PT/SFT
+//! next-token NLL on the answers, or the GRPO loss on rollout groups), gradient accumulation over
+//! micro-batches, the mean all-reduce of the gradients, the non-finite guard, clipping and the
+//! AdamW update. Every rank runs the same step on its own shard; because the collective hands
+//! every rank the very same averaged bytes, the ranks' weights stay bit-identical.
+//!
+//! The trainer knows nothing of the network: the job runner ([`crate::job`]) pulls batches, loads
+//! their modality inputs and hands them over as [`StepData`].
+
+use crate::batch::{self, BatchError};
+use crate::checkpoint::{self, CheckpointContent, CheckpointError, LoadedCheckpoint, TrainerState};
+use crate::collective::{CollectiveError, GradientCollective};
+use crate::grpo::{self, GrpoBatch, GrpoError, GrpoOptions};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::policy::{Policy, PolicyError};
+use medtvt_config::{RunConfig, Stage};
+use medtvt_data::ModalityInputs;
+use medtvt_proto::v1::RolloutGroup;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Grpo(#[from] GrpoError),
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("reading a metric: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("checkpoint {path} does not fit the model: {problem}")]
+    Resume { path: PathBuf, problem: String },
+}
+
+/// A question with its loaded modality inputs.
+pub type PromptInput = (String, ModalityInputs);
+
+/// One rank's shard of one step.
+pub enum StepData {
+    /// PT/SFT: prompts and their reference answers.
+    Supervised { prompts: Vec<PromptInput>, answers: Vec<String> },
+    /// GRPO: rollout groups and, aligned with them, their prompts.
+    Grpo { groups: Vec<RolloutGroup>, prompts: Vec<PromptInput> },
+}
+
+/// What the step loop needs from the run config.
+#[derive(Debug, Clone)]
+pub struct TrainerOptions {
+    pub stage: Stage,
+    pub max_prompt_tokens: usize,
+    /// Reference answers longer than this (in tokens) are truncated.
+    pub max_answer_tokens: usize,
+    pub grad_accumulation: usize,
+    pub grad_clip: f64,
+    pub schedule: LrSchedule,
+    pub adamw: AdamWConfig,
+    pub grpo: Option<GrpoStepOptions>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct GrpoStepOptions {
+    pub loss: GrpoOptions,
+    pub group_size: usize,
+    /// The sampling temperature: log-probs are scored at the temperature they were sampled at.
+    pub temperature: f64,
+    pub filter_tied_groups: bool,
+}
+
+impl TrainerOptions {
+    pub fn from_config(cfg: &RunConfig) -> Self {
+        let t = &cfg.train;
+        let grpo = cfg.grpo.as_ref().map(|g| GrpoStepOptions {
+            loss: GrpoOptions {
+                advantage: match g.advantage {
+                    medtvt_config::AdvantageEstimator::Grpo => grpo::AdvantageEstimator::Grpo,
+                    medtvt_config::AdvantageEstimator::DrGrpo => grpo::AdvantageEstimator::DrGrpo,
+                    medtvt_config::AdvantageEstimator::Rloo => grpo::AdvantageEstimator::Rloo,
+                },
+                eps_low: g.eps_low,
+                eps_high: g.eps_high,
+                beta: g.beta,
+                kl_estimator: match g.kl_estimator {
+                    medtvt_config::KlEstimator::K1 => grpo::KlEstimator::K1,
+                    medtvt_config::KlEstimator::K2 => grpo::KlEstimator::K2,
+                    medtvt_config::KlEstimator::K3 => grpo::KlEstimator::K3,
+                },
+                loss_aggregation: match g.loss_aggregation {
+                    medtvt_config::LossAggregation::TokenMean => grpo::LossAggregation::TokenMean,
+                    medtvt_config::LossAggregation::SeqMeanTokenMean => grpo::LossAggregation::SeqMeanTokenMean,
+                    medtvt_config::LossAggregation::SeqMeanTokenSum => grpo::LossAggregation::SeqMeanTokenSum,
+                },
+                // Dr. GRPO divides token sums by the fixed completion budget, not the batch's longest.
+                token_sum_divisor: Some(f64::from(g.max_new_tokens)),
+                ..GrpoOptions::default()
+            },
+            group_size: g.group_size as usize,
+            temperature: g.temperature,
+            filter_tied_groups: g.filter_tied_groups,
+        });
+        TrainerOptions {
+            stage: cfg.run.stage,
+            max_prompt_tokens: cfg.data.max_prompt_tokens,
+            max_answer_tokens: cfg.data.max_prompt_tokens,
+            grad_accumulation: t.grad_accumulation.max(1) as usize,
+            grad_clip: t.grad_clip,
+            schedule: LrSchedule { peak: t.learning_rate, warmup: t.warmup_steps, total: t.steps, min_ratio: t.min_lr_ratio },
+            adamw: AdamWConfig { weight_decay: t.weight_decay, ..AdamWConfig::default() },
+            grpo,
+        }
+    }
+}
+
+/// The outcome of one step: the metrics summed over every rank (so identical on all ranks).
+#[derive(Debug, Clone)]
+pub struct StepOutcome {
+    pub metrics: BTreeMap<String, f64>,
+    /// The gradient was not finite: the weights were left alone.
+    pub skipped: bool,
+}
+
+/// Sums a step accumulates on one rank; added over ranks with the collective.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sums {
+    loss_x_tokens: f64,
+    tokens: f64,
+    samples: f64,
+    rewards: batch::RewardSums,
+    kl_x_tokens: f64,
+    clip_x_tokens: f64,
+    tied_groups: f64,
+    groups_trained: f64,
+    non_finite_loss: f64,
+}
+
+impl Sums {
+    fn to_vec(self) -> Vec<f64> {
+        let r = self.rewards;
+        vec![
+            self.loss_x_tokens, self.tokens, self.samples, r.completions, r.reward, r.reward_sq, r.jaccard, r.format,
+            self.kl_x_tokens, self.clip_x_tokens, self.tied_groups, self.groups_trained, self.non_finite_loss,
+        ]
+    }
+
+    fn from_vec(v: &[f64]) -> Self {
+        let rewards = batch::RewardSums { completions: v[3], reward: v[4], reward_sq: v[5], jaccard: v[6], format: v[7] };
+        Sums {
+            loss_x_tokens: v[0], tokens: v[1], samples: v[2], rewards, kl_x_tokens: v[8], clip_x_tokens: v[9],
+            tied_groups: v[10], groups_trained: v[11], non_finite_loss: v[12],
+        }
+    }
+}
+
+/// One learner rank.
+pub struct Trainer<P: Policy> {
+    policy: P,
+    /// The frozen starting policy for the KL term (GRPO with beta > 0 only).
+    reference: Option<P>,
+    optimizer: AdamW,
+    collective: Box<dyn GradientCollective>,
+    options: TrainerOptions,
+    /// Optimizer steps completed (skipped ones included).
+    step: u64,
+    skipped_steps: u64,
+}
+
+impl<P: Policy> Trainer<P> {
+    /// `policy` must already have its trainable set chosen; its trainable tensors become the
+    /// optimizer's parameters.
+    pub fn new(policy: P, reference: Option<P>, collective: Box<dyn GradientCollective>, options: TrainerOptions) -> Self {
+        let optimizer = AdamW::new(policy.trainable_tensors(), options.adamw);
+        Trainer { policy, reference, optimizer, collective, options, step: 0, skipped_steps: 0 }
+    }
+
+    pub fn policy(&self) -> &P {
+        &self.policy
+    }
+
+    pub fn rank(&self) -> usize {
+        self.collective.rank()
+    }
+
+    /// Steps completed so far: the next step to train.
+    pub fn step_index(&self) -> u64 {
+        self.step
+    }
+
+    /// Makes every rank start from rank 0's weights (for a from-scratch model).
+    pub fn broadcast_weights(&mut self) -> Result<(), TrainError> {
+        let all: Vec<Tensor> = self.policy.all_tensors().into_iter().map(|(_, t)| t).collect();
+        self.collective.broadcast_from_root(&all)?;
+        Ok(())
+    }
+
+    /// Trains one step on this rank's shard.
+    pub fn step(&mut self, data: &StepData) -> Result<StepOutcome, TrainError> {
+        let started = Instant::now();
+        self.optimizer.zero_grad();
+        let local = match data {
+            StepData::Supervised { prompts, answers } => self.supervised_backward(prompts, answers)?,
+            StepData::Grpo { groups, prompts } => self.grpo_backward(groups, prompts)?,
+        };
+        let grads = self.optimizer.grads();
+        self.collective.all_reduce_mean(&grads)?;
+        let totals = self.sum_over_ranks(local)?;
+        // The reduced gradients are identical on every rank, so every rank makes the same call.
+        let grad_norm = clip_grad_norm(&grads, self.options.grad_clip);
+        let lr = self.options.schedule.at(self.step);
+        let skipped = !grad_norm.is_finite();
+        if skipped {
+            self.skipped_steps += 1;
+            self.optimizer.zero_grad();
+        } else {
+            self.optimizer.step(lr);
+        }
+        self.step += 1;
+        let elapsed = started.elapsed().as_secs_f64();
+        Ok(StepOutcome { metrics: self.metrics(&totals, grad_norm, lr, elapsed, skipped), skipped })
+    }
+
+    fn supervised_backward(&mut self, prompts: &[PromptInput], answers: &[String]) -> Result<Sums, TrainError> {
+        let mut sums = Sums::default();
+        let parts = batch::micro_batches(prompts.len(), self.options.grad_accumulation);
+        let n_parts = parts.len() as f64;
+        for range in parts {
+            let encoded = self.policy.encode_prompts(&prompts[range.clone()], self.options.max_prompt_tokens)?;
+            let (ids, mask) = self.policy.encode_answers(&answers[range.clone()], self.options.max_answer_tokens);
+            let logp = self.policy.score(&encoded, &ids, &mask, 1.0, true); // [b, tc]
+            let loss = batch::answer_nll(&logp, &mask);
+            let tokens = f64::try_from(mask.to_kind(Kind::Double).sum(Kind::Double))?;
+            let value = f64::try_from(loss.detach().to_kind(Kind::Double))?;
+            sums.samples += range.len() as f64;
+            self.backward(&loss, value, tokens, n_parts, &mut sums);
+        }
+        Ok(sums)
+    }
+
+    fn grpo_backward(&mut self, groups: &[RolloutGroup], prompts: &[PromptInput]) -> Result<Sums, TrainError> {
+        let Some(opts) = self.options.grpo else {
+            return Err(TrainError::Policy(PolicyError::Model("a GRPO batch reached a trainer without grpo options".into())));
+        };
+        let mut sums = Sums { rewards: batch::reward_sums(groups), ..Sums::default() };
+        batch::group_prompts(groups, opts.group_size)?;
+        let tied: Vec<bool> = groups.iter().map(batch::is_tied).collect();
+        sums.tied_groups = tied.iter().filter(|&&t| t).count() as f64;
+        let keep: Vec<usize> = (0..groups.len()).filter(|&i| !(opts.filter_tied_groups && tied[i])).collect();
+        let kept_groups: Vec<RolloutGroup> = keep.iter().map(|&i| groups[i].clone()).collect();
+        let kept_prompts: Vec<PromptInput> = keep.iter().map(|&i| prompts[i].clone()).collect();
+        sums.groups_trained = kept_groups.len() as f64;
+        let parts = batch::micro_batches(kept_groups.len(), self.options.grad_accumulation);
+        let n_parts = parts.len() as f64;
+        for range in parts {
+            let (loss, metrics) = self.grpo_micro_loss(&kept_groups[range.clone()], &kept_prompts[range], &opts)?;
+            sums.kl_x_tokens += metrics.kl_mean.unwrap_or(0.0) * metrics.tokens;
+            sums.clip_x_tokens += metrics.clip_fraction * metrics.tokens;
+            self.backward(&loss, metrics.loss, metrics.tokens, n_parts, &mut sums);
+        }
+        sums.samples = kept_groups.len() as f64;
+        Ok(sums)
+    }
+
+    /// The GRPO loss of some groups: prompts repeated G times in place, completions scored at the
+    /// sampling temperature against the behaviour (and, with beta > 0, reference) log-probs.
+    fn grpo_micro_loss(
+        &self,
+        groups: &[RolloutGroup],
+        prompts: &[PromptInput],
+        opts: &GrpoStepOptions,
+    ) -> Result<(Tensor, grpo::GrpoMetrics), TrainError> {
+        let device = self.policy.device();
+        let encoded = self.policy.encode_prompts(prompts, self.options.max_prompt_tokens)?;
+        let repeated = self.policy.repeat_prompts(&encoded, opts.group_size as i64); // b = n * G rows
+        let t = batch::assemble_grpo(groups, 0, device);
+        let advantages = grpo::group_advantages(&t.rewards, opts.loss.advantage, opts.loss.advantage_eps)?.advantages.reshape([-1]);
+        let logp = self.policy.score(&repeated, &t.ids, &t.mask, opts.temperature, true); // [b, t]
+        let logp_ref = match (&self.reference, opts.loss.beta > 0.0) {
+            (Some(reference), true) => Some(tch::no_grad(|| reference.score(&repeated, &t.ids, &t.mask, opts.temperature, false))),
+            _ => None,
+        };
+        let loss = grpo::grpo_loss(
+            GrpoBatch { logp: &logp, logp_old: Some(&t.logp_old), logp_ref: logp_ref.as_ref(), advantages: &advantages, mask: &t.mask },
+            &opts.loss,
+        )?;
+        Ok((loss.loss, loss.metrics))
+    }
+
+    /// Backpropagates `loss / n_parts` (gradient accumulation) unless it is not finite, in which
+    /// case the whole step will be skipped: a NaN gradient is planted so that every rank sees a
+    /// non-finite reduced gradient and skips together.
+    fn backward(&mut self, loss: &Tensor, value: f64, tokens: f64, n_parts: f64, sums: &mut Sums) {
+        if value.is_finite() {
+            (loss / n_parts).backward();
+            sums.loss_x_tokens += value * tokens;
+            sums.tokens += tokens;
+        } else {
+            sums.non_finite_loss += 1.0;
+            if let Some((_, p)) = self.optimizer.params().first() {
+                (p.sum(Kind::Float) * f64::NAN).backward();
+            }
+        }
+    }
+
+    fn sum_over_ranks(&mut self, local: Sums) -> Result<Sums, TrainError> {
+        let values = local.to_vec();
+        let world = self.collective.world_size() as f64;
+        let t = Tensor::from_slice(&values).to_kind(Kind::Float);
+        self.collective.all_reduce_mean(std::slice::from_ref(&t))?;
+        let mean = Vec::<f64>::try_from(t.to_kind(Kind::Double))?;
+        Ok(Sums::from_vec(&mean.iter().map(|m| m * world).collect::<Vec<_>>()))
+    }
+
+    fn metrics(&self, s: &Sums, grad_norm: f64, lr: f64, elapsed: f64, skipped: bool) -> BTreeMap<String, f64> {
+        let mut m = BTreeMap::new();
+        let per_token = |x: f64| if s.tokens > 0.0 { x / s.tokens } else { 0.0 };
+        m.insert("loss".into(), per_token(s.loss_x_tokens));
+        m.insert("lr".into(), lr);
+        m.insert("grad_norm".into(), if grad_norm.is_finite() { grad_norm } else { -1.0 });
+        m.insert("tokens".into(), s.tokens);
+        m.insert("tokens_per_s".into(), if elapsed > 0.0 { s.tokens / elapsed } else { 0.0 });
+        m.insert("step_time_s".into(), elapsed);
+        m.insert("samples".into(), s.samples);
+        m.insert("skipped".into(), f64::from(u8::from(skipped)));
+        m.insert("skipped_steps".into(), self.skipped_steps as f64);
+        m.insert("non_finite_losses".into(), s.non_finite_loss);
+        if self.options.grpo.is_some() {
+            let r = s.rewards;
+            let n = r.completions.max(1.0);
+            let mean = r.reward / n;
+            let var = if r.completions > 1.0 { ((r.reward_sq - n * mean * mean) / (n - 1.0)).max(0.0) } else { 0.0 };
+            m.insert("reward_mean".into(), mean);
+            m.insert("reward_std".into(), var.sqrt());
+            m.insert("jaccard".into(), r.jaccard / n);
+            m.insert("format".into(), r.format / n);
+            m.insert("completions".into(), r.completions);
+            m.insert("kl".into(), per_token(s.kl_x_tokens));
+            m.insert("clip_fraction".into(), per_token(s.clip_x_tokens));
+            m.insert("tied_groups".into(), s.tied_groups);
+            m.insert("groups_trained".into(), s.groups_trained);
+        }
+        m
+    }
+
+    /// Writes a checkpoint of the trainable weights and optimizer state under `root`.
+    pub fn save_checkpoint(&self, root: &Path, seed: u64) -> Result<PathBuf, TrainError> {
+        let weights = self.optimizer.params().to_vec();
+        let mut optimizer = Vec::with_capacity(2 * weights.len());
+        for (i, (name, _)) in weights.iter().enumerate() {
+            optimizer.push((format!("exp_avg.{name}"), self.optimizer.exp_avg[i].shallow_clone()));
+            optimizer.push((format!("exp_avg_sq.{name}"), self.optimizer.exp_avg_sq[i].shallow_clone()));
+        }
+        let state = TrainerState {
+            step: self.step,
+            adam_steps: self.optimizer.steps,
+            rng_seed: seed.wrapping_add(self.step) as i64,
+            data_epoch: 0,
+            data_position: self.step,
+            weights_sha256: String::new(),
+            optimizer_sha256: String::new(),
+        };
+        Ok(checkpoint::save(root, CheckpointContent { weights: &weights, optimizer: &optimizer, state })?)
+    }
+
+    /// Restores weights, optimizer moments and the step counter from a verified checkpoint.
+    pub fn restore(&mut self, ckpt: &LoadedCheckpoint) -> Result<(), TrainError> {
+        let names: Vec<String> = self.optimizer.params().iter().map(|(n, _)| n.clone()).collect();
+        let mut weights = Vec::with_capacity(names.len());
+        for (i, name) in names.iter().enumerate() {
+            let w = checkpoint::find(&ckpt.weights, name, &ckpt.path)?;
+            weights.push((name.clone(), w.shallow_clone()));
+            for (prefix, dst) in [("exp_avg", &self.optimizer.exp_avg[i]), ("exp_avg_sq", &self.optimizer.exp_avg_sq[i])] {
+                let src = checkpoint::find(&ckpt.optimizer, &format!("{prefix}.{name}"), &ckpt.path)?;
+                if src.size() != dst.size() {
+                    return Err(TrainError::Resume { path: ckpt.path.clone(), problem: format!("{prefix}.{name} has shape {:?}, the model {:?}", src.size(), dst.size()) });
+                }
+                tch::no_grad(|| dst.shallow_clone().copy_(&src.to_device(dst.device()).to_kind(dst.kind())));
+            }
+        }
+        self.policy.copy_named_tensors(&weights)?;
+        self.optimizer.steps = ckpt.state.adam_steps;
+        self.step = ckpt.state.step;
+        Ok(())
+    }
+
+    /// SHA-256 over every variable's f32 little-endian bytes in name order: equal digests mean
+    /// bit-identical weights.
+    pub fn weights_digest(&self) -> String {
+        weights_digest(&self.policy.all_tensors())
+    }
+}
+
+/// See [`Trainer::weights_digest`].
+pub fn weights_digest(tensors: &[(String, Tensor)]) -> String {
+    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut hasher = Sha256::new();
+    for (name, t) in sorted {
+        hasher.update(name.as_bytes());
+        hasher.update(crate::weights::f32_le_bytes(t));
+    }
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::{SingleRank, TcpCollective};
+    use crate::test_policy::BytePolicy;
+    use medtvt_proto::v1::{Completion, Prompt};
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    fn options(stage: Stage, grpo: Option<GrpoStepOptions>) -> TrainerOptions {
+        TrainerOptions {
+            stage,
+            max_prompt_tokens: 64,
+            max_answer_tokens: 64,
+            grad_accumulation: 2,
+            grad_clip: 1.0,
+            schedule: LrSchedule { peak: 0.05, warmup: 0, total: 100, min_ratio: 1.0 },
+            adamw: AdamWConfig::default(),
+            grpo,
+        }
+    }
+
+    fn trainer(seed: i64, collective: Box<dyn GradientCollective>, grpo: Option<GrpoStepOptions>) -> Trainer<BytePolicy> {
+        tch::manual_seed(seed);
+        let stage = if grpo.is_some() { Stage::Grpo } else { Stage::Pt };
+        Trainer::new(BytePolicy::new(16), None, collective, options(stage, grpo))
+    }
+
+    fn supervised(pairs: &[(&str, &str)]) -> StepData {
+        StepData::Supervised {
+            prompts: pairs.iter().map(|(q, _)| (q.to_string(), ModalityInputs::default())).collect(),
+            answers: pairs.iter().map(|(_, a)| a.to_string()).collect(),
+        }
+    }
+
+    const PAIRS: [(&str, &str); 4] = [("<ecg> rhythm?", "afib"), ("<lab> kidneys?", "arf"), ("<cxr> lungs?", "pna"), ("<lab> sugar?", "dm")];
+
+    #[test]
+    fn supervised_steps_reduce_the_answer_loss() {
+        let mut t = trainer(1, Box::new(SingleRank), None);
+        let data = supervised(&PAIRS);
+        let first = t.step(&data).unwrap().metrics["loss"];
+        let mut last = first;
+        for _ in 0..30 {
+            last = t.step(&data).unwrap().metrics["loss"];
+        }
+        assert!(last < 0.5 * first, "loss {first} -> {last}");
+        assert_eq!(t.step_index(), 31);
+    }
+
+    #[test]
+    fn non_finite_loss_skips_the_step_and_leaves_weights_alone() {
+        let mut t = trainer(2, Box::new(SingleRank), None);
+        let before = t.weights_digest();
+        let poisoned = ModalityInputs { lab: Some(vec![f32::NAN; 4]), ..Default::default() };
+        let data = StepData::Supervised { prompts: vec![("<lab> q".into(), poisoned)], answers: vec!["a".into()] };
+        let outcome = t.step(&data).unwrap();
+        assert!(outcome.skipped);
+        assert_eq!(outcome.metrics["skipped_steps"], 1.0);
+        assert_eq!(t.weights_digest(), before);
+        // A good step afterwards trains normally.
+        assert!(!t.step(&supervised(&PAIRS)).unwrap().skipped);
+        assert_ne!(t.weights_digest(), before);
+    }
+
+    #[test]
+    fn two_tcp_ranks_stay_bit_identical_and_match_in_metrics() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let root = listener.local_addr().unwrap();
+        let leaf = std::thread::spawn(move || {
+            let c = TcpCollective::connect(1, 2, None, root, Duration::from_secs(10)).unwrap();
+            // Different init seed: the broadcast must make rank 1 start from rank 0's weights.
+            let mut t = trainer(99, Box::new(c), None);
+            t.broadcast_weights().unwrap();
+            let losses: Vec<f64> = (0..5).map(|_| t.step(&supervised(&PAIRS[2..])).unwrap().metrics["loss"]).collect();
+            (t.weights_digest(), losses)
+        });
+        let c = TcpCollective::connect(0, 2, Some(listener), root, Duration::from_secs(10)).unwrap();
+        let mut t = trainer(3, Box::new(c), None);
+        t.broadcast_weights().unwrap();
+        let losses: Vec<f64> = (0..5).map(|_| t.step(&supervised(&PAIRS[..2])).unwrap().metrics["loss"]).collect();
+        let (leaf_digest, leaf_losses) = leaf.join().unwrap();
+        assert_eq!(t.weights_digest(), leaf_digest);
+        assert_eq!(losses, leaf_losses, "metrics are summed over ranks, so both ranks report the same");
+        assert!(losses[4] < losses[0], "{losses:?}");
+    }
+
+    fn completion(text: &str, reward: f32, policy: &BytePolicy, prompt: &str) -> Completion {
+        let (ids, mask) = policy.encode_answers(&[text.to_string()], 64);
+        let prompts = policy.encode_prompts(&[(prompt.to_string(), ModalityInputs::default())], 64).unwrap();
+        let logp = tch::no_grad(|| policy.score(&prompts, &ids, &mask, 1.0, false));
+        Completion {
+            token_ids: Vec::<i64>::try_from(ids.view([-1])).unwrap(),
+            logprobs: Vec::<f32>::try_from(logp.view([-1])).unwrap(),
+            reward,
+            reward_parts: [("jaccard".to_string(), reward), ("format".to_string(), 1.0)].into_iter().collect(),
+            text: text.into(),
+            truncated: false,
+        }
+    }
+
+    fn grpo_options(filter_tied_groups: bool) -> GrpoStepOptions {
+        GrpoStepOptions { loss: GrpoOptions { beta: 0.0, ..GrpoOptions::default() }, group_size: 2, temperature: 1.0, filter_tied_groups }
+    }
+
+    #[test]
+    fn grpo_steps_raise_the_better_completion_and_count_ties() {
+        let mut t = trainer(4, Box::new(SingleRank), Some(grpo_options(true)));
+        let q = "<lab> which?";
+        let sample = br#"{"id":"s","split":"train","kind":"disease","encounter_id":"e","ecg":null,"cxr":null,"lab":"l.csv","question":"<lab> which?","answer":"<answer>x</answer>","labels":[]}"#;
+        let group = |good: f32, bad: f32, policy: &BytePolicy| RolloutGroup {
+            prompt_id: 1,
+            completions: vec![completion("<answer>sepsis</answer>", good, policy, q), completion("zz", bad, policy, q)],
+            prompt: Some(Prompt { prompt_id: 1, epoch: 0, sample_json: sample.to_vec() }),
+            ..Default::default()
+        };
+        let margin = |policy: &BytePolicy| {
+            let g = group(1.0, 0.0, policy);
+            let mean = |c: &Completion| c.logprobs.iter().sum::<f32>() / c.logprobs.len() as f32;
+            mean(&g.completions[0]) - mean(&g.completions[1])
+        };
+        let before = margin(t.policy());
+        for _ in 0..10 {
+            // Rebuild the groups each step: on-policy behaviour log-probs, as a fresh rollout.
+            let groups = vec![group(1.0, 0.0, t.policy()), group(0.5, 0.5, t.policy())];
+            let prompts = vec![(q.to_string(), ModalityInputs::default()); 2];
+            let m = t.step(&StepData::Grpo { groups, prompts }).unwrap().metrics;
+            assert_eq!(m["tied_groups"], 1.0);
+            assert_eq!(m["groups_trained"], 1.0, "the tied group is filtered");
+            assert_eq!(m["completions"], 4.0);
+            assert!((m["reward_mean"] - 0.5).abs() < 1e-6);
+            assert!(m["clip_fraction"] >= 0.0 && m["clip_fraction"] <= 1.0);
+        }
+        let after = margin(t.policy());
+        assert!(after > before + 0.5, "log-prob margin of the rewarded completion {before} -> {after}");
+    }
+
+    #[test]
+    fn checkpoint_resume_continues_bit_identically() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = supervised(&PAIRS);
+        let mut straight = trainer(5, Box::new(SingleRank), None);
+        for _ in 0..3 {
+            straight.step(&data).unwrap();
+        }
+        let mut first = trainer(5, Box::new(SingleRank), None);
+        for _ in 0..2 {
+            first.step(&data).unwrap();
+        }
+        first.save_checkpoint(dir.path(), 0).unwrap();
+        let (loaded, skipped) = checkpoint::latest_valid(dir.path());
+        assert!(skipped.is_empty());
+        // A resumed learner starts from a differently initialised model and takes over.
+        let mut resumed = trainer(6, Box::new(SingleRank), None);
+        resumed.restore(&loaded.unwrap()).unwrap();
+        assert_eq!(resumed.step_index(), 2);
+        resumed.step(&data).unwrap();
+        assert_eq!(resumed.weights_digest(), straight.weights_digest());
+    }
+}

@@ -1,0 +1,125 @@
+//! One GRPO job on one rollout worker, on a blocking thread: build the policy from the job's
+//! starting checkpoint, then lease prompts until the job is done, fetching each newer policy
+//! version before sampling with it, and stream the rewarded groups back.
+
+use crate::rollout::{roll_out, RolloutError, RolloutSettings};
+use medtvt_config::{RunConfig, Stage};
+use medtvt_eval::vocabulary::{DiseaseVocabulary, NameMatching};
+use medtvt_eval::{DiagnosisReward, RewardWeights};
+use medtvt_learner::inputs::InputLoader;
+use medtvt_learner::policy::{Policy, PolicyError, RolloutSampling};
+use medtvt_learner::rpc::{CoordinatorLink, RpcError};
+use medtvt_learner::weights::{assemble_weights, WeightsError};
+use medtvt_proto::v1::{FetchWeightsRequest, JobAssignment, LeaseRequest, RolloutGroup, WeightChunk};
+use std::path::PathBuf;
+use std::time::Duration;
+use tch::Device;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerJobError {
+    #[error("job {job_id}: config: {source}")]
+    Config { job_id: u64, source: medtvt_config::ConfigError },
+    #[error("job {job_id}: a GRPO job needs model.checkpoint (the SFT output) so workers and learners start from the same policy")]
+    NoCheckpoint { job_id: u64 },
+    #[error("job {job_id}: reward vocabulary: {source}")]
+    Vocabulary { job_id: u64, source: medtvt_eval::EvalError },
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Rollout(#[from] RolloutError),
+    #[error(transparent)]
+    Data(#[from] medtvt_data::DataError),
+}
+
+/// What a worker did in one job.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RolloutTally {
+    pub leases: u64,
+    pub groups_submitted: u64,
+    pub groups_accepted: u64,
+    pub policy_version: u64,
+}
+
+/// Runs the rollouts of a GRPO job until the coordinator says it is done (other stages: nothing).
+pub fn run_rollout_job<P: Policy>(link: &CoordinatorLink, job: &JobAssignment, device: Device, max_prompts: u32) -> Result<RolloutTally, WorkerJobError> {
+    let origin = PathBuf::from(format!("<job {} config>", job.job_id));
+    let cfg = medtvt_config::parse_run_config(&job.config_toml, &origin, &[]).map_err(|source| WorkerJobError::Config { job_id: job.job_id, source })?;
+    let (Stage::Grpo, Some(grpo)) = (cfg.run.stage, cfg.grpo.as_ref()) else {
+        return Ok(RolloutTally::default());
+    };
+    if cfg.model.checkpoint.is_none() {
+        return Err(WorkerJobError::NoCheckpoint { job_id: job.job_id });
+    }
+    let mut policy = P::load(&cfg, device, None)?;
+    let reward = diagnosis_reward(&cfg).map_err(|source| WorkerJobError::Vocabulary { job_id: job.job_id, source })?;
+    let loader = InputLoader::from_config(&cfg)?;
+    let settings = RolloutSettings {
+        group_size: grpo.group_size as usize,
+        max_prompt_tokens: cfg.data.max_prompt_tokens,
+        sampling: RolloutSampling {
+            max_new_tokens: grpo.max_new_tokens as usize,
+            temperature: grpo.temperature,
+            top_p: grpo.top_p,
+            top_k: grpo.top_k as usize,
+            seed: cfg.run.seed,
+        },
+    };
+    let mut tally = RolloutTally::default();
+    while !link.stop_flag().is_stopped() {
+        let request = LeaseRequest { worker_id: link.worker_id, job_id: job.job_id, max_prompts };
+        let lease = link.call("LeasePrompts", |mut c| async move { c.lease_prompts(request).await })?;
+        if lease.job_done {
+            break;
+        }
+        if lease.prompts.is_empty() {
+            link.pause(Duration::from_millis(lease.retry_after_ms.clamp(20, 5_000)));
+            continue;
+        }
+        if lease.policy_version > tally.policy_version {
+            tally.policy_version = fetch_policy(link, job.job_id, tally.policy_version, &mut policy)?;
+        }
+        let groups = roll_out(&policy, &loader, &reward, &settings, &lease, link.worker_id, tally.policy_version)?;
+        tally.leases += 1;
+        tally.groups_submitted += groups.len() as u64;
+        let response = link.call("SubmitGroups", |mut c| {
+            let groups: Vec<RolloutGroup> = groups.clone();
+            async move { c.submit_groups(tokio_stream::iter(groups)).await }
+        })?;
+        tally.groups_accepted += u64::from(response.accepted);
+        tracing::info!(lease = lease.lease_id, version = tally.policy_version, accepted = response.accepted, duplicates = response.duplicates, stale = response.stale, "lease rolled out");
+    }
+    Ok(tally)
+}
+
+/// The job's reward: `grpo.reward` weights over `data.diseases` (synonyms or exact names).
+pub fn diagnosis_reward(cfg: &RunConfig) -> Result<DiagnosisReward, medtvt_eval::EvalError> {
+    let weights = cfg.grpo.as_ref().map(|g| g.reward.clone()).unwrap_or_default();
+    let matching = if weights.synonyms { NameMatching::Synonyms } else { NameMatching::Exact };
+    let vocabulary = DiseaseVocabulary::from_names(&cfg.data.diseases, matching)?;
+    Ok(DiagnosisReward::new(vocabulary, RewardWeights { jaccard: weights.jaccard, format: weights.format }))
+}
+
+/// Fetches the latest policy version newer than `have` and loads it; returns the version held.
+fn fetch_policy<P: Policy>(link: &CoordinatorLink, job_id: u64, have: u64, policy: &mut P) -> Result<u64, WorkerJobError> {
+    let request = FetchWeightsRequest { job_id, have_version: have, worker_id: link.worker_id };
+    let chunks: Vec<WeightChunk> = link.call("FetchWeights", |mut c| async move {
+        let mut stream = c.fetch_weights(request).await?.into_inner();
+        let mut chunks = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            chunks.push(chunk);
+        }
+        Ok(tonic::Response::new(chunks))
+    })?;
+    match assemble_weights(chunks)? {
+        Some(weights) => {
+            policy.copy_named_tensors(&weights.tensors)?;
+            tracing::info!(version = weights.policy_version, tensors = weights.tensors.len(), "loaded policy weights");
+            Ok(weights.policy_version)
+        }
+        None => Ok(have),
+    }
+}

@@ -1,0 +1,92 @@
+//! The rollout-worker role (`medtvt rollout-worker`): register with the coordinator, keep a
+//! heartbeat, wait for jobs, and for each GRPO job lease prompts, sample G completions per prompt
+//! with the newest policy version, reward them and submit the groups ([`job`], [`rollout`]).
+//! Workers may join or leave mid-run: the coordinator re-leases what a departed worker held.
+
+pub mod job;
+pub mod rollout;
+
+use medtvt_learner::membership::{default_name, JoinOptions, Membership, MembershipError};
+use medtvt_learner::policy::Policy;
+use medtvt_learner::process::{parse_device, ProcessError};
+use medtvt_proto::v1::{Role, Stage};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RolloutWorkerArgs {
+    /// The coordinator's URL, e.g. http://127.0.0.1:50051.
+    #[arg(long, env = "MEDTVT_COORDINATOR")]
+    pub coordinator: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "MEDTVT_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Shown in the coordinator's status (default: rollout-worker@host:pid).
+    #[arg(long, env = "MEDTVT_WORKER_NAME")]
+    pub name: Option<String>,
+    /// A file holding the coordinator's bearer token.
+    #[arg(long, env = "MEDTVT_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// OTLP/gRPC endpoint for traces and metrics.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Prompts asked for per lease.
+    #[arg(long, default_value_t = 2)]
+    pub max_prompts: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    #[error("--max-prompts must be at least 1")]
+    MaxPrompts,
+    #[error("the rollout thread panicked: {0}")]
+    JobThread(String),
+}
+
+/// Runs the worker until the coordinator shuts down or the process is asked to stop. Call inside
+/// the process's one tokio runtime.
+pub async fn run<P: Policy + 'static>(args: RolloutWorkerArgs) -> Result<(), WorkerError> {
+    if args.max_prompts == 0 {
+        return Err(WorkerError::MaxPrompts);
+    }
+    let device = parse_device(&args.device)?;
+    if let Some(endpoint) = &args.otlp_endpoint {
+        tracing::info!(%endpoint, "OTLP endpoint given; this build logs to stderr only");
+    }
+    let options = JoinOptions {
+        coordinator: args.coordinator.clone(),
+        auth_token_file: args.auth_token_file.clone(),
+        role: Role::RolloutWorker,
+        name: args.name.clone().unwrap_or_else(|| default_name("rollout-worker")),
+        rank: 0,
+        world_size: 0,
+    };
+    let mut membership = Membership::join(&options).await?;
+    let mut after = 0;
+    let result = loop {
+        let job = match membership.next_job(after).await {
+            Ok(Some(job)) => job,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e.into()),
+        };
+        after = job.job_id;
+        if job.stage != Stage::Grpo as i32 {
+            tracing::info!(job = job.job_id, "not a GRPO job; waiting for the next one");
+            continue;
+        }
+        tracing::info!(job = job.job_id, name = %job.name, "rollouts started");
+        let link = membership.link();
+        let max_prompts = args.max_prompts;
+        let outcome = tokio::task::spawn_blocking(move || job::run_rollout_job::<P>(&link, &job, device, max_prompts)).await;
+        match outcome {
+            Ok(Ok(tally)) => tracing::info!(job = after, leases = tally.leases, groups = tally.groups_submitted, accepted = tally.groups_accepted, version = tally.policy_version, "rollouts finished"),
+            Ok(Err(err)) => tracing::error!(job = after, error = %err, "rollouts failed"),
+            Err(join) => break Err(WorkerError::JobThread(join.to_string())),
+        }
+    };
+    membership.leave().await;
+    result
+}

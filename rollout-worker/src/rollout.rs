@@ -1,0 +1,135 @@
+//! Turning one lease into rollout groups: load each prompt's modalities, encode the prompts,
+//! repeat each G times in place, sample one completion per row, decode, and reward every
+//! completion against its prompt's reference answer (Jaccard over the disease sets + format).
+
+use medtvt_data::QaSample;
+use medtvt_eval::{DiagnosisReward, RewardBreakdown};
+use medtvt_learner::inputs::InputLoader;
+use medtvt_learner::policy::{Policy, PolicyError, RolloutSampling, Sampled};
+use medtvt_proto::v1::{Completion, Lease, RolloutGroup};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("lease {lease_id}: prompt {prompt_id} is not a QA JSON line: {source}")]
+    Prompt { lease_id: u64, prompt_id: u64, source: serde_json::Error },
+    #[error(transparent)]
+    Data(#[from] medtvt_data::DataError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("sampling returned {got} rows for {expected} prompt rows")]
+    Rows { got: usize, expected: usize },
+}
+
+/// The fixed settings of a job's rollouts.
+#[derive(Debug, Clone, Copy)]
+pub struct RolloutSettings {
+    pub group_size: usize,
+    pub max_prompt_tokens: usize,
+    /// `seed` here is the run seed; each lease samples with a seed derived from it.
+    pub sampling: RolloutSampling,
+}
+
+/// A different, reproducible sampling seed per lease (splitmix64 of run seed and lease id).
+pub fn lease_seed(run_seed: u64, lease_id: u64) -> u64 {
+    let mut z = run_seed ^ lease_id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Samples and rewards one group per leased prompt.
+pub fn roll_out<P: Policy>(
+    policy: &P,
+    loader: &InputLoader,
+    reward: &DiagnosisReward,
+    settings: &RolloutSettings,
+    lease: &Lease,
+    worker_id: u64,
+    policy_version: u64,
+) -> Result<Vec<RolloutGroup>, RolloutError> {
+    let samples: Vec<QaSample> = lease
+        .prompts
+        .iter()
+        .map(|p| serde_json::from_slice(&p.sample_json).map_err(|source| RolloutError::Prompt { lease_id: lease.lease_id, prompt_id: p.prompt_id, source }))
+        .collect::<Result<_, _>>()?;
+    let inputs = loader.prompts(&samples)?;
+    let encoded = policy.encode_prompts(&inputs, settings.max_prompt_tokens)?;
+    let g = settings.group_size;
+    let repeated = policy.repeat_prompts(&encoded, g as i64);
+    let sampling = RolloutSampling { seed: lease_seed(settings.sampling.seed, lease.lease_id), ..settings.sampling };
+    let sampled = policy.sample(&repeated, &sampling)?;
+    let expected = samples.len() * g;
+    if sampled.tokens.len() != expected || sampled.logprobs.len() != expected {
+        return Err(RolloutError::Rows { got: sampled.tokens.len(), expected });
+    }
+    let texts: Vec<String> = sampled.tokens.iter().map(|t| policy.decode(t)).collect();
+    let groups = lease
+        .prompts
+        .iter()
+        .zip(&samples)
+        .enumerate()
+        .map(|(i, (prompt, sample))| {
+            let rows = i * g..(i + 1) * g;
+            let scores = score_group(reward, &sample.answer, &texts[rows.clone()]);
+            RolloutGroup {
+                job_id: lease.job_id,
+                lease_id: lease.lease_id,
+                worker_id,
+                prompt_id: prompt.prompt_id,
+                epoch: prompt.epoch,
+                policy_version,
+                prompt_token_ids: Vec::new(),
+                completions: rows.zip(scores).map(|(row, score)| completion(&sampled, &texts, row, score)).collect(),
+                prompt: None,
+            }
+        })
+        .collect();
+    Ok(groups)
+}
+
+/// Rewards each completion text against the reference answer (parsed once).
+pub fn score_group(reward: &DiagnosisReward, reference: &str, texts: &[String]) -> Vec<RewardBreakdown> {
+    let parsed = reward.parse(reference);
+    texts.iter().map(|t| reward.score_parsed(t, parsed.as_ref())).collect()
+}
+
+fn completion(sampled: &Sampled, texts: &[String], row: usize, score: RewardBreakdown) -> Completion {
+    Completion {
+        token_ids: sampled.tokens[row].clone(),
+        logprobs: sampled.logprobs[row].clone(),
+        reward: score.total as f32,
+        reward_parts: [("jaccard".to_string(), score.jaccard as f32), ("format".to_string(), score.format as f32)].into_iter().collect(),
+        text: texts[row].clone(),
+        truncated: !sampled.finished_by_eos.get(row).copied().unwrap_or(false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medtvt_eval::vocabulary::{DiseaseVocabulary, NameMatching};
+    use medtvt_eval::RewardWeights;
+
+    #[test]
+    fn completions_are_rewarded_against_their_reference() {
+        let reward = DiagnosisReward::new(DiseaseVocabulary::paper_default(NameMatching::Synonyms), RewardWeights { jaccard: 1.0, format: 0.5 });
+        let reference = "<think>fever, high lactate</think><answer>sepsis; pneumonia</answer>";
+        let texts = vec![
+            "<think>x</think><answer>Sepsis; pneumonia</answer>".to_string(),
+            "<think>x</think><answer>sepsis</answer>".to_string(),
+            "sepsis".to_string(),
+        ];
+        let scores = score_group(&reward, reference, &texts);
+        assert_eq!(scores[0].jaccard, 1.0);
+        assert_eq!(scores[0].total, 1.5);
+        assert_eq!(scores[1].jaccard, 0.5);
+        assert_eq!((scores[2].jaccard, scores[2].format, scores[2].total), (0.0, 0.0, 0.0));
+    }
+
+    #[test]
+    fn lease_seeds_differ_per_lease_and_repeat_per_run() {
+        assert_ne!(lease_seed(7, 1), lease_seed(7, 2));
+        assert_ne!(lease_seed(7, 1), lease_seed(8, 1));
+        assert_eq!(lease_seed(7, 1), lease_seed(7, 1));
+    }
+}
