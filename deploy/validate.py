@@ -59,12 +59,12 @@ class Checks:
 
 
 def kubernetes_versions() -> list[str]:
-    versions = []
+    versions = set()
     for version in kubernetes_validate.utils.all_versions():
         major, minor = (int(x) for x in version.split(".")[:2])
         if (major, minor) >= MIN_KUBERNETES:
-            versions.append(version)
-    return versions
+            versions.add(version)
+    return sorted(versions, key=lambda v: tuple(int(x) for x in v.split(".")))
 
 
 def schema_errors(obj: dict, versions: list[str]) -> list[str]:
