@@ -119,7 +119,7 @@ def _render(directory: Path) -> tuple[list[dict], dict]:
     objects: list[dict] = []
     renames: dict[tuple[str, str], str] = {}
     for entry in spec.get("resources", []):
-        path = _inside(directory, entry, allow_parent=True)
+        path = _load_path(directory, entry, directory_anywhere=True)
         if path.is_dir():
             sub_objects, sub_renames = _render(path)
             objects += sub_objects
@@ -147,16 +147,15 @@ def _render(directory: Path) -> tuple[list[dict], dict]:
     return objects, renames
 
 
-def _inside(directory: Path, relative: str, allow_parent: bool = False) -> Path:
-    """kustomize's load restriction: files must lie inside the kustomization's directory
-    (directories of other kustomizations may be anywhere)."""
+def _load_path(directory: Path, relative: str, directory_anywhere: bool = False) -> Path:
+    """A path a kustomization names, under kustomize's load restriction: a file must lie inside
+    the kustomization's directory; another kustomization (a directory) may be anywhere."""
     path = (directory / relative).resolve()
-    if not allow_parent or path.is_file():
-        if directory.resolve() not in path.parents:
-            raise RenderError(f"{directory}: {relative} is outside the kustomization directory "
-                              "(kustomize refuses to load it; copy the file in)")
     if not path.exists():
         raise RenderError(f"{directory}: {relative} does not exist")
+    if not (directory_anywhere and path.is_dir()) and directory.resolve() not in path.parents:
+        raise RenderError(f"{directory}: {relative} is outside the kustomization directory "
+                          "(kustomize refuses to load it; copy the file in)")
     return path
 
 
@@ -189,7 +188,7 @@ def generate(kind: str, generator: dict, directory: Path) -> dict:
         data[key] = value
     for entry in generator.get("files", []):
         key, _, relative = entry.rpartition("=") if "=" in entry else ("", "", entry)
-        path = _inside(directory, relative)
+        path = _load_path(directory, relative)
         data[key or path.name] = path.read_text()
     obj = {"apiVersion": "v1", "kind": kind, "metadata": {"name": generator["name"]}}
     if kind == "Secret":
@@ -221,7 +220,7 @@ def _load_patches(entry: dict, directory: Path) -> list[dict]:
     if set(entry) - {"path", "patch"} or len(entry) != 1:
         raise RenderError(f"{directory}: patches entries need exactly `path` or `patch` "
                           "(targets and options are not supported by deploy/render.py)")
-    text = _inside(directory, entry["path"]).read_text() if "path" in entry else entry["patch"]
+    text = _load_path(directory, entry["path"]).read_text() if "path" in entry else entry["patch"]
     patches = [doc for doc in yaml.safe_load_all(text) if doc is not None]
     for patch in patches:
         if not isinstance(patch, dict) or "kind" not in patch:
@@ -314,6 +313,7 @@ def split_image(image: str) -> tuple[str, str | None, str | None]:
 
 
 def apply_image(objects: list[dict], image: dict) -> None:
+    """kustomize's `images` transformer: a new name, tag or digest for containers using `name`."""
     if set(image) - {"name", "newName", "newTag", "digest"}:
         raise RenderError(f"images entry {image}: only name, newName, newTag, digest are supported")
     for obj in objects:
@@ -324,10 +324,10 @@ def apply_image(objects: list[dict], image: dict) -> None:
                     continue
                 name = image.get("newName", name)
                 if "digest" in image:
-                    container["image"] = f"{name}@{image['digest']}"
-                else:
-                    tag = str(image.get("newTag", tag)) if image.get("newTag", tag) else None
-                    container["image"] = name + (f":{tag}" if tag else "") + (f"@{digest}" if digest and "newTag" not in image else "")
+                    tag, digest = None, image["digest"]
+                elif "newTag" in image:
+                    tag, digest = str(image["newTag"]), None
+                container["image"] = name + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
 
 
 def rename_references(objects: list[dict], renames: dict[tuple[str, str], str]) -> None:
