@@ -2,7 +2,8 @@
 """Offline checks of deploy/: every overlay renders (deploy/render.py), every rendered object is
 valid against the Kubernetes JSON schemas of every version from 1.31 to the newest that
 kubernetes-validate ships (strict: an unknown field is an error), the objects agree with each
-other and with the run config they carry, and the Dockerfile copies only paths that exist.
+other and with the run config they carry, and the Dockerfile (parsed by BuildKit's parser)
+copies only paths that exist and agrees with the build (torch version, entrypoint, user).
 Run by scripts/validate_deploy.sh; prints one line per check and exits non-zero on any failure.
 
 The cross-object checks catch what schemas cannot:
@@ -33,6 +34,7 @@ import tempfile
 import tomllib
 from pathlib import Path
 
+import dockerfile
 import kubernetes_validate
 import yaml
 
@@ -288,29 +290,45 @@ def check_local_commands(overlay: Path, objects: list[dict], config: dict, check
 
 
 def check_dockerfile(checks: Checks) -> None:
-    dockerfile = REPO / "deploy" / "Dockerfile"
+    """Parsed with BuildKit's own parser (the `dockerfile` package), so a syntax error fails too."""
+    path = REPO / "deploy" / "Dockerfile"
+    try:
+        commands = dockerfile.parse_file(str(path))
+    except dockerfile.GoParseError as err:
+        checks.check(False, "Dockerfile: parses", str(err))
+        return
+    checks.check(True, f"Dockerfile: parses ({len(commands)} instructions)")
     ignore = [line.strip() for line in (REPO / "deploy" / "Dockerfile.dockerignore").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
-    text = dockerfile.read_text().replace("\\\n", " ")
-    for line in text.splitlines():
-        words = line.split()
-        if not words or words[0].upper() not in ("COPY", "ADD"):
+    stages = [c.value[2] for c in commands if c.cmd == "FROM" and len(c.value) == 3 and c.value[1].upper() == "AS"]
+    args = dict(v.split("=", 1) for c in commands if c.cmd == "ARG" for v in c.value if "=" in v)
+    for command in commands:
+        if command.cmd not in ("COPY", "ADD"):
             continue
-        if any(w.startswith("--from") for w in words[1:]):
+        source_stage = next((f.split("=", 1)[1] for f in command.flags if f.startswith("--from=")), None)
+        if source_stage is not None:
+            checks.check(source_stage in stages, f"Dockerfile: {command.original}: stage {source_stage} exists")
             continue
-        sources = [w for w in words[1:-1] if not w.startswith("--")]
-        for source in sources:
-            path = REPO / source
+        for source in command.value[:-1]:
             ignored = source != "." and any(fnmatch.fnmatch(source, p) or source.startswith(p.rstrip("/") + "/")
                                             for p in ignore)
-            checks.check(path.exists() and not ignored,
-                         f"Dockerfile: {words[0]} {source} exists in the build context")
+            checks.check((REPO / source).exists() and not ignored,
+                         f"Dockerfile: {command.cmd} {source} exists in the build context")
     torch = re.search(r"^TORCH_VERSION=(\S+)", (REPO / "scripts" / "setup_venv.sh").read_text(), re.M)
-    arg = re.search(r"^ARG TORCH_VERSION=(\S+)", dockerfile.read_text(), re.M)
-    checks.check(bool(torch and arg) and torch.group(1) == arg.group(1),
+    checks.check(bool(torch) and args.get("TORCH_VERSION") == torch.group(1),
                  "Dockerfile: runtime torch version = scripts/setup_venv.sh's (the libtorch the binary links)")
-    checks.check('ENTRYPOINT ["medtvt"]' in text, 'Dockerfile: ENTRYPOINT ["medtvt"] (deploy/render.py assumes it)')
-    checks.check("--bin medtvt" in text, "Dockerfile: builds the medtvt binary")
+    entrypoint = [c for c in commands if c.cmd == "ENTRYPOINT"]
+    checks.check(bool(entrypoint) and entrypoint[-1].json and list(entrypoint[-1].value) == ["medtvt"],
+                 'Dockerfile: ENTRYPOINT ["medtvt"] (deploy/render.py and the manifests assume it)')
+    users = [c.value[0] for c in commands if c.cmd == "USER"]
+    checks.check(bool(users) and users[-1].split(":")[0] not in ("root", "0"), "Dockerfile: the image runs as a non-root user")
+    runs = " ".join(" ".join(c.value) for c in commands if c.cmd == "RUN")
+    checks.check("cargo build --release --locked --bin medtvt" in runs, "Dockerfile: builds the medtvt binary")
+    checks.check("scripts/setup_venv.sh" in runs, "Dockerfile: the builder links the torch of scripts/setup_venv.sh")
+    library_path = next((c.value[1] for c in commands if c.cmd == "ENV" and c.value[0] == "LD_LIBRARY_PATH"), "")
+    checks.check("${TORCH_LIB}" in library_path.split(":") and "/opt/medtvt/nccl" in library_path.split(":")
+                 and "" not in library_path.split(":"),
+                 "Dockerfile: LD_LIBRARY_PATH has torch/lib and the libnccl.so link, and no empty entry", library_path)
 
 
 def main() -> int:
