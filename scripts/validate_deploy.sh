@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Offline checks of deploy/ (`make validate-deploy`; `make test` runs it after cargo test):
 # - the Slurm script and this one: `bash -n` and shellcheck;
-# - tests/deploy: unit tests of deploy/render.py and a run of the sbatch script against stand-ins
+# - tests/deploy: unit tests of deploy/render.py and deploy/validate.py, and a run of the sbatch
+#   script against stand-ins
 #   for srun/scontrol/medtvt;
 # - deploy/validate.py: every overlay rendered without kustomize (deploy/render.py), validated
 #   against the Kubernetes 1.31+ schemas (strict), cross-checked against its run config, the
