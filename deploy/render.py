@@ -27,8 +27,8 @@ Commands:
                      [--otlp-endpoint URL] [--auth-token TEXT] [--env KEY=VALUE]
 
 `local-commands` prints, as JSON, one entry per process a cluster would run for each medtvt
-container (each Deployment replica, each Indexed Job index), in start order (processes with a
-readiness probe first):
+container (each Deployment replica, or its HPA's minReplicas; each Indexed Job index), in start
+order (processes with a readiness probe first):
     [{"role", "name", "replica", "replicas", "argv", "env", "cwd", "mounts", "ready"}, ...]
 with everything resolved to local test values under --root (a fresh temporary directory when not
 given), which stands in for every pod's filesystem:
@@ -542,7 +542,18 @@ def expand_vars(value: str, env: dict[str, str]) -> str:
                   lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), value)
 
 
-def replicas_of(obj: dict) -> int:
+def autoscaler_of(objects: list[dict], workload: dict) -> dict | None:
+    """The HorizontalPodAutoscaler that scales `workload`, if any."""
+    for hpa in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
+        target = hpa["spec"]["scaleTargetRef"]
+        if (target["kind"], target["name"]) == (workload["kind"], workload["metadata"]["name"]):
+            return hpa
+    return None
+
+
+def replicas_of(objects: list[dict], obj: dict) -> int:
+    """How many pods the cluster runs: an Indexed Job's indices, a Deployment's replicas, or the
+    minimum of the HorizontalPodAutoscaler that owns a Deployment's count."""
     spec = obj["spec"]
     if obj["kind"] == "Job":
         if spec.get("completionMode") != "Indexed":
@@ -550,6 +561,9 @@ def replicas_of(obj: dict) -> int:
         return min(spec.get("parallelism", 1), spec.get("completions", 1))
     if obj["kind"] == "Pod":
         return 1
+    hpa = autoscaler_of(objects, obj)
+    if "replicas" not in spec and hpa is not None:
+        return hpa["spec"].get("minReplicas", 1)
     return spec.get("replicas", 1)
 
 
@@ -585,7 +599,7 @@ def local_process(cluster: LocalCluster, obj: dict, pod: LocalPod, container: di
         "role": args[0] if args else container["name"],
         "name": pod.name,
         "replica": pod.index,
-        "replicas": replicas_of(obj),
+        "replicas": replicas_of(cluster.objects, obj),
         "argv": argv,
         "env": env,
         "cwd": str(cwd),
@@ -621,7 +635,7 @@ def local_commands(objects: list[dict], root: Path, ports: dict[int, int], binar
             for container in pod_spec["containers"]:
                 if not is_medtvt(container):
                     continue
-                for index in range(replicas_of(obj)):
+                for index in range(replicas_of(objects, obj)):
                     pod = LocalPod(cluster, pod_spec, f"{obj['metadata']['name']}-{index}", index,
                                    _template_labels(obj))
                     processes.append(local_process(cluster, obj, pod, container, binary, extra_env or {}))

@@ -9,7 +9,9 @@ Run by scripts/validate_deploy.sh; prints one line per check and exits non-zero 
 The cross-object checks catch what schemas cannot:
 - the learner Job is Indexed with parallelism = completions = MEDTVT_WORLD_SIZE = the config's
   cluster.learners, and its rank comes from the job-completion-index annotation;
-- the rollout-worker Deployment starts with the config's cluster.rollout_workers replicas;
+- the rollout-worker Deployment starts with the config's cluster.rollout_workers replicas, or,
+  when an HPA scales it, has no replica count of its own (an apply would reset the HPA's) and
+  an HPA range that contains cluster.rollout_workers;
 - the coordinator's --config files are keys of the mounted ConfigMap, its probes are gRPC
   probes of medtvt.v1.Coordinator on its port, and it is one replica with Recreate;
 - a cuda config gives learners and workers MEDTVT_DEVICE=cuda and one nvidia.com/gpu each, a cpu
@@ -162,9 +164,17 @@ def check_workloads(objects: list[dict], config: dict, checks: Checks, where: st
     workers = by_kind(objects, "Deployment").get("medtvt-rollout-worker")
     if checks.check(workers is not None, f"{where}: rollout-worker Deployment exists"):
         wanted = cluster.get("rollout_workers", 2)
-        checks.check(workers["spec"].get("replicas") == wanted,
-                     f"{where}: rollout workers start at cluster.rollout_workers = {wanted}",
-                     f"replicas {workers['spec'].get('replicas')}")
+        hpa = render.autoscaler_of(objects, workers)
+        if hpa is None:
+            checks.check(workers["spec"].get("replicas") == wanted,
+                         f"{where}: rollout workers start at cluster.rollout_workers = {wanted}",
+                         f"replicas {workers['spec'].get('replicas')}")
+        else:
+            low, high = hpa["spec"].get("minReplicas", 1), hpa["spec"]["maxReplicas"]
+            checks.check("replicas" not in workers["spec"] and low <= wanted <= high,
+                         f"{where}: the HPA alone sizes the rollout workers, from {low} to {high} "
+                         f"around cluster.rollout_workers = {wanted}",
+                         f"Deployment replicas {workers['spec'].get('replicas')} (leave it out)")
 
     for obj, _, container in medtvt_containers(objects):
         role = role_of(container)
