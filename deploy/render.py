@@ -647,6 +647,14 @@ def local_commands(objects: list[dict], root: Path, ports: dict[int, int], binar
 # Command line
 # ---------------------------------------------------------------------------------------------
 
+class _BlockDumper(yaml.SafeDumper):
+    """Writes multi-line strings (the config files in ConfigMaps) as readable `|` blocks."""
+
+
+_BlockDumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -681,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         objects = render(args.overlay)
         if args.command == "render":
-            yaml.safe_dump_all(objects, sys.stdout, sort_keys=False)
+            yaml.dump_all(objects, sys.stdout, Dumper=_BlockDumper, sort_keys=False)
             return 0
         root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="medtvt-local-"))
         root.mkdir(parents=True, exist_ok=True)
