@@ -56,7 +56,6 @@ import base64
 import copy
 import hashlib
 import json
-import os
 import re
 import sys
 import tempfile

@@ -78,8 +78,8 @@ def schema_errors(obj: dict, versions: list[str]) -> list[str]:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as err:
             errors.append(f"{version}: {err.message} at {'.'.join(str(p) for p in err.path)}")
-        except kubernetes_validate.utils.SchemaNotFoundError as err:
-            errors.append(f"{version}: {err}")
+        except (kubernetes_validate.SchemaNotFoundError, kubernetes_validate.InvalidSchemaError) as err:
+            errors.append(f"{version}: {err.message}")
     return errors
 
 
