@@ -3,6 +3,7 @@
 
 mod demo;
 mod doctor;
+mod plot;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +20,8 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Run the end-to-end demo on the tiny CPU default.
     Demo(demo::DemoArgs),
+    /// Draw PNG charts (reward, loss, KL, per-disease F1) from a run's metrics.jsonl.
+    Plot(plot::PlotArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,5 +29,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Doctor(args) => doctor::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Plot(args) => plot::run(&args),
     }
 }
