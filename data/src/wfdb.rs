@@ -155,7 +155,7 @@ impl WfdbRecord {
         self.signals
             .iter()
             .zip(&self.adc)
-            .filter(|(s, d)| s.checksum.is_some_and(|c| c != checksum(d)))
+            .filter(|(s, d)| s.checksum.is_some_and(|c| (c - checksum(d)).rem_euclid(65536) != 0))
             .map(|(s, _)| s.description.clone())
             .collect()
     }
