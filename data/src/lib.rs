@@ -6,6 +6,7 @@
 //! layout and text formats are described in `docs/data.md`.
 
 pub mod error;
+pub mod labs;
 pub mod sample;
 pub mod wfdb;
 
