@@ -6,9 +6,13 @@
 //! layout and text formats are described in `docs/data.md`.
 
 pub mod error;
+pub mod image;
+pub mod inputs;
 pub mod labs;
 pub mod sample;
 pub mod wfdb;
 
 pub use error::DataError;
 pub use sample::{read_jsonl, write_jsonl, QaKind, QaSample, Split};
+pub use inputs::{load_inputs, ModalityInputs};
+pub use labs::{lab_vector, LabEvent, LabPercentiles};
