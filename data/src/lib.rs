@@ -5,10 +5,12 @@
 //! The model-facing contract is [`inputs::ModalityInputs`] / [`inputs::load_inputs`]; the dataset
 //! layout and text formats are described in `docs/data.md`.
 
+pub mod disease;
 pub mod error;
 pub mod image;
 pub mod inputs;
 pub mod labs;
+pub mod qa_text;
 pub mod sample;
 pub mod wfdb;
 
