@@ -12,6 +12,8 @@ pub mod inputs;
 pub mod labs;
 pub mod qa_text;
 pub mod sample;
+pub mod synth;
+pub mod time;
 pub mod wfdb;
 
 pub use error::DataError;
