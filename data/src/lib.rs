@@ -9,6 +9,7 @@ pub mod disease;
 pub mod error;
 pub mod image;
 pub mod inputs;
+pub mod inspect;
 pub mod labs;
 pub mod qa_text;
 pub mod sample;
