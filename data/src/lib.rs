@@ -12,6 +12,7 @@ pub mod inputs;
 pub mod inspect;
 pub mod labs;
 pub mod qa_text;
+pub mod rhythm;
 pub mod sample;
 pub mod synth;
 pub mod time;
