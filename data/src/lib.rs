@@ -11,6 +11,7 @@ pub mod image;
 pub mod inputs;
 pub mod inspect;
 pub mod labs;
+pub mod mimic;
 pub mod qa_text;
 pub mod rhythm;
 pub mod sample;
