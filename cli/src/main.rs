@@ -1,6 +1,7 @@
 //! `medtvt`: the one binary of MedTVT-R1. Each role (coordinator, rollout worker, learner) and each
 //! tool (data, eval, doctor, ...) is a subcommand, so one container image serves every role.
 
+mod data_cmd;
 mod demo;
 mod doctor;
 
@@ -19,6 +20,8 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Run the end-to-end demo on the tiny CPU default.
     Demo(demo::DemoArgs),
+    /// Data tools: synthetic MedTVT-QA, file inspection, the MIMIC builder.
+    Data(data_cmd::DataArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,5 +29,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Doctor(args) => doctor::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Data(args) => data_cmd::run(&args),
     }
 }
