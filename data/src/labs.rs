@@ -10,7 +10,6 @@
 
 use crate::error::DataError;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 
@@ -447,11 +446,6 @@ pub fn lab_vector(events: &[LabEvent], percentiles: &LabPercentiles) -> [f32; LA
         }
     }
     out
-}
-
-/// Index of items by itemid for quick look-up by callers that hold many.
-pub fn items_by_id() -> HashMap<u32, &'static LabItem> {
-    LAB_ITEMS.iter().map(|i| (i.itemid, i)).collect()
 }
 
 #[cfg(test)]
