@@ -1,6 +1,7 @@
 //! `medtvt`: the one binary of MedTVT-R1. Each role (coordinator, rollout worker, learner) and each
 //! tool (data, eval, doctor, ...) is a subcommand, so one container image serves every role.
 
+mod data_cmd;
 mod demo;
 mod doctor;
 mod plot;
@@ -22,6 +23,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Draw PNG charts (reward, loss, KL, per-disease F1) from a run's metrics.jsonl.
     Plot(plot::PlotArgs),
+    /// Data tools: synthetic MedTVT-QA, file inspection, the MIMIC builder.
+    Data(data_cmd::DataArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,5 +33,6 @@ fn main() -> anyhow::Result<()> {
         Command::Doctor(args) => doctor::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Plot(args) => plot::run(&args),
+        Command::Data(args) => data_cmd::run(&args),
     }
 }
