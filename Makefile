@@ -1,6 +1,6 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv/ (torch 2.11.0,
 # whose libtorch the Rust crates link) on first use.
-.PHONY: setup build demo test fixtures bench clean-venv
+.PHONY: setup build demo test validate-deploy fixtures bench clean-venv
 
 CARGO ?= cargo
 VENV := .venv
@@ -17,6 +17,11 @@ demo: build
 
 test: setup
 	$(CARGO) test --workspace --no-fail-fast
+	scripts/validate_deploy.sh
+
+# Offline checks of deploy/ (Kubernetes manifests, Slurm script, Dockerfile); see the script.
+validate-deploy: setup
+	scripts/validate_deploy.sh
 
 # Regenerates the committed test fixtures (needs transformers, wfdb, scikit-learn in .venv).
 fixtures:

@@ -1,8 +1,10 @@
 //! `medtvt`: the one binary of MedTVT-R1. Each role (coordinator, rollout worker, learner) and each
 //! tool (data, eval, doctor, ...) is a subcommand, so one container image serves every role.
 
+mod data_cmd;
 mod demo;
 mod doctor;
+mod plot;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +21,10 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Run the end-to-end demo on the tiny CPU default.
     Demo(demo::DemoArgs),
+    /// Draw PNG charts (reward, loss, KL, per-disease F1) from a run's metrics.jsonl.
+    Plot(plot::PlotArgs),
+    /// Data tools: synthetic MedTVT-QA, file inspection, the MIMIC builder.
+    Data(data_cmd::DataArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,5 +32,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Doctor(args) => doctor::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Plot(args) => plot::run(&args),
+        Command::Data(args) => data_cmd::run(&args),
     }
 }

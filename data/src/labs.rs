@@ -10,7 +10,6 @@
 
 use crate::error::DataError;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 
@@ -169,9 +168,13 @@ pub fn check_timestamp(t: &str) -> bool {
         && b[16] == b':'
 }
 
-/// Streams the rows of a labevents CSV (plain, or gzip when the name ends in `.gz`) to `f`;
-/// a bad row is an error naming file, line and column.
-pub fn for_each_lab_event(path: &Path, mut f: impl FnMut(LabEvent) -> Result<(), DataError>) -> Result<(), DataError> {
+/// Streams the rows of a labevents CSV (plain, or gzip when the name ends in `.gz`) to `f`; a bad
+/// row is passed on as an error naming file, line and column (the caller decides whether to stop).
+/// A missing required column or an unreadable file is an error of the whole call.
+pub fn for_each_lab_row(
+    path: &Path,
+    mut f: impl FnMut(Result<LabEvent, DataError>) -> Result<(), DataError>,
+) -> Result<(), DataError> {
     let reader = open_maybe_gz(path)?;
     let mut rdr = csv::ReaderBuilder::new().flexible(false).from_reader(reader);
     let headers = rdr
@@ -192,25 +195,29 @@ pub fn for_each_lab_event(path: &Path, mut f: impl FnMut(LabEvent) -> Result<(),
     let idx: Vec<Option<usize>> = LABEVENTS_COLUMNS.iter().map(|c| col(c)).collect();
     let mut record = csv::StringRecord::new();
     loop {
-        let more = rdr.read_record(&mut record).map_err(|e| DataError::Csv {
-            path: path.to_path_buf(),
-            line: e.position().map_or(0, |p| p.line()),
-            column: "-".into(),
-            problem: e.to_string(),
-        })?;
-        if !more {
-            return Ok(());
+        match rdr.read_record(&mut record) {
+            Ok(false) => return Ok(()),
+            Ok(true) => {
+                let line = record.position().map_or(0, |p| p.line());
+                f(parse_row(path, line, &record, &idx))?;
+            }
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                let bad = DataError::Csv { path: path.to_path_buf(), line, column: "-".into(), problem: e.to_string() };
+                if matches!(e.kind(), csv::ErrorKind::Io(_)) {
+                    return Err(bad);
+                }
+                f(Err(bad))?;
+            }
         }
-        let line = record.position().map_or(0, |p| p.line());
-        f(parse_row(path, line, &record, &idx)?)?;
     }
 }
 
 /// Reads every row of a labevents CSV.
 pub fn read_lab_csv(path: &Path) -> Result<Vec<LabEvent>, DataError> {
     let mut out = Vec::new();
-    for_each_lab_event(path, |e| {
-        out.push(e);
+    for_each_lab_row(path, |e| {
+        out.push(e?);
         Ok(())
     })?;
     Ok(out)
@@ -439,11 +446,6 @@ pub fn lab_vector(events: &[LabEvent], percentiles: &LabPercentiles) -> [f32; LA
         }
     }
     out
-}
-
-/// Index of items by itemid for quick look-up by callers that hold many.
-pub fn items_by_id() -> HashMap<u32, &'static LabItem> {
-    LAB_ITEMS.iter().map(|i| (i.itemid, i)).collect()
 }
 
 #[cfg(test)]

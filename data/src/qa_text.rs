@@ -313,7 +313,7 @@ pub fn disease_answer(f: &Findings, labels: &[Disease]) -> String {
         think.push(if ev.is_empty() {
             format!("No clear sign of {d} here, but it is recorded.")
         } else {
-            format!("{} suggest {d}.", capitalise(&join_and(&ev)))
+            format!("{} {} {d}.", capitalise(&join_and(&ev)), if ev.len() == 1 { "suggests" } else { "suggest" })
         });
     }
     if labels.is_empty() {

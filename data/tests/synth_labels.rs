@@ -7,6 +7,7 @@ use medtvt_data::disease::Disease;
 use medtvt_data::labs::{latest_values, read_lab_csv, item_index, LabPercentiles};
 use medtvt_data::synth::cxr::{LEFT_LUNG_MID, RIGHT_LUNG_MID};
 use medtvt_data::synth::{synthesize, SynthConfig};
+use medtvt_data::rhythm::{measure_rhythm, r_peaks};
 use medtvt_data::wfdb::{read_record, ECG_LEADS};
 use medtvt_data::{load_inputs, read_jsonl, QaKind, QaSample};
 use std::collections::BTreeMap;
@@ -35,30 +36,10 @@ fn read_ecg(stem: &Path, seen: &mut Seen) {
     let fs = rec.fs;
     let leads: Vec<Vec<f64>> = ECG_LEADS.iter().map(|l| lead(&rec, l)).collect();
     let n = rec.n_samples;
-    // QRS energy: squared slope summed over the leads (Pan-Tompkins style).
-    let energy: Vec<f64> = (0..n)
-        .map(|k| if k == 0 || k + 1 == n { 0.0 } else { leads.iter().map(|x| (x[k + 1] - x[k - 1]).powi(2)).sum() })
-        .collect();
-    let max = energy.iter().cloned().fold(0.0, f64::max);
-    let mut peaks: Vec<usize> = Vec::new();
-    let refractory = (0.25 * fs) as usize;
-    let mut k = 0;
-    while k < n {
-        if energy[k] > 0.3 * max {
-            let end = (k + (0.05 * fs) as usize).min(n);
-            // The R peak: the largest |lead II| near the energy burst.
-            let r = (k..end).max_by(|&a, &b| energy[a].total_cmp(&energy[b])).unwrap_or(k);
-            peaks.push(r);
-            k = r + refractory;
-        } else {
-            k += 1;
-        }
-    }
-    let rr: Vec<f64> = peaks.windows(2).map(|w| (w[1] - w[0]) as f64 / fs).collect();
-    let mean = rr.iter().sum::<f64>() / rr.len().max(1) as f64;
-    let sd = (rr.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / rr.len().max(1) as f64).sqrt();
-    seen.irregular = sd / mean > 0.08;
-    seen.heart_rate = 60.0 / mean;
+    let rhythm = measure_rhythm(&rec).unwrap();
+    seen.irregular = rhythm.irregular();
+    seen.heart_rate = rhythm.heart_rate;
+    let peaks = r_peaks(&rec);
     let at = |x: &[f64], r: usize, dt: f64| -> f64 {
         let k = (r as f64 + dt * fs).round() as isize;
         x[k.clamp(0, n as isize - 1) as usize]

@@ -1,9 +1,18 @@
 //! MedTVT-R1's networks on tch (libtorch).
 //!
 //! This crate owns every tensor computation of the system and nothing else: it has no notion of
-//! processes, RPCs or runs. `runtime` reports what the linked libtorch can do.
+//! processes, RPCs or runs. `runtime` reports what the linked libtorch can do; `llama` is the
+//! language model (HF-exact Llama decoder, generation, scoring); `tokenizer` turns text into its ids.
 
 pub mod adapter;
 pub mod encoders;
+pub mod llama;
 pub mod perception;
 pub mod runtime;
+pub mod tokenizer;
+
+pub use llama::{
+    generate, generate_from_embeds, load_llama, save_hf, score_completions, score_ids, Generation, KvCache, Llama,
+    LlamaConfig, SamplingParams,
+};
+pub use tokenizer::MedTokenizer;

@@ -44,25 +44,28 @@ pub fn synthesize_cxr(rng: &mut impl Rng, size: u32, findings: &CxrFindings) -> 
     GrayImage::from_fn(size, size, |x, y| {
         let u = (x as f64 + 0.5) / size as f64 - shift_u;
         let v = (y as f64 + 0.5) / size as f64 - shift_v;
-        let mut g = 0.05;
-        g += 0.30 * ellipse(u, v, 0.5, 0.58, 0.47, 0.52);
-        let lungs = ellipse(u, v, 0.29, 0.44, 0.15, 0.30).max(ellipse(u, v, 0.71, 0.44, 0.15, 0.30));
+        let body = ellipse(u, v, 0.5, 0.56, 0.45, 0.54);
+        // Diaphragm: two domes; below them the abdomen, brighter than the lungs.
+        let dome = (0.70 + 0.10 * ((u - 0.29) / 0.2).powi(2)).min(0.72 + 0.10 * ((u - 0.71) / 0.2).powi(2));
+        let above = smooth_inside(((v - dome + 0.1) / 0.1).max(0.0).powi(2));
+        let mut g = 0.05 + 0.30 * body;
+        let lungs = ellipse(u, v, 0.29, 0.44, 0.15, 0.31).max(ellipse(u, v, 0.71, 0.44, 0.15, 0.31)) * above;
         g -= 0.20 * lungs;
-        // Ribs: bright arcs across the lung fields.
+        // Ribs: faint arcs across the lung fields.
         for k in 0..9 {
             let arc = 0.17 + rib_phase + k as f64 * 0.062 + 0.10 * ((u - 0.5) / 0.4).powi(2);
-            if (v - arc).abs() < 0.011 {
-                g += 0.10 * lungs;
+            if (v - arc).abs() < 0.010 {
+                g += 0.06 * lungs;
             }
         }
-        g += 0.28 * smooth_inside(((u - 0.5) / 0.06).powi(2).max(((v - 0.35) / 0.3).powi(2)));
-        g += 0.12 * smooth_inside(((u - 0.5) / 0.025).powi(2));
-        g += 0.32 * ellipse(u, v, 0.55, 0.64, heart_ru, 0.12);
-        // Diaphragm domes and the abdomen below them.
-        let dome = 0.74 - 0.05 * (1.0 - ((u - 0.3).abs().min((u - 0.7).abs()) / 0.2).powi(2)).max(0.0);
-        if v > dome {
-            g += 0.25;
+        // Mediastinum widening downwards, the spine within it, the heart shadow at its foot.
+        let half_width = 0.045 + 0.03 * ((v - 0.08) / 0.5).clamp(0.0, 1.0);
+        if v > 0.06 && v < 0.66 {
+            g += 0.22 * smooth_inside(((u - 0.5) / half_width).powi(2));
         }
+        g += 0.10 * smooth_inside(((u - 0.5) / 0.022).powi(2)) * body;
+        g += 0.24 * ellipse(u, v, 0.54, 0.63, heart_ru, 0.12);
+        g += 0.20 * (1.0 - above) * body;
         if let Some((cu, cv, sd, amp)) = opacity {
             let r2 = ((u - cu).powi(2) + (v - cv).powi(2)) / (sd * sd);
             g += amp * (-0.5 * r2).exp() * (0.8 + 0.2 * (37.0 * u).sin() * (41.0 * v).cos());

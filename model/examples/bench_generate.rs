@@ -1,0 +1,232 @@
+//! Prefill and generation throughput of our decoder, side by side with HF transformers
+//! `generate` on the same weights, shapes and device in the same run (`make bench`).
+//!
+//! ```sh
+//! cargo run --release -p medtvt-model --example bench_generate -- \
+//!     --config small --batch 8 --prompt 64 --new 64 --dtype f32 --device cpu
+//! ```
+//!
+//! `--config` is `tiny`, `small`, `llama-1b` (Llama-3.2-1B shape) or a checkpoint directory.
+//! Random-weight configs are saved to a temporary directory first so transformers loads exactly
+//! our weights. Every row generates exactly `--new` tokens (EOS disabled on both sides).
+//! `--no-hf` skips the transformers run; `--greedy` uses argmax instead of sampling at T = 1.
+
+use medtvt_model::llama::{
+    check_device_kind, generate, kind_from_name, load_llama, save_hf, Llama, Llama3RopeScaling, LlamaConfig,
+    SamplingParams,
+};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+use tch::{nn, Device, Tensor};
+
+const HF_BENCH: &str = r#"
+import json, sys, time, torch
+from transformers import LlamaForCausalLM
+args = json.loads(sys.argv[1])
+device = torch.device(args["device"])
+dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args["dtype"]]
+model = LlamaForCausalLM.from_pretrained(args["dir"], dtype=dtype).to(device).eval()
+ids = torch.tensor(args["ids"], device=device)
+mask = torch.ones_like(ids)
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+def run_generate(n):
+    return model.generate(ids, attention_mask=mask, do_sample=not args["greedy"], temperature=1.0, top_k=0,
+                          top_p=1.0, max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+best_prefill, best_generate = float("inf"), float("inf")
+with torch.no_grad():
+    run_generate(2)
+    for _ in range(args["repeat"]):
+        sync(); t = time.perf_counter(); model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1); sync()
+        best_prefill = min(best_prefill, time.perf_counter() - t)
+        sync(); t = time.perf_counter(); out = run_generate(args["new"]); sync()
+        best_generate = min(best_generate, time.perf_counter() - t)
+        assert out.shape[1] == ids.shape[1] + args["new"], out.shape
+print(json.dumps({"prefill_s": best_prefill, "generate_s": best_generate, "threads": torch.get_num_threads()}))
+"#;
+
+struct Args {
+    config: String,
+    batch: i64,
+    prompt: i64,
+    new: usize,
+    dtype: String,
+    device: String,
+    repeat: usize,
+    hf: bool,
+    greedy: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        config: "small".into(),
+        batch: 8,
+        prompt: 64,
+        new: 64,
+        dtype: "f32".into(),
+        device: "cpu".into(),
+        repeat: 2,
+        hf: true,
+        greedy: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        let number = |v: String| v.parse::<i64>().map_err(|e| format!("{flag} {v}: {e}"));
+        match flag.as_str() {
+            "--config" => args.config = value()?,
+            "--batch" => args.batch = number(value()?)?,
+            "--prompt" => args.prompt = number(value()?)?,
+            "--new" => args.new = number(value()?)? as usize,
+            "--dtype" => args.dtype = value()?,
+            "--device" => args.device = value()?,
+            "--repeat" => args.repeat = number(value()?)?.max(1) as usize,
+            "--no-hf" => args.hf = false,
+            "--greedy" => args.greedy = true,
+            "--help" | "-h" => return Err(include_str!("bench_generate.rs").lines().take(14).collect::<Vec<_>>().join("\n")),
+            other => return Err(format!("unknown flag {other} (see --help)")),
+        }
+    }
+    Ok(args)
+}
+
+fn named_config(name: &str) -> Option<LlamaConfig> {
+    match name {
+        "tiny" => Some(LlamaConfig::tiny(2048, 256, 688, 4, 8, 4)),
+        "small" => Some(LlamaConfig::tiny(32000, 512, 1376, 8, 8, 4)),
+        "llama-1b" => {
+            let mut c = LlamaConfig::tiny(128256, 2048, 8192, 16, 32, 8);
+            c.rope_theta = 500000.0;
+            c.rope_scaling = Some(Llama3RopeScaling {
+                factor: 32.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            });
+            Some(c)
+        }
+        _ => None,
+    }
+}
+
+fn device_of(name: &str) -> Result<Device, String> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|i| i.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("unknown device {other}: use cpu, cuda or cuda:N")),
+    }
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
+    }
+}
+
+/// Best-of-`repeat` seconds for a prefill pass (last-position logits) and a full generation.
+fn bench_ours(model: &Llama, prompts: &[Vec<i64>], args: &Args, device: Device) -> Result<(f64, f64), String> {
+    let params = SamplingParams { max_new_tokens: args.new, greedy: args.greedy, seed: 1, ..Default::default() };
+    let warm = SamplingParams { max_new_tokens: 2, ..params.clone() };
+    generate(model, prompts, 0, &warm).map_err(|e| e.to_string())?;
+    let ids = Tensor::from_slice2(prompts).to_device(device);
+    let mask = ids.ones_like();
+    let (mut prefill, mut total) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..args.repeat {
+        let start = Instant::now();
+        tch::no_grad(|| {
+            let mut cache = model.new_cache(args.batch, args.prompt);
+            let hidden = model.forward_hidden(&model.embed_tokens(&ids), &mask, Some(&mut cache));
+            let _ = model.logits(&hidden.narrow(1, args.prompt - 1, 1));
+        });
+        sync(device);
+        prefill = prefill.min(start.elapsed().as_secs_f64());
+        let start = Instant::now();
+        let generation = generate(model, prompts, 0, &params).map_err(|e| e.to_string())?;
+        sync(device);
+        total = total.min(start.elapsed().as_secs_f64());
+        if generation.tokens.iter().any(|row| row.len() != args.new) {
+            return Err("a row stopped early".into());
+        }
+    }
+    Ok((prefill, total))
+}
+
+fn bench_hf(dir: &Path, prompts: &[Vec<i64>], args: &Args) -> Result<(f64, f64, i64), String> {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    let request = serde_json::json!({
+        "dir": dir, "ids": prompts, "new": args.new, "dtype": args.dtype, "device": args.device,
+        "repeat": args.repeat, "greedy": args.greedy,
+    });
+    let out = Command::new(&python)
+        .args(["-c", HF_BENCH, &request.to_string()])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+    if !out.status.success() {
+        return Err(format!("transformers run failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("bad reply from python: {e}"))?;
+    let get = |k: &str| reply[k].as_f64().ok_or_else(|| format!("python reply lacks {k}"));
+    Ok((get("prefill_s")?, get("generate_s")?, get("threads")? as i64))
+}
+
+fn run() -> Result<(), String> {
+    let args = parse_args()?;
+    let device = device_of(&args.device)?;
+    let kind = kind_from_name(&args.dtype).map_err(|e| e.to_string())?;
+    check_device_kind(device, kind).map_err(|e| e.to_string())?;
+    let scratch_dir = tempfile::tempdir().map_err(|e| format!("cannot create a scratch directory: {e}"))?;
+    let scratch = scratch_dir.path().to_path_buf();
+    let (vs, model, dir): (nn::VarStore, Llama, PathBuf) = match named_config(&args.config) {
+        Some(config) => {
+            tch::manual_seed(0);
+            let mut vs = nn::VarStore::new(device);
+            vs.set_kind(kind);
+            let model = Llama::new(&vs.root(), &config);
+            if args.hf {
+                save_hf(&vs, &config, &scratch).map_err(|e| e.to_string())?;
+            }
+            (vs, model, scratch.clone())
+        }
+        None => {
+            let dir = PathBuf::from(&args.config);
+            let (vs, model) = load_llama(&dir, device, kind).map_err(|e| e.to_string())?;
+            (vs, model, dir)
+        }
+    };
+    let c = model.config();
+    let params: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+    println!(
+        "config {} ({:.1} M params: vocab {}, hidden {}, layers {}, heads {}/{} kv), batch {}, prompt {}, new {}, {} on {:?}, {}, torch threads {}",
+        args.config, params as f64 / 1e6, c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
+        c.num_key_value_heads, args.batch, args.prompt, args.new, args.dtype, device,
+        if args.greedy { "greedy" } else { "sampling T=1" }, tch::get_num_threads(),
+    );
+    let prompts: Vec<Vec<i64>> = (0..args.batch)
+        .map(|r| (0..args.prompt).map(|i| (r * 7919 + i * 104729 + 3) % c.vocab_size).collect())
+        .collect();
+    let (prefill, total) = bench_ours(&model, &prompts, &args, device)?;
+    let rate = |tokens: i64, s: f64| tokens as f64 / s;
+    let (prompt_tokens, new_tokens) = (args.batch * args.prompt, args.batch * args.new as i64);
+    println!("\n| implementation | prefill tok/s | generation tok/s (end to end) | generate wall s |");
+    println!("|---|---:|---:|---:|");
+    println!("| medtvt (tch) | {:.0} | {:.0} | {:.3} |", rate(prompt_tokens, prefill), rate(new_tokens, total), total);
+    if args.hf {
+        let (hf_prefill, hf_total, threads) = bench_hf(&dir, &prompts, &args)?;
+        println!("| HF transformers generate ({threads} threads) | {:.0} | {:.0} | {:.3} |", rate(prompt_tokens, hf_prefill), rate(new_tokens, hf_total), hf_total);
+        println!("| ratio medtvt / HF | {:.2}x | {:.2}x | |", hf_prefill / prefill, hf_total / total);
+    }
+    Ok(())
+}
+
+fn main() {
+    if let Err(message) = run() {
+        eprintln!("bench_generate: {message}");
+        std::process::exit(2);
+    }
+}

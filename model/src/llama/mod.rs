@@ -1,0 +1,21 @@
+//! A Llama-family decoder (Llama 2/3, Qwen2) in tch that reproduces HF transformers' logits,
+//! with HF-named weights, a preallocated KV cache, batched seeded sampling and the teacher-forced
+//! scoring the GRPO learner needs.
+//!
+//! - `config`: `LlamaConfig` from/to HF config.json
+//! - `weights`: safetensors load/save, dtype/device policy
+//! - `model`: the network and `KvCache`
+//! - `generate`: batched generation over ragged prompts
+//! - `score`: log-probs of given completions
+
+pub mod config;
+pub mod generate;
+pub mod model;
+pub mod score;
+pub mod weights;
+
+pub use config::{ConfigError, Llama3RopeScaling, LlamaConfig};
+pub use generate::{generate, generate_from_embeds, left_pad, GenerateError, Generation, SamplingParams};
+pub use model::{KvCache, Llama};
+pub use score::{score_completions, score_ids};
+pub use weights::{check_device_kind, kind_from_name, load_llama, load_weights, save_hf, save_hf_with_prefix, WeightsError};
