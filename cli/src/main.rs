@@ -4,7 +4,10 @@
 mod data_cmd;
 mod demo;
 mod doctor;
+mod learner_cmd;
+mod logging;
 mod plot;
+mod worker_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +28,10 @@ enum Command {
     Plot(plot::PlotArgs),
     /// Data tools: synthetic MedTVT-QA, file inspection, the MIMIC builder.
     Data(data_cmd::DataArgs),
+    /// One learner rank: trains the jobs the coordinator runs (PT/SFT/GRPO), all-reducing with its peers.
+    Learner(medtvt_learner::process::LearnerArgs),
+    /// One rollout worker: samples and rewards groups of completions for GRPO jobs.
+    RolloutWorker(medtvt_rollout_worker::RolloutWorkerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,5 +41,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(&args),
         Command::Plot(args) => plot::run(&args),
         Command::Data(args) => data_cmd::run(&args),
+        Command::Learner(args) => learner_cmd::run(args),
+        Command::RolloutWorker(args) => worker_cmd::run(args),
     }
 }

@@ -17,10 +17,11 @@ pub struct InputLoader {
 }
 
 impl InputLoader {
-    pub fn from_config(cfg: &RunConfig) -> Result<Self, DataError> {
+    /// The loader of `data.dir`, resizing X-rays to the model's `image_size`.
+    pub fn from_config(cfg: &RunConfig, image_size: usize) -> Result<Self, DataError> {
         let dir = cfg.data.dir.clone();
         let percentiles = LabPercentiles::load(&dir.join(LAB_PERCENTILES_FILE))?;
-        let image_size = u32::try_from(cfg.model.tiny.image_size).unwrap_or(u32::MAX);
+        let image_size = u32::try_from(image_size).unwrap_or(u32::MAX);
         Ok(InputLoader { dir, percentiles, image_size })
     }
 

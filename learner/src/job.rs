@@ -115,7 +115,12 @@ fn run_job_inner<P: Policy>(link: &CoordinatorLink, me: &LearnerIdentity, job: &
     let trainable = policy.set_trainable(cfg.run.stage, from_scratch);
     tracing::info!(job = job.job_id, rank = me.rank, trainable = trainable.trainable, frozen = trainable.frozen, groups = ?trainable.groups, "policy built");
     let reference = match &cfg.grpo {
-        Some(g) if g.beta > 0.0 => Some(P::load(&cfg, me.device, tokenizer.as_deref())?),
+        Some(g) if g.beta > 0.0 => {
+            let mut reference = P::load(&cfg, me.device, tokenizer.as_deref())?;
+            // Same stage wiring as the policy; its gradients are never taken (scored under no_grad).
+            reference.set_trainable(cfg.run.stage, from_scratch);
+            Some(reference)
+        }
         _ => None,
     };
     let collective = connect_collective(me, &rendezvous, attempt)?;
@@ -127,7 +132,7 @@ fn run_job_inner<P: Policy>(link: &CoordinatorLink, me: &LearnerIdentity, job: &
         trainer.restore(ckpt)?;
         tracing::info!(path = %ckpt.path.display(), step = ckpt.state.step, "resumed from checkpoint");
     }
-    let loader = InputLoader::from_config(&cfg)?;
+    let loader = InputLoader::from_config(&cfg, trainer.policy().image_size())?;
     let stage_name = stage_name(cfg.run.stage);
     while trainer.step_index() < cfg.train.steps {
         let step = trainer.step_index();

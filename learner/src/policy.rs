@@ -67,6 +67,9 @@ pub trait Policy: Sized {
 
     fn device(&self) -> Device;
 
+    /// Side of the square X-ray input the model takes, in pixels.
+    fn image_size(&self) -> usize;
+
     /// `(question, inputs)` pairs -> a left-padded prompt batch of at most `max_prompt_tokens`.
     fn encode_prompts(&self, prompts: &[(String, ModalityInputs)], max_prompt_tokens: usize) -> Result<Self::Prompts, PolicyError>;
 
@@ -74,7 +77,7 @@ pub trait Policy: Sized {
     fn repeat_prompts(&self, prompts: &Self::Prompts, times: i64) -> Self::Prompts;
 
     /// Reference answers -> right-padded ids `[b, tc]` with the end token appended, and the mask.
-    fn encode_answers(&self, texts: &[String], max_tokens: usize) -> (Tensor, Tensor);
+    fn encode_answers(&self, texts: &[String], max_tokens: usize) -> Result<(Tensor, Tensor), PolicyError>;
 
     /// `[b, tc]` log-probabilities of `completion_ids` after each prompt at `temperature`;
     /// differentiable (train mode when `train`).

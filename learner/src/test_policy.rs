@@ -98,6 +98,10 @@ impl Policy for BytePolicy {
         Device::Cpu
     }
 
+    fn image_size(&self) -> usize {
+        32
+    }
+
     fn encode_prompts(&self, prompts: &[(String, ModalityInputs)], max_prompt_tokens: usize) -> Result<BytePrompts, PolicyError> {
         let questions: Vec<String> = prompts.iter().map(|(q, _)| q.clone()).collect();
         let (ids, mask) = bytes_to_ids(&questions, max_prompt_tokens, false);
@@ -113,8 +117,8 @@ impl Policy for BytePolicy {
         BytePrompts { ids: rep(&p.ids), mask: rep(&p.mask), lab: rep(&p.lab) }
     }
 
-    fn encode_answers(&self, texts: &[String], max_tokens: usize) -> (Tensor, Tensor) {
-        bytes_to_ids(texts, max_tokens, true)
+    fn encode_answers(&self, texts: &[String], max_tokens: usize) -> Result<(Tensor, Tensor), PolicyError> {
+        Ok(bytes_to_ids(texts, max_tokens, true))
     }
 
     fn score(&self, prompts: &BytePrompts, completion_ids: &Tensor, _mask: &Tensor, temperature: f64, _train: bool) -> Tensor {

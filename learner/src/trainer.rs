@@ -231,7 +231,7 @@ impl<P: Policy> Trainer<P> {
         let n_parts = parts.len() as f64;
         for range in parts {
             let encoded = self.policy.encode_prompts(&prompts[range.clone()], self.options.max_prompt_tokens)?;
-            let (ids, mask) = self.policy.encode_answers(&answers[range.clone()], self.options.max_answer_tokens);
+            let (ids, mask) = self.policy.encode_answers(&answers[range.clone()], self.options.max_answer_tokens)?;
             let logp = self.policy.score(&encoded, &ids, &mask, 1.0, true); // [b, tc]
             let loss = batch::answer_nll(&logp, &mask);
             let tokens = f64::try_from(mask.to_kind(Kind::Double).sum(Kind::Double))?;
@@ -495,7 +495,7 @@ mod tests {
     }
 
     fn completion(text: &str, reward: f32, policy: &BytePolicy, prompt: &str) -> Completion {
-        let (ids, mask) = policy.encode_answers(&[text.to_string()], 64);
+        let (ids, mask) = policy.encode_answers(&[text.to_string()], 64).unwrap();
         let prompts = policy.encode_prompts(&[(prompt.to_string(), ModalityInputs::default())], 64).unwrap();
         let logp = tch::no_grad(|| policy.score(&prompts, &ids, &mask, 1.0, false));
         Completion {

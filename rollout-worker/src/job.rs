@@ -55,8 +55,10 @@ pub fn run_rollout_job<P: Policy>(link: &CoordinatorLink, job: &JobAssignment, d
         return Err(WorkerJobError::NoCheckpoint { job_id: job.job_id });
     }
     let mut policy = P::load(&cfg, device, None)?;
+    // The stage decides the model's wiring (e.g. the Modality Perception Layer is on after PT).
+    policy.set_trainable(cfg.run.stage, false);
     let reward = diagnosis_reward(&cfg).map_err(|source| WorkerJobError::Vocabulary { job_id: job.job_id, source })?;
-    let loader = InputLoader::from_config(&cfg)?;
+    let loader = InputLoader::from_config(&cfg, policy.image_size())?;
     let settings = RolloutSettings {
         group_size: grpo.group_size as usize,
         max_prompt_tokens: cfg.data.max_prompt_tokens,
