@@ -4,6 +4,7 @@
 
 use crate::server::{Coordinator, ServerOptions};
 use anyhow::Context;
+use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,7 +32,8 @@ pub struct CoordinatorArgs {
     pub otlp_endpoint: Option<String>,
 }
 
-/// Runs the coordinator until SIGTERM/ctrl-c or a drained Shutdown request.
+/// Runs the coordinator until SIGTERM/ctrl-c or a drained Shutdown request, announcing the
+/// bound address on stdout.
 pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -39,6 +41,20 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .try_init();
+    run_until(args, termination(), |addr| {
+        let mut stdout = std::io::stdout();
+        writeln!(stdout, "coordinator listening on {addr}")?;
+        stdout.flush()
+    })
+    .await
+}
+
+/// [`run`] with the stop signal and the announcement supplied by the caller (tests).
+pub async fn run_until(
+    args: CoordinatorArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    announce: impl FnOnce(SocketAddr) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
     let auth_token = match &args.auth_token_file {
         Some(path) => Some(medtvt_proto::client::read_token_file(path)?),
         None => None,
@@ -55,10 +71,8 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
             .with_context(|| format!("config {} is not a valid job", path.display()))?;
         tracing::info!(job_id = job.0, config = %path.display(), "job submitted");
     }
-    let mut stdout = std::io::stdout();
-    writeln!(stdout, "coordinator listening on {}", coordinator.local_addr())?;
-    stdout.flush()?;
-    coordinator.serve(termination()).await?;
+    announce(coordinator.local_addr()).context("cannot announce the listening address")?;
+    coordinator.serve(shutdown).await?;
     Ok(())
 }
 
@@ -84,4 +98,25 @@ async fn termination() {
         let _ = tokio::signal::ctrl_c().await;
     }
     tracing::info!("termination signal: shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: CoordinatorArgs,
+    }
+
+    #[test]
+    fn flags_parse_with_defaults() {
+        let cli = Cli::try_parse_from(["medtvt", "--config", "a.toml", "--config", "b.toml", "--set", "train.steps=2"]).unwrap();
+        assert_eq!(cli.args.configs, vec![PathBuf::from("a.toml"), PathBuf::from("b.toml")]);
+        assert_eq!(cli.args.overrides, vec!["train.steps=2".to_string()]);
+        assert_eq!(cli.args.listen, "0.0.0.0:50051".parse::<SocketAddr>().unwrap());
+        assert!(Cli::try_parse_from(["medtvt", "--listen", "not-an-address"]).is_err());
+    }
 }

@@ -18,7 +18,7 @@ pub mod service;
 pub mod state;
 pub mod weights;
 
-pub use args::{run, CoordinatorArgs};
+pub use args::{run, run_until, CoordinatorArgs};
 pub use error::CoordinatorError;
 pub use ids::{JobId, JobState, LeaseId, PromptKey, Role, WorkerId};
 pub use server::{serve, Coordinator, ServerOptions};
