@@ -16,6 +16,7 @@ mod interceptor;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod status_table;
 pub mod weights;
 
 pub use args::{run, run_until, CoordinatorArgs};
