@@ -1,6 +1,7 @@
 //! `medtvt`: the one binary of MedTVT-R1. Each role (coordinator, rollout worker, learner) and each
 //! tool (data, eval, doctor, ...) is a subcommand, so one container image serves every role.
 
+mod coordinator_cmd;
 mod data_cmd;
 mod demo;
 mod doctor;
@@ -8,6 +9,7 @@ mod learner_cmd;
 mod logging;
 mod plot;
 mod worker_cmd;
+mod status_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +34,11 @@ enum Command {
     Learner(medtvt_learner::process::LearnerArgs),
     /// One rollout worker: samples and rewards groups of completions for GRPO jobs.
     RolloutWorker(medtvt_rollout_worker::RolloutWorkerArgs),
+    /// Run the coordinator: the gRPC control plane that schedules jobs, leases prompts,
+    /// assembles training batches and relays weights.
+    Coordinator(medtvt_coordinator::CoordinatorArgs),
+    /// Show the jobs and processes of a running coordinator.
+    Status(status_cmd::StatusArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,5 +50,7 @@ fn main() -> anyhow::Result<()> {
         Command::Data(args) => data_cmd::run(&args),
         Command::Learner(args) => learner_cmd::run(args),
         Command::RolloutWorker(args) => worker_cmd::run(args),
+        Command::Coordinator(args) => coordinator_cmd::run(args),
+        Command::Status(args) => status_cmd::run(&args),
     }
 }
