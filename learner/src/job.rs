@@ -9,6 +9,7 @@ use crate::checkpoint;
 use crate::collective::{CollectiveError, GradientCollective, SingleRank, TcpCollective};
 use crate::inputs::InputLoader;
 use crate::metrics_log::{self, MetricsRecord};
+use crate::nccl_collective::NcclCollective;
 use crate::policy::Policy;
 use crate::rpc::{CoordinatorLink, RpcError};
 use crate::trainer::{StepData, Trainer, TrainerOptions};
@@ -312,7 +313,15 @@ fn connect_collective(me: &LearnerIdentity, rendezvous: &Rendezvous<'_>, attempt
         return Ok(Box::new(SingleRank));
     }
     if me.device.is_cuda() {
-        tracing::warn!("NCCL all-reduce is not wired into the learner yet; CUDA ranks use the CPU TCP collective");
+        let probe = crate::nccl::NcclProbe::probe(Path::new(""));
+        if probe.nccl_loadable {
+            let key = format!("collective/nccl/{attempt}");
+            let payload = if me.rank == 0 { NcclCollective::new_unique_id()? } else { Vec::new() };
+            let payloads = rendezvous.all_gather(&key, payload)?;
+            tracing::info!(rank = me.rank, "joining the NCCL communicator");
+            return Ok(Box::new(NcclCollective::connect(me.rank, me.world_size, &payloads[0], me.device)?));
+        }
+        tracing::warn!(reason = %probe.explain(), "CUDA ranks fall back to the CPU TCP collective");
     }
     let key = format!("collective/tcp/{attempt}");
     let timeout = Duration::from_secs(120);

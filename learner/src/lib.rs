@@ -16,6 +16,7 @@ pub mod job;
 pub mod membership;
 pub mod metrics_log;
 pub mod nccl;
+pub mod nccl_collective;
 pub mod optim;
 pub mod policy;
 pub mod process;
