@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 #[derive(clap::Args)]
 pub struct PlotArgs {
     /// A run directory holding metrics.jsonl (or the path of a metrics.jsonl file).
-    run_dir: PathBuf,
+    pub run_dir: PathBuf,
     /// Where to write the PNGs (default: RUN_DIR/plots).
     #[arg(long)]
-    out: Option<PathBuf>,
+    pub out: Option<PathBuf>,
 }
 
 /// One chart: a title and the metric names (or a name prefix ending in '/') it draws.

@@ -99,6 +99,11 @@ pub struct ModelSection {
     /// Sizes of the from-scratch model; ignored when `checkpoint` is set.
     #[serde(default)]
     pub tiny: TinyModel,
+    /// Train every parameter in every stage instead of the spec's per-stage groups (PT:
+    /// adapters, embeddings, norms; SFT: + MPL; GRPO: MPL, embeddings, norms). Needed when
+    /// nothing is pretrained, as for the tiny CPU default.
+    #[serde(default)]
+    pub train_all: bool,
 }
 
 /// Sizes of the CPU default model trained from scratch.

@@ -2,11 +2,13 @@
 //!
 //! This crate owns every tensor computation of the system and nothing else: it has no notion of
 //! processes, RPCs or runs. `runtime` reports what the linked libtorch can do; `llama` is the
-//! language model (HF-exact Llama decoder, generation, scoring); `tokenizer` turns text into its ids.
+//! language model (HF-exact Llama decoder, generation, scoring); `tokenizer` turns text into its ids;
+//! `medtvt` assembles encoders, adapters, the MPL and the decoder into MedTVT-R1.
 
 pub mod adapter;
 pub mod encoders;
 pub mod llama;
+pub mod medtvt;
 pub mod perception;
 pub mod runtime;
 pub mod tokenizer;
@@ -15,4 +17,5 @@ pub use llama::{
     generate, generate_from_embeds, load_llama, save_hf, score_completions, score_ids, Generation, KvCache, Llama,
     LlamaConfig, SamplingParams,
 };
+pub use medtvt::{MedTvt, ModalityConfig, ModelError, PromptBatch, TrainableSummary};
 pub use tokenizer::MedTokenizer;

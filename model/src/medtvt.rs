@@ -1,0 +1,747 @@
+//! MedTVT-R1 assembled: three modality encoders, a projection + adapter per modality, the
+//! Modality Perception Layer, and the Llama decoder whose input embeddings receive each
+//! modality's vector at its placeholder token (`<ecg>`, `<cxr>`, `<lab>`).
+//!
+//! Variable names in the one `VarStore`: the decoder under `llm.` with HF names below it
+//! (`llm.model.layers.0.self_attn.q_proj.weight`), the rest under `ecg_encoder.`, `cxr_encoder.`,
+//! `lab_encoder.`, `{ecg,cxr,lab}_adapter.` and `mpl.`. A checkpoint directory holds
+//! `config.json` + `model.safetensors` (the decoder alone, HF layout: transformers reads it),
+//! `modality.safetensors` (everything else), `medtvt.json` (the modality side's shapes) and
+//! `tokenizer.json`. A bare HF Llama directory (no `medtvt.json`) loads too: the decoder from it,
+//! the modality side freshly initialised at the paper's sizes.
+//!
+//! Stages (spec): PT trains adapters, token embeddings and the decoder's norms, without the MPL;
+//! SFT adds the MPL; RFT (GRPO) trains MPL, embeddings and norms. A model trained from scratch
+//! (the tiny CPU default) trains everything in every stage.
+
+use crate::adapter::ModalityAdapter;
+use crate::encoders::{CxrEncoder, EcgEncoder, LabEncoder, LabEncoderConfig, VitConfig, XResNet1dConfig};
+use crate::llama::{self, GenerateError, Generation, Llama, LlamaConfig, SamplingParams, WeightsError};
+use crate::perception::{ModalityPerceptionLayer, MplConfig};
+use crate::tokenizer::{MedTokenizer, TokenizerError};
+use medtvt_config::{DType, DeviceChoice, RunConfig, Stage};
+use medtvt_data::ModalityInputs;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+/// ECG input: 12 leads x 1000 samples (10 s at 100 Hz).
+pub const ECG_LEADS: i64 = 12;
+pub const ECG_SAMPLES: i64 = 1000;
+/// Lab input: 50 percentiles + 50 missingness flags.
+pub const LAB_FEATURES: i64 = 100;
+
+/// Special tokens of the from-scratch tokenizer; the modality placeholders are added to a
+/// pretrained tokenizer that lacks them.
+pub const TINY_SPECIAL_TOKENS: [&str; 11] =
+    ["<pad>", "<eos>", "<ecg>", "<cxr>", "<lab>", "<|user|>", "<|assistant|>", "<think>", "</think>", "<answer>", "</answer>"];
+const PLACEHOLDERS: [&str; 3] = ["<ecg>", "<cxr>", "<lab>"];
+
+/// What the model asks the assistant to do (the spec's system prompt, in our words).
+pub const SYSTEM_PROMPT: &str = "A conversation between User and Assistant. The Assistant first reasons about the \
+ECG, chest X-ray and blood tests, then answers. The reasoning is inside <think></think> and the answer, the \
+diseases separated by semicolons, inside <answer></answer>.";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Shapes of the modality side, saved as `medtvt.json` beside the decoder.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModalityConfig {
+    pub ecg: XResNet1dConfig,
+    pub cxr: VitConfig,
+    pub lab: LabEncoderConfig,
+    pub adapter_blocks: usize,
+    pub mpl_heads: i64,
+    pub mpl_dropout: f64,
+    pub mpl_alpha: f64,
+}
+
+impl ModalityConfig {
+    /// The paper's encoders: xresnet1d-101 + GRU, ViT-B/16 at 224 px, the 100-256-1024-1024 MLP.
+    pub fn paper() -> Self {
+        ModalityConfig {
+            ecg: XResNet1dConfig::xresnet1d101(),
+            cxr: VitConfig::vit_b16(),
+            lab: LabEncoderConfig::paper(),
+            adapter_blocks: 3,
+            mpl_heads: 4,
+            mpl_dropout: 0.1,
+            mpl_alpha: 0.01,
+        }
+    }
+
+    /// The small CPU default, sized from `[model.tiny]`.
+    pub fn tiny(t: &medtvt_config::TinyModel) -> Self {
+        let w = t.hidden_size as i64;
+        ModalityConfig {
+            ecg: XResNet1dConfig::tiny(t.ecg_resnet_blocks as i64, w),
+            cxr: VitConfig::tiny(t.image_size as i64, t.vit_patch_size as i64, t.vit_depth as i64, w),
+            lab: LabEncoderConfig::tiny(w),
+            adapter_blocks: 3,
+            mpl_heads: 4,
+            mpl_dropout: 0.1,
+            mpl_alpha: 0.01,
+        }
+    }
+}
+
+/// Trainable and frozen parameter counts after `set_trainable`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrainableSummary {
+    pub trainable: usize,
+    pub frozen: usize,
+    /// Which groups train, e.g. `["adapters", "embeddings", "norms"]`.
+    pub groups: Vec<String>,
+}
+
+impl std::fmt::Display for TrainableSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} trainable / {} frozen parameters ({})", self.trainable, self.frozen, self.groups.join(", "))
+    }
+}
+
+/// Prompts ready for the model: ids left-padded, modality tensors and which modalities exist.
+#[derive(Debug)]
+pub struct PromptBatch {
+    /// [b, t] i64, left-padded.
+    pub ids: Tensor,
+    /// [b, t] i64, 1 real / 0 pad.
+    pub mask: Tensor,
+    /// [b, 12, 1000], zeros where absent.
+    pub ecg: Tensor,
+    /// [b, 3, S, S], zeros where absent.
+    pub cxr: Tensor,
+    /// [b, 100], zeros where absent.
+    pub lab: Tensor,
+    /// [b, 3] bool in (ecg, cxr, lab) order.
+    pub present: Tensor,
+}
+
+impl PromptBatch {
+    pub fn len(&self) -> usize {
+        self.ids.size()[0] as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every row repeated `g` times in place (row i becomes rows i*g .. i*g+g-1): the layout of
+    /// a GRPO group.
+    pub fn repeat_interleave(&self, g: i64) -> PromptBatch {
+        let r = |t: &Tensor| t.repeat_interleave_self_int(g, 0, None::<i64>);
+        PromptBatch {
+            ids: r(&self.ids),
+            mask: r(&self.mask),
+            ecg: r(&self.ecg),
+            cxr: r(&self.cxr),
+            lab: r(&self.lab),
+            present: r(&self.present),
+        }
+    }
+}
+
+/// The parameter groups of the spec's stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ParamGroup {
+    Encoders,
+    Adapters,
+    Mpl,
+    Embeddings,
+    Norms,
+    DecoderRest,
+}
+
+impl ParamGroup {
+    fn of(name: &str) -> ParamGroup {
+        if name.starts_with("ecg_encoder.") || name.starts_with("cxr_encoder.") || name.starts_with("lab_encoder.") {
+            ParamGroup::Encoders
+        } else if name.contains("_adapter.") {
+            ParamGroup::Adapters
+        } else if name.starts_with("mpl.") {
+            ParamGroup::Mpl
+        } else if name.starts_with("llm.") && (name.contains("embed_tokens") || name.starts_with("llm.lm_head")) {
+            ParamGroup::Embeddings
+        } else if name.starts_with("llm.") && name.contains("norm") {
+            ParamGroup::Norms
+        } else {
+            ParamGroup::DecoderRest
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ParamGroup::Encoders => "encoders",
+            ParamGroup::Adapters => "adapters",
+            ParamGroup::Mpl => "mpl",
+            ParamGroup::Embeddings => "embeddings",
+            ParamGroup::Norms => "norms",
+            ParamGroup::DecoderRest => "decoder",
+        }
+    }
+
+    /// The spec's trainable groups per stage.
+    fn for_stage(stage: Stage) -> &'static [ParamGroup] {
+        match stage {
+            Stage::Pt => &[ParamGroup::Adapters, ParamGroup::Embeddings, ParamGroup::Norms],
+            Stage::Sft => &[ParamGroup::Mpl, ParamGroup::Adapters, ParamGroup::Embeddings, ParamGroup::Norms],
+            Stage::Grpo => &[ParamGroup::Mpl, ParamGroup::Embeddings, ParamGroup::Norms],
+        }
+    }
+}
+
+/// MedTVT-R1: the multimodal model.
+pub struct MedTvt {
+    vs: nn::VarStore,
+    llm: Llama,
+    ecg_encoder: EcgEncoder,
+    cxr_encoder: CxrEncoder,
+    lab_encoder: LabEncoder,
+    adapters: [ModalityAdapter; 3],
+    mpl: ModalityPerceptionLayer,
+    /// The MPL joins in SFT; PT feeds the adapters' outputs straight to the decoder.
+    use_mpl: bool,
+    tokenizer: MedTokenizer,
+    modality: ModalityConfig,
+    placeholder_ids: [i64; 3],
+    pad_id: i64,
+    eos_ids: Vec<i64>,
+    chat: ChatTemplate,
+}
+
+impl std::fmt::Debug for MedTvt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MedTvt").field("llm", self.llm.config()).field("modality", &self.modality).finish()
+    }
+}
+
+/// How a question becomes a prompt for this tokenizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChatTemplate {
+    /// `<|user|>question<|assistant|>` for the from-scratch tokenizer.
+    Tiny,
+    /// Llama 3 Instruct headers with the system prompt.
+    Llama3,
+}
+
+/// The device a config asks for.
+pub fn resolve_device(choice: DeviceChoice) -> Result<Device, ModelError> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto => Ok(Device::cuda_if_available()),
+        DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        DeviceChoice::Cuda => Err(ModelError::Invalid("model.device = \"cuda\" but libtorch sees no CUDA device".into())),
+    }
+}
+
+fn kind_of(dtype: DType) -> Kind {
+    match dtype {
+        DType::F32 => Kind::Float,
+        DType::Bf16 => Kind::BFloat16,
+        DType::F16 => Kind::Half,
+    }
+}
+
+impl MedTvt {
+    /// Builds the model a run config describes: `model.checkpoint` when set (our checkpoint or a
+    /// bare HF Llama directory), else the tiny model of `[model.tiny]` with `tokenizer` (needed
+    /// then). Initialisation draws from libtorch's generator seeded with `run.seed`, so every
+    /// process building the same config gets bit-identical weights.
+    pub fn from_run_config(cfg: &RunConfig, device: Device, tokenizer: Option<MedTokenizer>) -> Result<MedTvt, ModelError> {
+        tch::manual_seed(cfg.run.seed as i64);
+        let kind = kind_of(cfg.model.dtype);
+        match &cfg.model.checkpoint {
+            Some(dir) => MedTvt::load(dir, device, kind),
+            None => {
+                let tokenizer = tokenizer.ok_or_else(|| {
+                    ModelError::Invalid("model.checkpoint is not set, so the tiny model needs a tokenizer".into())
+                })?;
+                let t = &cfg.model.tiny;
+                let vocab = tokenizer.vocab_size() as i64;
+                let llm = LlamaConfig::tiny(
+                    vocab,
+                    t.hidden_size as i64,
+                    t.intermediate_size as i64,
+                    t.num_layers as i64,
+                    t.num_heads as i64,
+                    t.num_kv_heads as i64,
+                );
+                MedTvt::build(llm, ModalityConfig::tiny(t), tokenizer, device, kind)
+            }
+        }
+    }
+
+    /// A byte-level BPE for the tiny model, trained on `texts` with [`TINY_SPECIAL_TOKENS`].
+    pub fn train_tiny_tokenizer(texts: &[String], vocab_size: usize) -> Result<MedTokenizer, ModelError> {
+        Ok(MedTokenizer::train_byte_level_bpe(texts.iter().map(String::as_str), vocab_size, &TINY_SPECIAL_TOKENS)?)
+    }
+
+    fn build(
+        llm_config: LlamaConfig,
+        modality: ModalityConfig,
+        tokenizer: MedTokenizer,
+        device: Device,
+        kind: Kind,
+    ) -> Result<MedTvt, ModelError> {
+        llama::check_device_kind(device, kind)?;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let d = llm_config.hidden_size;
+        let llm = Llama::new(&(&root / "llm"), &llm_config);
+        let ecg_encoder = EcgEncoder::new(&(&root / "ecg_encoder"), &modality.ecg);
+        let cxr_encoder = CxrEncoder::new(&(&root / "cxr_encoder"), &modality.cxr);
+        let lab_encoder = LabEncoder::new(&(&root / "lab_encoder"), &modality.lab);
+        let blocks = modality.adapter_blocks;
+        let adapters = [
+            ModalityAdapter::new(&(&root / "ecg_adapter"), ecg_encoder.output_dim(), d, blocks),
+            ModalityAdapter::new(&(&root / "cxr_adapter"), cxr_encoder.output_dim(), d, blocks),
+            ModalityAdapter::new(&(&root / "lab_adapter"), lab_encoder.output_dim(), d, blocks),
+        ];
+        let mpl_config = MplConfig { dim: d, heads: modality.mpl_heads, dropout: modality.mpl_dropout, alpha: modality.mpl_alpha };
+        if d % mpl_config.heads != 0 {
+            return Err(ModelError::Invalid(format!("hidden size {d} is not divisible by the MPL's {} heads", mpl_config.heads)));
+        }
+        let mpl = ModalityPerceptionLayer::new(&(&root / "mpl"), &mpl_config);
+        let chat = if tokenizer.token_to_id("<|start_header_id|>").is_some() { ChatTemplate::Llama3 } else { ChatTemplate::Tiny };
+        let mut placeholder_ids = [0i64; 3];
+        for (slot, token) in placeholder_ids.iter_mut().zip(PLACEHOLDERS) {
+            *slot = tokenizer.require_id(token)?;
+        }
+        if let Some(bad) = placeholder_ids.iter().find(|&&id| id >= llm_config.vocab_size) {
+            return Err(ModelError::Invalid(format!(
+                "placeholder token id {bad} is outside the decoder's vocabulary of {} (resize the embeddings)",
+                llm_config.vocab_size
+            )));
+        }
+        let eos_ids = match chat {
+            ChatTemplate::Tiny => vec![tokenizer.require_id("<eos>")?],
+            ChatTemplate::Llama3 => ["<|eot_id|>", "<|end_of_text|>"].iter().filter_map(|t| tokenizer.token_to_id(t)).collect(),
+        };
+        let pad_id = tokenizer.token_to_id("<pad>").or_else(|| eos_ids.first().copied()).unwrap_or(0);
+        let mut model = MedTvt {
+            vs,
+            llm,
+            ecg_encoder,
+            cxr_encoder,
+            lab_encoder,
+            adapters,
+            mpl,
+            use_mpl: true,
+            tokenizer,
+            modality,
+            placeholder_ids,
+            pad_id,
+            eos_ids,
+            chat,
+        };
+        if kind != Kind::Float {
+            model.vs.set_kind(kind);
+        }
+        Ok(model)
+    }
+
+    /// Loads our checkpoint directory, or a bare HF Llama directory (fresh modality side).
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<MedTvt, ModelError> {
+        let llm_config = LlamaConfig::from_file(dir.join("config.json")).map_err(WeightsError::from)?;
+        let mut tokenizer = MedTokenizer::from_file(dir.join("tokenizer.json"))?;
+        let medtvt_json = dir.join("medtvt.json");
+        let ours = medtvt_json.is_file();
+        let modality: ModalityConfig = if ours {
+            let text = std::fs::read_to_string(&medtvt_json)
+                .map_err(|e| ModelError::File { path: medtvt_json.clone(), message: e.to_string() })?;
+            serde_json::from_str(&text).map_err(|e| ModelError::File { path: medtvt_json.clone(), message: e.to_string() })?
+        } else {
+            tokenizer.add_special_tokens(&PLACEHOLDERS)?;
+            ModalityConfig::paper()
+        };
+        let model = MedTvt::build(llm_config, modality, tokenizer, device, kind)?;
+        llama::load_weights(&model.vs, dir, "llm.")?;
+        if ours {
+            let path = dir.join("modality.safetensors");
+            let stored = Tensor::read_safetensors(&path).map_err(|e| ModelError::File { path: path.clone(), message: e.to_string() })?;
+            model.copy_named(&stored, |name| !name.starts_with("llm."), &path)?;
+        }
+        Ok(model)
+    }
+
+    /// Writes the checkpoint directory described in the module doc.
+    pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        llama::save_hf_with_prefix(&self.vs, "llm.", self.llm.config(), dir)?;
+        let modality: Vec<(String, Tensor)> = self.named_variables().into_iter().filter(|(n, _)| !n.starts_with("llm.")).collect();
+        let path = dir.join("modality.safetensors");
+        let cpu: Vec<(String, Tensor)> = modality.into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu))).collect();
+        Tensor::write_safetensors(&cpu, &path).map_err(|e| ModelError::File { path: path.clone(), message: e.to_string() })?;
+        let json = dir.join("medtvt.json");
+        let text = serde_json::to_string_pretty(&self.modality).map_err(|e| ModelError::Invalid(e.to_string()))?;
+        std::fs::write(&json, text).map_err(|e| ModelError::File { path: json.clone(), message: e.to_string() })?;
+        self.tokenizer.save(dir.join("tokenizer.json"))?;
+        Ok(())
+    }
+
+    pub fn tokenizer(&self) -> &MedTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn llm(&self) -> &Llama {
+        &self.llm
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    pub fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+
+    /// The image side the CXR encoder expects.
+    pub fn image_size(&self) -> usize {
+        self.modality.cxr.image_size as usize
+    }
+
+    pub fn eos_token_ids(&self) -> &[i64] {
+        &self.eos_ids
+    }
+
+    /// Every variable by name, sorted (a stable order for collectives and publication).
+    pub fn named_variables(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Marks the stage's groups trainable (all variables when `all`) and freezes the rest; the
+    /// MPL is bypassed in PT.
+    pub fn set_trainable(&mut self, stage: Stage, all: bool) -> TrainableSummary {
+        self.use_mpl = stage != Stage::Pt;
+        let groups = ParamGroup::for_stage(stage);
+        let (mut trainable, mut frozen) = (0usize, 0usize);
+        for (name, var) in self.vs.variables() {
+            let train = all || groups.contains(&ParamGroup::of(&name));
+            let _ = var.set_requires_grad(train);
+            if train {
+                trainable += var.numel();
+            } else {
+                frozen += var.numel();
+            }
+        }
+        let groups = if all { vec!["all".to_string()] } else { groups.iter().map(|g| g.name().to_string()).collect() };
+        TrainableSummary { trainable, frozen, groups }
+    }
+
+    /// The variables that currently require grad, sorted by name (shallow clones).
+    pub fn trainable_tensors(&self) -> Vec<(String, Tensor)> {
+        self.named_variables().into_iter().filter(|(_, t)| t.requires_grad()).collect()
+    }
+
+    /// Copies tensors into the variables of the same name (no grad); an unknown name or a shape
+    /// mismatch is an error naming it.
+    pub fn copy_named_tensors(&mut self, named: &[(String, Tensor)]) -> Result<(), ModelError> {
+        self.copy_named(named, |_| true, Path::new("published weights"))
+    }
+
+    fn copy_named(&self, named: &[(String, Tensor)], wanted: impl Fn(&str) -> bool, origin: &Path) -> Result<(), ModelError> {
+        let vars = self.vs.variables();
+        for (name, value) in named.iter().filter(|(n, _)| wanted(n)) {
+            let var = vars
+                .get(name)
+                .ok_or_else(|| ModelError::File { path: origin.to_path_buf(), message: format!("unknown tensor `{name}`") })?;
+            if var.size() != value.size() {
+                return Err(ModelError::File {
+                    path: origin.to_path_buf(),
+                    message: format!("tensor `{name}` has shape {:?}, the model's is {:?}", value.size(), var.size()),
+                });
+            }
+            tch::no_grad(|| var.shallow_clone().copy_(value));
+        }
+        Ok(())
+    }
+
+    /// The chat template around a question.
+    pub fn prompt_text(&self, question: &str) -> String {
+        match self.chat {
+            ChatTemplate::Tiny => format!("<|user|>{question}<|assistant|>"),
+            ChatTemplate::Llama3 => format!(
+                "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{SYSTEM_PROMPT}<|eot_id|>\
+<|start_header_id|>user<|end_header_id|>\n\n{question}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+            ),
+        }
+    }
+
+    /// Tokenises questions (through the chat template) and stacks their modalities. A prompt
+    /// longer than `max_prompt_tokens` keeps its start and its assistant header.
+    pub fn encode_prompts(&self, prompts: &[(String, ModalityInputs)], max_prompt_tokens: usize) -> Result<PromptBatch, ModelError> {
+        if prompts.is_empty() {
+            return Err(ModelError::Invalid("encode_prompts needs at least one prompt".into()));
+        }
+        let device = self.device();
+        let s = self.modality.cxr.image_size;
+        let mut rows = Vec::with_capacity(prompts.len());
+        let (mut ecg, mut cxr, mut lab, mut present) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (question, inputs) in prompts {
+            let mut ids = self.tokenizer.encode(&self.prompt_text(question), false)?;
+            if ids.len() > max_prompt_tokens {
+                let tail = self.tokenizer.encode(&self.prompt_text(""), false)?.len().min(max_prompt_tokens);
+                let keep = ids.split_off(ids.len() - tail);
+                ids.truncate(max_prompt_tokens - tail);
+                ids.extend(keep);
+            }
+            rows.push(ids);
+            ecg.push(modality_tensor(&inputs.ecg, &[ECG_LEADS, ECG_SAMPLES], "ecg")?);
+            cxr.push(modality_tensor(&inputs.cxr, &[3, s, s], "cxr")?);
+            lab.push(modality_tensor(&inputs.lab, &[LAB_FEATURES], "lab")?);
+            present.extend([inputs.ecg.is_some(), inputs.cxr.is_some(), inputs.lab.is_some()]);
+        }
+        let (ids, mask) = llama::left_pad(&rows, self.pad_id, device)?;
+        let b = prompts.len() as i64;
+        Ok(PromptBatch {
+            ids,
+            mask,
+            ecg: Tensor::stack(&ecg, 0).to_device(device),
+            cxr: Tensor::stack(&cxr, 0).to_device(device),
+            lab: Tensor::stack(&lab, 0).to_device(device),
+            present: Tensor::from_slice(&present).view([b, 3]).to_device(device),
+        })
+    }
+
+    /// Completion texts as right-padded ids `[b, tc]` with EOS appended (truncated to
+    /// `max_tokens`, EOS included) and their mask.
+    pub fn encode_completions(&self, texts: &[String], max_tokens: usize) -> Result<(Tensor, Tensor), ModelError> {
+        let eos = self.eos_ids.first().copied().unwrap_or(self.pad_id);
+        let mut rows = Vec::with_capacity(texts.len());
+        for text in texts {
+            let mut ids = self.tokenizer.encode(text, false)?;
+            ids.truncate(max_tokens.saturating_sub(1));
+            ids.push(eos);
+            rows.push(ids);
+        }
+        Ok(right_pad(&rows, self.pad_id, self.device()))
+    }
+
+    /// Token ids of completions exactly as sampled (no EOS added), right-padded, with the mask.
+    pub fn pad_completions(&self, rows: &[Vec<i64>]) -> (Tensor, Tensor) {
+        right_pad(rows, self.pad_id, self.device())
+    }
+
+    /// The modality vectors `[b, 3, d]` entering the decoder and the CAO gates `[b, 3]` (all ones
+    /// for present modalities when the MPL is bypassed in PT).
+    pub fn modality_embeddings(&self, batch: &PromptBatch, train: bool) -> (Tensor, Tensor) {
+        let ecg = self.adapters[0].forward(&self.ecg_encoder.forward_t(&batch.ecg, train));
+        let cxr = self.adapters[1].forward(&self.cxr_encoder.forward(&batch.cxr));
+        let lab = self.adapters[2].forward(&self.lab_encoder.forward(&batch.lab));
+        let stacked = Tensor::stack(&[ecg, cxr, lab], 1); // [b, 3, d]
+        if self.use_mpl {
+            let out = self.mpl.forward_t(&stacked, &batch.present, train);
+            (out.modalities, out.gates)
+        } else {
+            let present = batch.present.to_kind(stacked.kind());
+            (stacked * present.unsqueeze(-1), present)
+        }
+    }
+
+    /// Decoder input embeddings `[b, t, d]` with each placeholder token's embedding replaced by
+    /// its modality vector, and the gates.
+    pub fn prompt_embeddings(&self, batch: &PromptBatch, train: bool) -> (Tensor, Tensor) {
+        let mut embeds = self.llm.embed_tokens(&batch.ids); // [b, t, d]
+        let (modalities, gates) = self.modality_embeddings(batch, train);
+        let modalities = modalities.to_kind(embeds.kind());
+        for (m, &id) in self.placeholder_ids.iter().enumerate() {
+            let at = batch.ids.eq(id).unsqueeze(-1); // [b, t, 1]
+            let vector = modalities.narrow(1, m as i64, 1); // [b, 1, d]
+            embeds = embeds.where_self(&at.logical_not(), &vector);
+        }
+        (embeds, gates)
+    }
+
+    /// Samples completions (no grad, eval mode); EOS ids default to the tokenizer's. Returns the
+    /// generation and the CAO gates `[b, 3]`.
+    pub fn generate(&self, batch: &PromptBatch, params: &SamplingParams) -> Result<(Generation, Tensor), ModelError> {
+        let _guard = tch::no_grad_guard();
+        let (embeds, gates) = self.prompt_embeddings(batch, false);
+        let mut params = params.clone();
+        if params.eos_token_ids.is_empty() {
+            params.eos_token_ids = self.eos_ids.clone();
+        }
+        let generation = llama::generate_from_embeds(&self.llm, &embeds, &batch.mask, &params)?;
+        Ok((generation, gates))
+    }
+
+    /// Teacher-forced log-probs `[b, tc]` of completion ids under the model at `temperature`
+    /// (0 on padding); differentiable when `train` or grads are enabled.
+    pub fn score(&self, batch: &PromptBatch, completion_ids: &Tensor, completion_mask: &Tensor, temperature: f64, train: bool) -> Tensor {
+        let (embeds, _) = self.prompt_embeddings(batch, train);
+        llama::score_completions(&self.llm, &embeds, &batch.mask, completion_ids, completion_mask, temperature)
+    }
+
+    /// Text of generated ids, special tokens kept except padding and EOS (the answer tags are
+    /// special tokens of the tiny tokenizer and the rewards need them).
+    pub fn decode(&self, ids: &[i64]) -> Result<String, ModelError> {
+        let kept: Vec<i64> = ids.iter().copied().filter(|id| *id != self.pad_id && !self.eos_ids.contains(id)).collect();
+        Ok(self.tokenizer.decode(&kept, false)?)
+    }
+}
+
+fn modality_tensor(values: &Option<Vec<f32>>, shape: &[i64], what: &str) -> Result<Tensor, ModelError> {
+    let numel: i64 = shape.iter().product();
+    match values {
+        None => Ok(Tensor::zeros(shape, (Kind::Float, Device::Cpu))),
+        Some(v) if v.len() as i64 == numel => Ok(Tensor::from_slice(v).view(shape)),
+        Some(v) => Err(ModelError::Invalid(format!("{what} input has {} values, the model expects {shape:?} = {numel}", v.len()))),
+    }
+}
+
+fn right_pad(rows: &[Vec<i64>], pad_id: i64, device: Device) -> (Tensor, Tensor) {
+    let t = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut ids = Vec::with_capacity(rows.len() * t);
+    let mut mask = Vec::with_capacity(rows.len() * t);
+    for row in rows {
+        ids.extend(row.iter().copied().chain(std::iter::repeat(pad_id)).take(t));
+        mask.extend((0..t).map(|i| i64::from(i < row.len())));
+    }
+    let shape = [rows.len() as i64, t as i64];
+    (Tensor::from_slice(&ids).view(shape).to_device(device), Tensor::from_slice(&mask).view(shape).to_device(device))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_config() -> RunConfig {
+        let text = r#"
+            [run]
+            name = "t"
+            stage = "sft"
+            out_dir = "/tmp/unused"
+            [data]
+            dir = "/tmp"
+            [model]
+            device = "cpu"
+            [model.tiny]
+            hidden_size = 32
+            intermediate_size = 64
+            num_layers = 1
+            num_heads = 4
+            num_kv_heads = 2
+            image_size = 32
+            vit_patch_size = 16
+            vit_depth = 1
+            ecg_resnet_blocks = 1
+            [train]
+            steps = 1
+            learning_rate = 1e-3
+        "#;
+        medtvt_config::parse_run_config(text, Path::new("test.toml"), &[]).expect("test config parses")
+    }
+
+    fn corpus() -> Vec<String> {
+        (0..50)
+            .map(|i| format!("<ecg> <cxr> <lab> question {i}? <think>rate {i} bpm</think><answer>sepsis; pneumonia</answer>"))
+            .collect()
+    }
+
+    fn model() -> MedTvt {
+        let tok = MedTvt::train_tiny_tokenizer(&corpus(), 300).expect("tokenizer trains");
+        MedTvt::from_run_config(&tiny_config(), Device::Cpu, Some(tok)).expect("tiny model builds")
+    }
+
+    fn inputs(with_cxr: bool) -> ModalityInputs {
+        ModalityInputs {
+            ecg: Some((0..12_000).map(|i| ((i % 97) as f32 / 97.0) - 0.5).collect()),
+            cxr: with_cxr.then(|| vec![0.25; 3 * 32 * 32]),
+            lab: Some(vec![0.5; 100]),
+        }
+    }
+
+    #[test]
+    fn placeholders_receive_the_modality_vectors() {
+        let m = model();
+        let batch = m.encode_prompts(&[("<ecg> <lab> which?".into(), inputs(false))], 64).unwrap();
+        let (embeds, gates) = m.prompt_embeddings(&batch, false);
+        let (mods, _) = m.modality_embeddings(&batch, false);
+        let ecg_id = m.tokenizer().token_to_id("<ecg>").unwrap();
+        let ids: Vec<i64> = Vec::try_from(batch.ids.view([-1])).unwrap();
+        let pos = ids.iter().position(|&i| i == ecg_id).unwrap() as i64;
+        let diff = (embeds.get(0).get(pos) - mods.get(0).get(0)).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "ecg placeholder embedding differs by {diff}");
+        // CXR absent: its gate is exactly 0; present ones are in (0, 1).
+        let g: Vec<f32> = Vec::try_from(gates.view([-1])).unwrap();
+        assert_eq!(g[1], 0.0);
+        assert!(g[0] > 0.0 && g[0] < 1.0 && g[2] > 0.0 && g[2] < 1.0, "gates {g:?}");
+    }
+
+    #[test]
+    fn stage_groups_decide_which_parameters_get_gradients() {
+        let mut m = model();
+        let summary = m.set_trainable(Stage::Grpo, false);
+        assert_eq!(summary.groups, vec!["mpl", "embeddings", "norms"]);
+        assert!(summary.trainable > 0 && summary.frozen > 0);
+        let batch = m.encode_prompts(&[("<ecg> <cxr> <lab> which?".into(), inputs(true))], 64).unwrap();
+        let (ids, mask) = m.encode_completions(&["<answer>sepsis</answer>".into()], 16).unwrap();
+        let loss = -m.score(&batch, &ids, &mask, 1.0, true).sum(Kind::Float);
+        loss.backward();
+        for (name, var) in m.named_variables() {
+            let group = ParamGroup::of(&name);
+            let trains = ParamGroup::for_stage(Stage::Grpo).contains(&group);
+            assert_eq!(var.requires_grad(), trains, "{name}");
+            if trains && (name.contains("embed_tokens") || name.starts_with("mpl.cao")) {
+                assert!(var.grad().defined() && var.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name} got no gradient");
+            }
+        }
+        let all = m.set_trainable(Stage::Pt, true);
+        assert_eq!(all.frozen, 0);
+    }
+
+    #[test]
+    fn save_and_load_give_identical_scores() {
+        let m = model();
+        let dir = tempfile::tempdir().unwrap();
+        m.save(dir.path()).unwrap();
+        let back = MedTvt::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
+        let batch = m.encode_prompts(&[("<ecg> <cxr> <lab> which?".into(), inputs(true))], 64).unwrap();
+        let (ids, mask) = m.encode_completions(&["<think>x</think><answer>sepsis</answer>".into()], 16).unwrap();
+        let a = m.score(&batch, &ids, &mask, 1.0, false);
+        let b = back.score(&batch, &ids, &mask, 1.0, false);
+        assert_eq!((a - b).abs().max().double_value(&[]), 0.0);
+    }
+
+    #[test]
+    fn generation_log_probs_match_scoring_of_the_same_tokens() {
+        let m = model();
+        let batch = m.encode_prompts(&[("<ecg> <cxr> <lab> a?".into(), inputs(true)), ("<ecg> <lab> b longer question?".into(), inputs(false))], 64).unwrap();
+        let params = SamplingParams { max_new_tokens: 6, temperature: 0.9, seed: 3, ..SamplingParams::default() };
+        let (generation, _) = m.generate(&batch, &params).unwrap();
+        let (ids, mask) = m.pad_completions(&generation.tokens);
+        let scored = m.score(&batch, &ids, &mask, 0.9, false);
+        for (row, lps) in generation.logprobs.iter().enumerate() {
+            for (j, lp) in lps.iter().enumerate() {
+                let s = scored.double_value(&[row as i64, j as i64]);
+                assert!((s - f64::from(*lp)).abs() < 1e-4, "row {row} token {j}: {s} vs {lp}");
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_modality_size_is_an_error_naming_it() {
+        let m = model();
+        let bad = ModalityInputs { ecg: Some(vec![0.0; 10]), cxr: None, lab: None };
+        let err = m.encode_prompts(&[("<ecg> q".into(), bad)], 64).unwrap_err().to_string();
+        assert!(err.contains("ecg") && err.contains("10"), "{err}");
+    }
+}
