@@ -166,7 +166,8 @@ dir = "{data}"
 max_prompt_tokens = 96
 
 [model]
-{checkpoint}
+{checkpoint}train_all = true
+
 [model.tiny]
 vocab_size = 384
 hidden_size = 32

@@ -113,13 +113,13 @@ fn run_job_inner<P: Policy>(link: &CoordinatorLink, me: &LearnerIdentity, job: &
     let tokenizer = if from_scratch { Some(shared_tokenizer::<P>(&cfg, &rendezvous, attempt)?) } else { None };
     tch::manual_seed(cfg.run.seed as i64);
     let mut policy = P::load(&cfg, me.device, tokenizer.as_deref())?;
-    let trainable = policy.set_trainable(cfg.run.stage, from_scratch);
+    let trainable = policy.set_trainable(cfg.run.stage, cfg.model.train_all);
     tracing::info!(job = job.job_id, rank = me.rank, trainable = trainable.trainable, frozen = trainable.frozen, groups = ?trainable.groups, "policy built");
     let reference = match &cfg.grpo {
         Some(g) if g.beta > 0.0 => {
             let mut reference = P::load(&cfg, me.device, tokenizer.as_deref())?;
             // Same stage wiring as the policy; its gradients are never taken (scored under no_grad).
-            reference.set_trainable(cfg.run.stage, from_scratch);
+            reference.set_trainable(cfg.run.stage, cfg.model.train_all);
             Some(reference)
         }
         _ => None,

@@ -13,6 +13,7 @@ pub mod collective;
 pub mod grpo;
 pub mod inputs;
 pub mod job;
+pub mod medtvt_policy;
 pub mod membership;
 pub mod metrics_log;
 pub mod nccl;
