@@ -22,10 +22,10 @@ pub enum BatchError {
 }
 
 /// Parses raw QA JSONL lines (PT/SFT batches, or a group's prompt).
-pub fn parse_samples(raw: &[Vec<u8>]) -> Result<Vec<QaSample>, BatchError> {
+pub fn parse_samples<B: AsRef<[u8]>>(raw: &[B]) -> Result<Vec<QaSample>, BatchError> {
     raw.iter()
         .enumerate()
-        .map(|(index, line)| serde_json::from_slice(line).map_err(|source| BatchError::Sample { index, source }))
+        .map(|(index, line)| serde_json::from_slice(line.as_ref()).map_err(|source| BatchError::Sample { index, source }))
         .collect()
 }
 
@@ -181,7 +181,7 @@ mod tests {
         RolloutGroup {
             prompt_id,
             completions,
-            prompt: Some(Prompt { prompt_id, epoch: 0, sample_json: sample_json(&format!("s{prompt_id}")) }),
+            prompt: Some(Prompt { prompt_id, epoch: 0, sample_json: sample_json(&format!("s{prompt_id}")).into() }),
             ..Default::default()
         }
     }

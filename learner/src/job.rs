@@ -273,7 +273,7 @@ impl Rendezvous<'_> {
             key: key.to_string(),
             rank: self.rank as u32,
             world_size: self.world_size as u32,
-            payload,
+            payload: payload.into(),
         };
         let response = self.link.call("Rendezvous", |mut c| {
             let request = request.clone();
@@ -282,7 +282,7 @@ impl Rendezvous<'_> {
         if response.payloads.len() != self.world_size {
             return Err(JobError::Rendezvous(format!("key {key}: {} payloads for world size {}", response.payloads.len(), self.world_size)));
         }
-        Ok(response.payloads)
+        Ok(response.payloads.into_iter().map(|p| p.to_vec()).collect())
     }
 }
 

@@ -95,7 +95,7 @@ impl GradientCollective for NcclCollective {
     }
 
     fn all_reduce_mean(&mut self, tensors: &[Tensor]) -> Result<(), CollectiveError> {
-        let (comm, rank, world) = (self.comm, self.rank, self.world_size as f64);
+        let (comm, rank, world, device_index) = (self.comm, self.rank, self.world_size as f64, self.device_index);
         self.in_place(tensors, |flat, count| {
             let ptr = flat.data_ptr();
             // SAFETY: `flat` is a live contiguous f32 CUDA tensor of `count` elements; in-place
@@ -105,7 +105,7 @@ impl GradientCollective for NcclCollective {
                 result::all_reduce(ptr, ptr, count, sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclSum, comm, std::ptr::null_mut())
             }
             .map_err(|e| nccl_error(rank, "all-reduce", e))?;
-            tch::Cuda::synchronize(flat.device().index() as i64);
+            tch::Cuda::synchronize(device_index as i64);
             tch::no_grad(|| {
                 let _ = flat.shallow_clone().g_div_scalar_(world);
             });

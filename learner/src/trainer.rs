@@ -349,7 +349,7 @@ impl<P: Policy> Trainer<P> {
 
     /// Writes a checkpoint of the trainable weights and optimizer state under `root`.
     pub fn save_checkpoint(&self, root: &Path, seed: u64) -> Result<PathBuf, TrainError> {
-        let weights = self.optimizer.params().to_vec();
+        let weights: Vec<(String, Tensor)> = self.optimizer.params().iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
         let mut optimizer = Vec::with_capacity(2 * weights.len());
         for (i, (name, _)) in weights.iter().enumerate() {
             optimizer.push((format!("exp_avg.{name}"), self.optimizer.exp_avg[i].shallow_clone()));
@@ -520,7 +520,7 @@ mod tests {
         let group = |good: f32, bad: f32, policy: &BytePolicy| RolloutGroup {
             prompt_id: 1,
             completions: vec![completion("<answer>sepsis</answer>", good, policy, q), completion("zz", bad, policy, q)],
-            prompt: Some(Prompt { prompt_id: 1, epoch: 0, sample_json: sample.to_vec() }),
+            prompt: Some(Prompt { prompt_id: 1, epoch: 0, sample_json: sample.to_vec().into() }),
             ..Default::default()
         };
         let margin = |policy: &BytePolicy| {

@@ -43,7 +43,7 @@ pub fn weight_chunks(job_id: u64, policy_version: u64, tensors: &[(String, Tenso
                 tensor_name: name.clone(),
                 dtype: "f32".into(),
                 shape: tensor.size(),
-                data: piece.to_vec(),
+                data: piece.to_vec().into(),
                 offset,
                 total_bytes: total,
                 last_of_tensor: i + 1 == n,
