@@ -1,10 +1,12 @@
 //! `medtvt`: the one binary of MedTVT-R1. Each role (coordinator, rollout worker, learner) and each
 //! tool (data, eval, doctor, ...) is a subcommand, so one container image serves every role.
 
+mod coordinator_cmd;
 mod data_cmd;
 mod demo;
 mod doctor;
 mod plot;
+mod status_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +27,11 @@ enum Command {
     Plot(plot::PlotArgs),
     /// Data tools: synthetic MedTVT-QA, file inspection, the MIMIC builder.
     Data(data_cmd::DataArgs),
+    /// Run the coordinator: the gRPC control plane that schedules jobs, leases prompts,
+    /// assembles training batches and relays weights.
+    Coordinator(medtvt_coordinator::CoordinatorArgs),
+    /// Show the jobs and processes of a running coordinator.
+    Status(status_cmd::StatusArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,5 +41,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(&args),
         Command::Plot(args) => plot::run(&args),
         Command::Data(args) => data_cmd::run(&args),
+        Command::Coordinator(args) => coordinator_cmd::run(args),
+        Command::Status(args) => status_cmd::run(&args),
     }
 }

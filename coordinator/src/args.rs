@@ -1,0 +1,122 @@
+//! `medtvt coordinator`: the command-line entry point. Parses flags (each readable from an
+//! environment variable), submits the configs given on the command line as jobs in order,
+//! prints `coordinator listening on <addr>` once bound, and stops gracefully on SIGTERM/ctrl-c.
+
+use crate::server::{Coordinator, ServerOptions};
+use anyhow::Context;
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CoordinatorArgs {
+    /// Run configs to submit as jobs at start, in order (e.g. the PT, SFT and GRPO stages).
+    /// Several may be given, as repeated flags or comma-separated in MEDTVT_CONFIG.
+    #[arg(long = "config", value_name = "FILE", env = "MEDTVT_CONFIG", value_delimiter = ',')]
+    pub configs: Vec<PathBuf>,
+    /// Dotted overrides applied to every config given with --config (e.g. train.steps=5).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Address to serve gRPC on; port 0 picks a free port (the line printed says which).
+    #[arg(long, env = "MEDTVT_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// Directory for the coordinator's event log (events.jsonl).
+    #[arg(long, env = "MEDTVT_RUN_DIR", value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// File holding a shared secret; every call must then carry `authorization: Bearer <it>`.
+    #[arg(long, env = "MEDTVT_AUTH_TOKEN_FILE", value_name = "FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// OTLP/gRPC endpoint for traces (accepted; export is wired up separately).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Runs the coordinator until SIGTERM/ctrl-c or a drained Shutdown request, announcing the
+/// bound address on stdout.
+pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    run_until(args, termination(), |addr| {
+        let mut stdout = std::io::stdout();
+        writeln!(stdout, "coordinator listening on {addr}")?;
+        stdout.flush()
+    })
+    .await
+}
+
+/// [`run`] with the stop signal and the announcement supplied by the caller (tests).
+pub async fn run_until(
+    args: CoordinatorArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    announce: impl FnOnce(SocketAddr) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    let auth_token = match &args.auth_token_file {
+        Some(path) => Some(medtvt_proto::client::read_token_file(path)?),
+        None => None,
+    };
+    if let Some(endpoint) = &args.otlp_endpoint {
+        tracing::info!(%endpoint, "OTLP endpoint noted; trace export is not wired in yet");
+    }
+    let options = ServerOptions { auth_token, run_dir: args.run_dir.clone(), ..ServerOptions::default() };
+    let coordinator = Coordinator::bind(args.listen, options).await?;
+    for path in &args.configs {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        let job = coordinator
+            .submit_job(&text, &args.overrides)
+            .with_context(|| format!("config {} is not a valid job", path.display()))?;
+        tracing::info!(job_id = job.0, config = %path.display(), "job submitted");
+    }
+    announce(coordinator.local_addr()).context("cannot announce the listening address")?;
+    coordinator.serve(shutdown).await?;
+    Ok(())
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+async fn termination() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM; ctrl-c only");
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("termination signal: shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: CoordinatorArgs,
+    }
+
+    #[test]
+    fn flags_parse_with_defaults() {
+        let cli = Cli::try_parse_from(["medtvt", "--config", "a.toml", "--config", "b.toml", "--set", "train.steps=2"]).unwrap();
+        assert_eq!(cli.args.configs, vec![PathBuf::from("a.toml"), PathBuf::from("b.toml")]);
+        assert_eq!(cli.args.overrides, vec!["train.steps=2".to_string()]);
+        assert_eq!(cli.args.listen, "0.0.0.0:50051".parse::<SocketAddr>().unwrap());
+        assert!(Cli::try_parse_from(["medtvt", "--listen", "not-an-address"]).is_err());
+    }
+}

@@ -1,0 +1,20 @@
+//! The crate's error type: what can stop the coordinator from starting or serving.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Job(#[from] crate::state::StateError),
+    #[error("cannot read config {path}: {source}")]
+    ReadConfig { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Token(#[from] medtvt_proto::client::ClientError),
+    #[error("cannot open the event log {path}: {source}")]
+    EventLog { path: PathBuf, source: std::io::Error },
+}

@@ -1,0 +1,25 @@
+//! The MedTVT coordinator: the control plane of a run. It owns a FIFO of jobs (PT, SFT, GRPO
+//! stages), leases GRPO prompts to rollout workers, turns their groups into training batches
+//! for the learners, relays policy weights as opaque bytes, and offers a rendezvous for the
+//! learners' collective. It never touches tensors.
+//!
+//! Modules, in the order a request meets them: [`server`] (bind, serve, stop), `interceptor`
+//! (auth, trace hook), [`service`] (the gRPC handlers), [`state`] (the pure job state
+//! machine), [`weights`] (weight versions), [`dataset`] (the prompts), and [`args`] (the CLI).
+
+pub mod args;
+pub mod dataset;
+pub mod error;
+pub mod events;
+pub mod ids;
+mod interceptor;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod status_table;
+pub mod weights;
+
+pub use args::{run, run_until, CoordinatorArgs};
+pub use error::CoordinatorError;
+pub use ids::{JobId, JobState, LeaseId, PromptKey, Role, WorkerId};
+pub use server::{serve, Coordinator, ServerOptions};

@@ -1,0 +1,181 @@
+//! Starting and stopping the coordinator: bind the listener (so the real port is known before
+//! serving), add the health and Coordinator services, run the reaper that expires leases and
+//! silent workers, and stop gracefully on the caller's shutdown signal or once a requested
+//! shutdown has drained every job.
+
+use crate::error::CoordinatorError;
+use crate::events::EventLog;
+use crate::ids::JobId;
+use crate::interceptor::IncomingCall;
+use crate::service::{CoordinatorService, ServiceOptions, Shared};
+use crate::state::{self, RunState, StateOptions};
+use medtvt_proto::CoordinatorServer;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+/// Everything configurable about a coordinator process.
+#[derive(Clone)]
+pub struct ServerOptions {
+    /// Require `authorization: Bearer <token>` on every Coordinator call.
+    pub auth_token: Option<String>,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_bytes: usize,
+    /// Where `events.jsonl` goes.
+    pub run_dir: Option<PathBuf>,
+    /// How often leases and heartbeats are checked.
+    pub reap_interval: Duration,
+    /// After a drained shutdown request, how long processes get to see `shutdown` before the
+    /// server stops.
+    pub shutdown_grace: Duration,
+    pub state: StateOptions,
+    pub service: ServiceOptions,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            auth_token: None,
+            max_message_bytes: medtvt_proto::DEFAULT_MAX_MESSAGE_BYTES,
+            run_dir: None,
+            reap_interval: Duration::from_millis(100),
+            shutdown_grace: Duration::from_secs(3),
+            state: StateOptions::default(),
+            service: ServiceOptions::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerOptions {
+    // The token is never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("auth_token", &self.auth_token.as_ref().map(|_| "<redacted>"))
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("run_dir", &self.run_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A bound, not yet serving coordinator.
+pub struct Coordinator {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop_tx: watch::Sender<bool>,
+    options: ServerOptions,
+}
+
+impl Coordinator {
+    pub async fn bind(addr: SocketAddr, options: ServerOptions) -> Result<Self, CoordinatorError> {
+        let listener = TcpListener::bind(addr).await.map_err(|source| CoordinatorError::Bind { addr, source })?;
+        let local_addr = listener.local_addr().map_err(|source| CoordinatorError::Bind { addr, source })?;
+        let events = EventLog::open(options.run_dir.as_deref())?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared::new(RunState::new(options.state.clone()), events, stop_rx, options.service.clone()));
+        Ok(Coordinator { listener, local_addr, shared, stop_tx, options })
+    }
+
+    /// The address actually bound (the real port when asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Submits a job as the SubmitJob RPC would.
+    pub fn submit_job(&self, config_toml: &str, overrides: &[String]) -> Result<JobId, CoordinatorError> {
+        let (config, samples) = state::load_job(config_toml, overrides)?;
+        Ok(self.shared.with_state(|st| st.enqueue(config, samples))?)
+    }
+
+    /// Serves until `shutdown` resolves or a requested shutdown has drained; then stops the
+    /// background task and returns once in-flight calls are done.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), CoordinatorError> {
+        let Coordinator { listener, local_addr, shared, stop_tx, options } = self;
+        let stop_tx = Arc::new(stop_tx);
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_service_status(medtvt_proto::SERVICE_NAME, ServingStatus::Serving).await;
+
+        let coordinator = InterceptedService::new(
+            CoordinatorServer::new(CoordinatorService::new(shared.clone()))
+                .max_decoding_message_size(options.max_message_bytes)
+                .max_encoding_message_size(options.max_message_bytes),
+            IncomingCall::new(options.auth_token.as_deref()),
+        );
+
+        let external = {
+            let stop_tx = stop_tx.clone();
+            tokio::spawn(async move {
+                shutdown.await;
+                stop_tx.send_replace(true);
+            })
+        };
+        let reaper = tokio::spawn(reap(shared.clone(), stop_tx.clone(), options.reap_interval, options.shutdown_grace));
+
+        let mut stop_rx = stop_tx.subscribe();
+        let signal = async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+            health.set_service_status(medtvt_proto::SERVICE_NAME, ServingStatus::NotServing).await;
+        };
+        tracing::info!(%local_addr, auth = options.auth_token.is_some(), "coordinator serving");
+        // TLS goes here: `.tls_config(ServerTlsConfig::new().identity(...))` on the builder.
+        let served = Server::builder()
+            .add_service(health_service)
+            .add_service(coordinator)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+            .await;
+
+        stop_tx.send_replace(true);
+        external.abort();
+        let _ = external.await;
+        let _ = reaper.await;
+        tracing::info!(%local_addr, "coordinator stopped");
+        served.map_err(CoordinatorError::from)
+    }
+}
+
+/// Binds and serves; see [`Coordinator`].
+pub async fn serve(
+    addr: SocketAddr,
+    options: ServerOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
+    Coordinator::bind(addr, options).await?.serve(shutdown).await
+}
+
+/// Expires leases and silent workers; frees the weights of ended jobs; stops the server
+/// `grace` after a requested shutdown has nothing left to run.
+async fn reap(shared: Arc<Shared>, stop_tx: Arc<watch::Sender<bool>>, every: Duration, grace: Duration) {
+    let mut stop_rx = stop_tx.subscribe();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut finished_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop_rx.wait_for(|s| *s) => return,
+        }
+        let now = Instant::now();
+        let (running, finished) = shared.with_state(|st| {
+            st.expire(now);
+            (st.running_job(), st.finished())
+        });
+        shared.weights().retain_job(running);
+        if finished {
+            let since = *finished_since.get_or_insert(now);
+            if now.duration_since(since) >= grace {
+                tracing::info!("shutdown requested and every job has ended: stopping");
+                stop_tx.send_replace(true);
+                return;
+            }
+        }
+    }
+}

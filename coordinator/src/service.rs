@@ -1,0 +1,578 @@
+//! The tonic implementation of `medtvt.v1.Coordinator`: thin. Each handler converts the request,
+//! calls the state machine (`state.rs`) or the weight store (`weights.rs`) under its lock, and
+//! converts back. Long-polls wait on a revision counter that the state bumps on every change,
+//! so a waiting call wakes exactly when something it may need happened.
+
+use crate::events::EventLog;
+use crate::ids::{JobId, JobState, Role, WorkerId};
+use crate::state::{self, Assignment, BatchOutcome, GroupOutcome, RunState, StateError};
+use crate::weights::{VersionAssembler, WeightStore, WeightsError};
+use medtvt_config::Stage;
+use medtvt_proto::v1 as pb;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Timings and sizes of the service.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    /// Long-poll wait when the request asks for none.
+    pub default_wait: Duration,
+    /// The longest a long-poll (or a rendezvous) waits before answering.
+    pub max_wait: Duration,
+    /// Size of the chunks FetchWeights sends.
+    pub weight_chunk_bytes: usize,
+    /// What LeasePrompts suggests when it has nothing right now.
+    pub lease_retry: Duration,
+}
+
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        ServiceOptions {
+            default_wait: Duration::from_secs(20),
+            max_wait: Duration::from_secs(300),
+            weight_chunk_bytes: medtvt_proto::MAX_WEIGHT_CHUNK_BYTES,
+            lease_retry: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Everything the handlers and the background tasks share.
+pub struct Shared {
+    state: Mutex<RunState>,
+    weights: Mutex<WeightStore>,
+    revision: watch::Sender<u64>,
+    events: EventLog,
+    /// Set when the process is stopping: long-polls answer at once.
+    stopping: watch::Receiver<bool>,
+    pub options: ServiceOptions,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock is a bug already reported; keep serving.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Shared {
+    pub fn new(state: RunState, events: EventLog, stopping: watch::Receiver<bool>, options: ServiceOptions) -> Self {
+        Shared {
+            state: Mutex::new(state),
+            weights: Mutex::new(WeightStore::default()),
+            revision: watch::channel(0).0,
+            events,
+            stopping,
+            options,
+        }
+    }
+
+    /// Runs `f` on the state; wakes long-polls if it changed anything; logs its events.
+    pub fn with_state<T>(&self, f: impl FnOnce(&mut RunState) -> T) -> T {
+        self.with_state_seen(None, f)
+    }
+
+    /// Like [`Shared::with_state`]; also marks the current revision as seen by `seen` before
+    /// `f` runs, under the lock, so that no change made after `f` can be missed.
+    fn with_state_seen<T>(&self, seen: Option<&mut watch::Receiver<u64>>, f: impl FnOnce(&mut RunState) -> T) -> T {
+        let mut st = lock(&self.state);
+        if let Some(rx) = seen {
+            rx.borrow_and_update();
+        }
+        let before = st.revision();
+        let out = f(&mut st);
+        let after = st.revision();
+        let events = st.drain_events();
+        if after != before {
+            self.revision.send_replace(after);
+        }
+        drop(st);
+        self.events.record(events);
+        out
+    }
+
+    pub fn weights(&self) -> MutexGuard<'_, WeightStore> {
+        lock(&self.weights)
+    }
+
+    fn stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
+    /// Retries `attempt` each time the state changes until it yields a value, `wait` passes or
+    /// the process stops (then `None`).
+    async fn long_poll<T>(
+        &self,
+        wait: Duration,
+        mut attempt: impl FnMut(&mut RunState) -> Result<Option<T>, StateError>,
+    ) -> Result<Option<T>, Status> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changes = self.revision.subscribe();
+        let mut stopping = self.stopping.clone();
+        loop {
+            if let Some(value) = self.with_state_seen(Some(&mut changes), &mut attempt).map_err(to_status)? {
+                return Ok(Some(value));
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return Ok(None) },
+                _ = tokio::time::sleep_until(deadline) => return Ok(None),
+                _ = stopping.wait_for(|s| *s) => return Ok(None),
+            }
+        }
+    }
+
+    fn wait_for(&self, requested_ms: u64) -> Duration {
+        match requested_ms {
+            0 => self.options.default_wait,
+            ms => Duration::from_millis(ms).min(self.options.max_wait),
+        }
+    }
+}
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct CoordinatorService {
+    shared: Arc<Shared>,
+}
+
+impl CoordinatorService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        CoordinatorService { shared }
+    }
+}
+
+pub fn to_status(err: StateError) -> Status {
+    let message = err.to_string();
+    match err {
+        StateError::UnknownWorker(_) | StateError::UnknownJob(_) => Status::not_found(message),
+        StateError::JobNotRunning { .. }
+        | StateError::NotGrpo { .. }
+        | StateError::WrongRole { .. }
+        | StateError::FailedPrecondition(_) => Status::failed_precondition(message),
+        StateError::InvalidJob(_) | StateError::InvalidArgument(_) => Status::invalid_argument(message),
+        StateError::ShuttingDown => Status::unavailable(message),
+    }
+}
+
+fn weights_status(err: WeightsError) -> Status {
+    Status::invalid_argument(err.to_string())
+}
+
+pub fn job_state_pb(state: JobState) -> pb::JobState {
+    match state {
+        JobState::Queued => pb::JobState::Queued,
+        JobState::Running => pb::JobState::Running,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+pub fn stage_pb(stage: Stage) -> pb::Stage {
+    match stage {
+        Stage::Pt => pb::Stage::Pt,
+        Stage::Sft => pb::Stage::Sft,
+        Stage::Grpo => pb::Stage::Grpo,
+    }
+}
+
+fn role_pb(role: Role) -> pb::Role {
+    match role {
+        Role::RolloutWorker => pb::Role::RolloutWorker,
+        Role::Learner => pb::Role::Learner,
+    }
+}
+
+fn unix_ms_after(delay: Duration) -> u64 {
+    (SystemTime::now() + delay).duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn running_job_fields(st: &RunState) -> (u64, u64, pb::JobState) {
+    match st.running_job() {
+        Some(id) => (
+            id.0,
+            st.policy_version(id).unwrap_or(0),
+            st.job_state(id).map_or(pb::JobState::Unspecified, job_state_pb),
+        ),
+        None => (0, 0, pb::JobState::Unspecified),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for CoordinatorService {
+    #[tracing::instrument(skip_all, fields(role = request.get_ref().role, name = %request.get_ref().name, worker_id))]
+    async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let req = request.into_inner();
+        let role = match pb::Role::try_from(req.role) {
+            Ok(pb::Role::RolloutWorker) => Role::RolloutWorker,
+            Ok(pb::Role::Learner) => Role::Learner,
+            _ => return Err(Status::invalid_argument("role must be ROLE_ROLLOUT_WORKER or ROLE_LEARNER")),
+        };
+        let (id, interval) = self.shared.with_state(|st| {
+            let id = st.register(Instant::now(), role, req.name, req.rank, req.world_size);
+            (id, st.heartbeat_interval())
+        });
+        tracing::Span::current().record("worker_id", id.0);
+        Ok(Response::new(pb::RegisterResponse { worker_id: id.0, heartbeat_interval_ms: interval.as_millis() as u64 }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(worker_id = request.get_ref().worker_id))]
+    async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let worker = WorkerId(request.into_inner().worker_id);
+        let stopping = self.shared.stopping();
+        self.shared.with_state(|st| {
+            st.touch(Instant::now(), worker).map_err(to_status)?;
+            let (job_id, policy_version, job_state) = running_job_fields(st);
+            Ok(Response::new(pb::HeartbeatResponse {
+                job_id,
+                policy_version,
+                job_state: job_state as i32,
+                shutdown: stopping || st.finished(),
+                heartbeat_interval_ms: st.heartbeat_interval().as_millis() as u64,
+            }))
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(worker_id = request.get_ref().worker_id))]
+    async fn deregister(&self, request: Request<pb::DeregisterRequest>) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let worker = WorkerId(request.into_inner().worker_id);
+        let returned = self.shared.with_state(|st| st.deregister(worker)).map_err(to_status)?;
+        Ok(Response::new(pb::DeregisterResponse { prompts_returned: returned as u32 }))
+    }
+
+    #[tracing::instrument(skip_all, fields(job_id))]
+    async fn submit_job(&self, request: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let req = request.into_inner();
+        // Reading the dataset is file I/O: off the executor and outside the lock.
+        let loaded = tokio::task::spawn_blocking(move || state::load_job(&req.config_toml, &req.overrides))
+            .await
+            .map_err(|e| Status::internal(format!("loading the job panicked: {e}")))?;
+        let (config, samples) = loaded.map_err(to_status)?;
+        let id = self.shared.with_state(|st| st.enqueue(config, samples)).map_err(to_status)?;
+        tracing::Span::current().record("job_id", id.0);
+        Ok(Response::new(pb::SubmitJobResponse { job_id: id.0 }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(worker_id = request.get_ref().worker_id, after = request.get_ref().after_job_id))]
+    async fn wait_for_job(&self, request: Request<pb::WaitForJobRequest>) -> Result<Response<pb::JobAssignment>, Status> {
+        let req = request.into_inner();
+        let worker = WorkerId(req.worker_id);
+        self.shared.with_state(|st| st.touch(Instant::now(), worker).map(drop)).map_err(to_status)?;
+        let wait = self.shared.wait_for(req.wait_ms);
+        let found = self
+            .shared
+            .long_poll(wait, |st| {
+                Ok(match st.assignment(JobId(req.after_job_id)) {
+                    Assignment::Wait => None,
+                    other => Some(other),
+                })
+            })
+            .await?;
+        let reply = match found {
+            Some(Assignment::Job { job_id, name, stage, config_toml }) => pb::JobAssignment {
+                job_id: job_id.0,
+                config_toml,
+                stage: stage_pb(stage) as i32,
+                shutdown: false,
+                name,
+            },
+            Some(Assignment::Shutdown) => pb::JobAssignment { shutdown: true, ..Default::default() },
+            Some(Assignment::Wait) | None => pb::JobAssignment { shutdown: self.shared.stopping(), ..Default::default() },
+        };
+        Ok(Response::new(reply))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(job_id = request.get_ref().job_id))]
+    async fn get_status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::RunStatus>, Status> {
+        let only = match request.into_inner().job_id {
+            0 => None,
+            id => Some(JobId(id)),
+        };
+        let now = Instant::now();
+        self.shared.with_state(|st| {
+            let jobs = st.snapshot(only).map_err(to_status)?;
+            let jobs = jobs
+                .into_iter()
+                .map(|j| pb::JobStatus {
+                    job_id: j.job_id.0,
+                    name: j.name,
+                    stage: stage_pb(j.stage) as i32,
+                    state: job_state_pb(j.state) as i32,
+                    step: j.steps_completed,
+                    total_steps: j.total_steps,
+                    policy_version: j.policy_version,
+                    prompts_leased: j.counters.prompts_leased,
+                    groups_accepted: j.counters.groups_accepted,
+                    groups_trained: j.counters.groups_trained,
+                    groups_dropped_stale: j.counters.groups_dropped_stale,
+                    duplicates_ignored: j.counters.duplicates_ignored,
+                    tied_groups: j.counters.tied_groups,
+                    queue_depth: j.queue_depth,
+                    leased_prompts_outstanding: j.leased_prompts_outstanding,
+                    latest_metrics: j.latest_metrics.into_iter().collect(),
+                    message: j.message,
+                    late_groups_ignored: j.counters.late_groups_ignored,
+                    unknown_lease_groups: j.counters.unknown_lease_groups,
+                    leases_expired: j.counters.leases_expired,
+                })
+                .collect();
+            let workers = st
+                .workers()
+                .map(|(id, w)| pb::WorkerInfo {
+                    worker_id: id.0,
+                    name: w.name.clone(),
+                    role: role_pb(w.role) as i32,
+                    rank: w.rank,
+                    last_heartbeat_ms_ago: now.saturating_duration_since(w.last_seen).as_millis() as u64,
+                    alive: w.alive,
+                })
+                .collect();
+            Ok(Response::new(pb::RunStatus { jobs, workers, shutting_down: st.shutting_down() }))
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(job_id = request.get_ref().job_id))]
+    async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let id = JobId(request.into_inner().job_id);
+        let state = self.shared.with_state(|st| st.cancel_job(id)).map_err(to_status)?;
+        Ok(Response::new(pb::CancelJobResponse { state: job_state_pb(state) as i32 }))
+    }
+
+    #[tracing::instrument(skip_all, fields(drain = request.get_ref().drain))]
+    async fn shutdown(&self, request: Request<pb::ShutdownRequest>) -> Result<Response<pb::ShutdownResponse>, Status> {
+        let drain = request.into_inner().drain;
+        self.shared.with_state(|st| st.shutdown(drain));
+        Ok(Response::new(pb::ShutdownResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(job_id = request.get_ref().job_id, worker_id = request.get_ref().worker_id, policy_version, leased))]
+    async fn lease_prompts(&self, request: Request<pb::LeaseRequest>) -> Result<Response<pb::Lease>, Status> {
+        let req = request.into_inner();
+        let grant = self
+            .shared
+            .with_state(|st| st.lease(Instant::now(), WorkerId(req.worker_id), JobId(req.job_id), req.max_prompts))
+            .map_err(to_status)?;
+        let span = tracing::Span::current();
+        span.record("policy_version", grant.policy_version);
+        span.record("leased", grant.prompts.len());
+        let retry = if grant.prompts.is_empty() && !grant.job_done() { self.shared.options.lease_retry } else { Duration::ZERO };
+        Ok(Response::new(pb::Lease {
+            lease_id: grant.lease_id.map_or(0, |l| l.0),
+            job_id: grant.job_id.0,
+            policy_version: grant.policy_version,
+            group_size: grant.group_size,
+            deadline_unix_ms: if grant.prompts.is_empty() { 0 } else { unix_ms_after(grant.timeout) },
+            job_done: grant.job_done(),
+            job_state: job_state_pb(grant.job_state) as i32,
+            retry_after_ms: retry.as_millis() as u64,
+            prompts: grant
+                .prompts
+                .into_iter()
+                .map(|(key, sample_json)| pb::Prompt { prompt_id: key.prompt_id, epoch: key.epoch, sample_json })
+                .collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(job_id, worker_id, accepted, duplicates, stale, unknown_lease))]
+    async fn submit_groups(
+        &self,
+        request: Request<Streaming<pb::RolloutGroup>>,
+    ) -> Result<Response<pb::SubmitGroupsResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut reply = pb::SubmitGroupsResponse::default();
+        let span = tracing::Span::current();
+        while let Some(group) = stream.next().await {
+            let group = group?;
+            span.record("job_id", group.job_id);
+            span.record("worker_id", group.worker_id);
+            let outcome = self.shared.with_state(|st| st.submit_group(Instant::now(), group)).map_err(to_status)?;
+            match outcome {
+                GroupOutcome::Accepted => reply.accepted += 1,
+                GroupOutcome::Duplicate => reply.duplicates += 1,
+                GroupOutcome::Stale => reply.stale += 1,
+                GroupOutcome::UnknownLease => reply.unknown_lease += 1,
+            }
+        }
+        span.record("accepted", reply.accepted);
+        span.record("duplicates", reply.duplicates);
+        span.record("stale", reply.stale);
+        span.record("unknown_lease", reply.unknown_lease);
+        Ok(Response::new(reply))
+    }
+
+    #[tracing::instrument(skip_all, fields(job_id = request.get_ref().job_id, rank = request.get_ref().rank, step = request.get_ref().step, policy_version))]
+    async fn pull_training_batch(&self, request: Request<pb::PullBatchRequest>) -> Result<Response<pb::TrainingBatch>, Status> {
+        let req = request.into_inner();
+        let job = JobId(req.job_id);
+        let wait = self.shared.wait_for(req.wait_ms);
+        let found = self
+            .shared
+            .long_poll(wait, |st| {
+                let outcome = st.pull_batch(job, req.rank, req.world_size, req.step)?;
+                Ok(match outcome {
+                    BatchOutcome::Pending => None,
+                    BatchOutcome::Groups { groups, policy_version } => {
+                        // Attach each group's prompt for the learner.
+                        let with_prompts = groups
+                            .iter()
+                            .map(|g| {
+                                let mut g = pb::RolloutGroup::clone(g);
+                                g.prompt = Some(pb::Prompt {
+                                    prompt_id: g.prompt_id,
+                                    epoch: g.epoch,
+                                    sample_json: st.sample(job, g.prompt_id).unwrap_or_default(),
+                                });
+                                g
+                            })
+                            .collect::<Vec<_>>();
+                        Some((BatchOutcome::Groups { groups: Vec::new(), policy_version }, with_prompts))
+                    }
+                    other => Some((other, Vec::new())),
+                })
+            })
+            .await?;
+        let mut batch = pb::TrainingBatch { job_id: job.0, step: req.step, ..Default::default() };
+        match found {
+            None => {
+                batch.pending = true;
+                batch.job_state = pb::JobState::Running as i32;
+            }
+            Some((BatchOutcome::Done(state), _)) => {
+                batch.done = true;
+                batch.job_state = job_state_pb(state) as i32;
+            }
+            Some((BatchOutcome::Samples { samples, policy_version }, _)) => {
+                batch.samples = samples;
+                batch.policy_version = policy_version;
+                batch.job_state = pb::JobState::Running as i32;
+            }
+            Some((BatchOutcome::Groups { policy_version, .. }, groups)) => {
+                batch.groups = groups;
+                batch.policy_version = policy_version;
+                batch.job_state = pb::JobState::Running as i32;
+            }
+            Some((BatchOutcome::Pending, _)) => batch.pending = true,
+        }
+        tracing::Span::current().record("policy_version", batch.policy_version);
+        Ok(Response::new(batch))
+    }
+
+    #[tracing::instrument(skip_all, fields(job_id = request.get_ref().job_id, rank = request.get_ref().rank, step = request.get_ref().step, policy_version = request.get_ref().policy_version_after))]
+    async fn report_step(&self, request: Request<pb::StepReport>) -> Result<Response<pb::StepReportResponse>, Status> {
+        let req = request.into_inner();
+        let job = JobId(req.job_id);
+        let metrics: BTreeMap<String, f64> = req.metrics.into_iter().collect();
+        let (completed, state) = self
+            .shared
+            .with_state(|st| {
+                let completed = st.report_step(job, req.rank, req.step, metrics, req.policy_version_after)?;
+                Ok((completed, st.job_state(job)?))
+            })
+            .map_err(to_status)?;
+        Ok(Response::new(pb::StepReportResponse { steps_completed: completed, job_state: job_state_pb(state) as i32 }))
+    }
+
+    #[tracing::instrument(skip_all, fields(job_id = request.get_ref().job_id, rank = request.get_ref().rank))]
+    async fn finish_job(&self, request: Request<pb::FinishJobRequest>) -> Result<Response<pb::FinishJobResponse>, Status> {
+        let req = request.into_inner();
+        let state = self
+            .shared
+            .with_state(|st| st.finish_job(JobId(req.job_id), req.rank, req.checkpoint_dir, req.failure))
+            .map_err(to_status)?;
+        Ok(Response::new(pb::FinishJobResponse { state: job_state_pb(state) as i32 }))
+    }
+
+    #[tracing::instrument(skip_all, fields(job_id, policy_version, tensors, bytes))]
+    async fn publish_weights(
+        &self,
+        request: Request<Streaming<pb::WeightChunk>>,
+    ) -> Result<Response<pb::PublishWeightsResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut assembler = VersionAssembler::default();
+        let mut complete = None;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            let first = assembler.target().is_none();
+            if let Some(version) = assembler.push(chunk).map_err(weights_status)? {
+                complete = Some(version);
+            }
+            if first {
+                let Some((job, version)) = assembler.target() else { continue };
+                let span = tracing::Span::current();
+                span.record("job_id", job.0);
+                span.record("policy_version", version);
+                let state = self.shared.with_state(|st| st.job_state(job)).map_err(to_status)?;
+                if state != JobState::Running {
+                    return Err(to_status(StateError::JobNotRunning { job, state }));
+                }
+                if !self.shared.weights().accepts(job, version) {
+                    return Err(Status::failed_precondition(format!(
+                        "job {job} already has weights of version {version} or newer"
+                    )));
+                }
+            }
+        }
+        assembler.finish().map_err(weights_status)?;
+        let version = complete.ok_or_else(|| weights_status(WeightsError::Incomplete))?;
+        let (job, number, tensors, bytes) = (version.job_id, version.version, version.tensors.len() as u32, version.total_bytes());
+        {
+            let mut store = self.shared.weights();
+            if !store.accepts(job, number) {
+                return Err(Status::failed_precondition(format!("job {job} already has weights of version {number} or newer")));
+            }
+            store.install(version);
+        }
+        self.shared.with_state(|st| st.weights_published(job, number)).map_err(to_status)?;
+        let span = tracing::Span::current();
+        span.record("tensors", tensors);
+        span.record("bytes", bytes);
+        Ok(Response::new(pb::PublishWeightsResponse { policy_version: number, tensors, bytes }))
+    }
+
+    type FetchWeightsStream = tokio_stream::Iter<std::vec::IntoIter<Result<pb::WeightChunk, Status>>>;
+
+    #[tracing::instrument(skip_all, fields(job_id = request.get_ref().job_id, worker_id = request.get_ref().worker_id, have = request.get_ref().have_version, policy_version))]
+    async fn fetch_weights(&self, request: Request<pb::FetchWeightsRequest>) -> Result<Response<Self::FetchWeightsStream>, Status> {
+        let req = request.into_inner();
+        let job = JobId(req.job_id);
+        self.shared
+            .with_state(|st| {
+                if req.worker_id != 0 {
+                    st.touch(Instant::now(), WorkerId(req.worker_id))?;
+                }
+                st.job_state(job)
+            })
+            .map_err(to_status)?;
+        let latest = self.shared.weights().newer_than(job, req.have_version);
+        let chunks = match latest {
+            Some(version) => {
+                tracing::Span::current().record("policy_version", version.version);
+                version.chunks(self.shared.options.weight_chunk_bytes)
+            }
+            None => Vec::new(),
+        };
+        Ok(Response::new(tokio_stream::iter(chunks.into_iter().map(Ok).collect::<Vec<_>>())))
+    }
+
+    #[tracing::instrument(skip_all, fields(job_id = request.get_ref().job_id, key = %request.get_ref().key, rank = request.get_ref().rank))]
+    async fn rendezvous(&self, request: Request<pb::RendezvousRequest>) -> Result<Response<pb::RendezvousResponse>, Status> {
+        let req = request.into_inner();
+        let job = JobId(req.job_id);
+        let wait = self.shared.options.max_wait;
+        let payloads = self
+            .shared
+            .long_poll(wait, |st| {
+                let all = st.rendezvous(job, &req.key, req.rank, req.world_size, req.payload.clone())?;
+                Ok(all.map(|all| all.into_iter().collect::<Vec<_>>()))
+            })
+            .await?;
+        match payloads {
+            Some(payloads) => Ok(Response::new(pb::RendezvousResponse { payloads })),
+            None => Err(Status::deadline_exceeded(format!(
+                "rendezvous `{}` of job {job}: not every one of {} ranks arrived",
+                req.key, req.world_size
+            ))),
+        }
+    }
+}

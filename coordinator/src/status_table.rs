@@ -1,0 +1,136 @@
+//! `medtvt status`: the run's state as a plain-text table, one row per job and per process.
+
+use medtvt_proto::v1 as pb;
+use std::fmt::Write;
+
+fn state_name(state: i32) -> &'static str {
+    match pb::JobState::try_from(state) {
+        Ok(pb::JobState::Queued) => "queued",
+        Ok(pb::JobState::Running) => "running",
+        Ok(pb::JobState::Succeeded) => "succeeded",
+        Ok(pb::JobState::Failed) => "FAILED",
+        Ok(pb::JobState::Cancelled) => "cancelled",
+        _ => "?",
+    }
+}
+
+fn stage_name(stage: i32) -> &'static str {
+    match pb::Stage::try_from(stage) {
+        Ok(pb::Stage::Pt) => "pt",
+        Ok(pb::Stage::Sft) => "sft",
+        Ok(pb::Stage::Grpo) => "grpo",
+        _ => "?",
+    }
+}
+
+fn role_name(role: i32) -> &'static str {
+    match pb::Role::try_from(role) {
+        Ok(pb::Role::RolloutWorker) => "rollout",
+        Ok(pb::Role::Learner) => "learner",
+        _ => "?",
+    }
+}
+
+/// Renders the status as aligned columns.
+pub fn render(status: &pb::RunStatus) -> String {
+    let mut rows = vec![[
+        "JOB", "NAME", "STAGE", "STATE", "STEP", "VERSION", "LEASED", "ACCEPTED", "TRAINED", "STALE", "DUP", "QUEUE", "OUT",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for j in &status.jobs {
+        rows.push(vec![
+            j.job_id.to_string(),
+            j.name.clone(),
+            stage_name(j.stage).into(),
+            state_name(j.state).into(),
+            format!("{}/{}", j.step, j.total_steps),
+            j.policy_version.to_string(),
+            j.prompts_leased.to_string(),
+            j.groups_accepted.to_string(),
+            j.groups_trained.to_string(),
+            j.groups_dropped_stale.to_string(),
+            j.duplicates_ignored.to_string(),
+            j.queue_depth.to_string(),
+            j.leased_prompts_outstanding.to_string(),
+        ]);
+    }
+    let mut out = table(&rows);
+    for j in status.jobs.iter().filter(|j| !j.message.is_empty()) {
+        let _ = writeln!(out, "job {}: {}", j.job_id, j.message);
+    }
+    for j in status.jobs.iter().filter(|j| !j.latest_metrics.is_empty()) {
+        let mut metrics: Vec<_> = j.latest_metrics.iter().collect();
+        metrics.sort_by(|a, b| a.0.cmp(b.0));
+        let text: Vec<String> = metrics.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
+        let _ = writeln!(out, "job {} metrics: {}", j.job_id, text.join(" "));
+    }
+    out.push('\n');
+    let mut rows = vec![["WORKER", "NAME", "ROLE", "RANK", "ALIVE", "LAST SEEN"].map(String::from).to_vec()];
+    for w in &status.workers {
+        rows.push(vec![
+            w.worker_id.to_string(),
+            w.name.clone(),
+            role_name(w.role).into(),
+            w.rank.to_string(),
+            if w.alive { "yes" } else { "DEAD" }.into(),
+            format!("{:.1}s ago", w.last_heartbeat_ms_ago as f64 / 1000.0),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    if status.shutting_down {
+        out.push_str("the coordinator is shutting down\n");
+    }
+    out
+}
+
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..columns).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_jobs_workers_and_failures() {
+        let status = pb::RunStatus {
+            jobs: vec![pb::JobStatus {
+                job_id: 3,
+                name: "tiny-grpo".into(),
+                stage: pb::Stage::Grpo as i32,
+                state: pb::JobState::Failed as i32,
+                step: 2,
+                total_steps: 30,
+                groups_trained: 8,
+                message: "learner rank 1 lost".into(),
+                latest_metrics: [("loss".to_string(), 0.5)].into(),
+                ..Default::default()
+            }],
+            workers: vec![pb::WorkerInfo {
+                worker_id: 9,
+                name: "host-a".into(),
+                role: pb::Role::RolloutWorker as i32,
+                alive: false,
+                last_heartbeat_ms_ago: 31_500,
+                ..Default::default()
+            }],
+            shutting_down: false,
+        };
+        let text = render(&status);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("JOB  NAME       STAGE  STATE"), "{text}");
+        assert!(lines[1].starts_with("3    tiny-grpo  grpo   FAILED  2/30"), "{text}");
+        assert!(text.contains("job 3: learner rank 1 lost"));
+        assert!(text.contains("job 3 metrics: loss=0.5000"));
+        assert!(text.contains("9       host-a  rollout  0     DEAD   31.5s ago"), "{text}");
+    }
+}

@@ -1,0 +1,83 @@
+//! The `medtvt coordinator` entry point in-process: configs given on the command line become
+//! jobs in order, the bound address is announced, the event log is written, and the stop
+//! signal ends it cleanly.
+
+mod common;
+
+use clap::Parser;
+use common::*;
+use medtvt_coordinator::{run_until, CoordinatorArgs};
+use medtvt_proto::v1 as pb;
+use tokio::sync::oneshot;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: CoordinatorArgs,
+}
+
+#[tokio::test]
+async fn command_line_configs_become_jobs_and_the_address_is_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    write_dataset(dir.path(), 4);
+    let pt = dir.path().join("pt.toml");
+    let sft = dir.path().join("sft.toml");
+    std::fs::write(&pt, config_text(dir.path(), "pt", "")).unwrap();
+    std::fs::write(&sft, config_text(dir.path(), "sft", "")).unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "tok-123\n").unwrap();
+    let run_dir = dir.path().join("run");
+    let cli = Cli::try_parse_from([
+        "medtvt".as_ref(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--config".as_ref(),
+        pt.as_os_str(),
+        "--config".as_ref(),
+        sft.as_os_str(),
+        "--set".as_ref(),
+        "train.steps=7".as_ref(),
+        "--run-dir".as_ref(),
+        run_dir.as_os_str(),
+        "--auth-token-file".as_ref(),
+        token.as_os_str(),
+    ])
+    .unwrap();
+
+    let (addr_tx, addr_rx) = oneshot::channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let running = tokio::spawn(run_until(
+        cli.args,
+        async move {
+            let _ = stop_rx.await;
+        },
+        move |addr| {
+            let _ = addr_tx.send(addr);
+            Ok(())
+        },
+    ));
+    let addr = addr_rx.await.unwrap();
+    assert_ne!(addr.port(), 0, "the real port is announced");
+    let mut c = medtvt_proto::client::connect(&format!("http://{addr}"), Some("tok-123")).await.unwrap();
+    let status = c.get_status(pb::StatusRequest::default()).await.unwrap().into_inner();
+    let jobs: Vec<_> = status.jobs.iter().map(|j| (j.name.as_str(), j.state, j.total_steps)).collect();
+    assert_eq!(
+        jobs,
+        vec![("test-pt", pb::JobState::Running as i32, 7), ("test-sft", pb::JobState::Queued as i32, 7)]
+    );
+    stop_tx.send(()).unwrap();
+    running.await.unwrap().unwrap();
+    let events = std::fs::read_to_string(run_dir.join("events.jsonl")).unwrap();
+    assert!(events.lines().count() >= 3, "{events}");
+    assert!(events.contains("\"event\":\"job_started\""), "{events}");
+}
+
+#[tokio::test]
+async fn an_invalid_command_line_config_is_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[run]\n").unwrap();
+    let cli = Cli::try_parse_from(["medtvt".as_ref(), "--listen".as_ref(), "127.0.0.1:0".as_ref(), "--config".as_ref(), bad.as_os_str()]).unwrap();
+    let err = run_until(cli.args, async {}, |_| Ok(())).await.unwrap_err();
+    assert!(format!("{err:#}").contains("bad.toml"), "{err:#}");
+}
