@@ -132,6 +132,8 @@ impl Coordinator {
         tracing::info!(%local_addr, auth = options.auth_token.is_some(), "coordinator serving");
         // TLS goes here: `.tls_config(ServerTlsConfig::new().identity(...))` on the builder.
         let serving = Server::builder()
+            // Weight streams are large: let HTTP/2 flow-control windows grow with the link.
+            .http2_adaptive_window(Some(true))
             .add_service(health_service)
             .add_service(coordinator)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);

@@ -114,7 +114,9 @@ pub async fn connect_with(url: &str, token: Option<&str>, options: &ConnectOptio
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|source| ClientError::BadUrl { url: url.to_string(), source })?
         .connect_timeout(options.connect_timeout)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // Weight streams are large: let HTTP/2 flow-control windows grow with the link.
+        .http2_adaptive_window(true);
     let attempts = options.attempts.max(1);
     let mut backoff = options.initial_backoff;
     let mut attempt = 1;
