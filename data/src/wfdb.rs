@@ -703,4 +703,20 @@ mod tests {
         let with_nan = resample(&[f32::NAN; 10], 500.0, 100.0);
         assert_eq!(with_nan, vec![0.0, 0.0]);
     }
+
+    #[test]
+    fn signals_spread_over_two_files_and_a_byte_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write_record(&dir.path().join("a"), 500.0, &["I"], &[vec![0.5, -0.25, 1.0]], SignalFormat::F16, &[200.0], &[0]).unwrap();
+        let b = write_record(&dir.path().join("b"), 500.0, &["II"], &[vec![0.1, 0.2, 0.3]], SignalFormat::F212, &[100.0], &[7]).unwrap();
+        // b.dat again, behind 4 bytes of preamble.
+        let mut shifted = vec![9u8; 4];
+        shifted.extend(std::fs::read(dir.path().join("b.dat")).unwrap());
+        std::fs::write(dir.path().join("c.dat"), shifted).unwrap();
+        std::fs::write(dir.path().join("ab.hea"), "ab 3 500 3\na.dat 16 200(0)/mV 16 0 0 0 0 I\nb.dat 212 100(7)/mV 12 0 0 0 0 II\nc.dat 212+4 100(7)/mV 12 0 0 0 0 II copy\n").unwrap();
+        let rec = read_record(&dir.path().join("ab")).unwrap();
+        assert_eq!(rec.adc, vec![a.adc[0].clone(), b.adc[0].clone(), b.adc[0].clone()]);
+        assert_eq!(rec.physical()[0], vec![0.5, -0.25, 1.0]);
+        assert_eq!(rec.signals[2].description, "II copy");
+    }
 }
