@@ -221,7 +221,8 @@ pub fn write_record(
     if data.iter().any(|d| d.len() != n_samples) {
         return Err(DataError::arg("data", "every lead needs the same number of samples"));
     }
-    if !(fs > 0.0) || gains.iter().any(|g| !(*g > 0.0)) {
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    if !positive(fs) || !gains.iter().all(|g| positive(*g)) {
         return Err(DataError::arg("fs/gains", "must be positive"));
     }
     let (lo, hi) = format.range();
@@ -650,7 +651,7 @@ mod tests {
 
     #[test]
     fn format_212_roundtrip_including_odd_length_and_extremes() {
-        let v = vec![0, 1, -1, 2047, -2047, -2048, 1000, -5];
+        let v = [0, 1, -1, 2047, -2047, -2048, 1000, -5];
         for n in [v.len(), v.len() - 1] {
             let bytes = encode(SignalFormat::F212, &v[..n]);
             assert_eq!(decode(SignalFormat::F212, &bytes, n), v[..n].to_vec());

@@ -294,9 +294,10 @@ impl Progress {
     }
 
     pub(crate) fn inc(&self, done: usize) {
+        let step = (self.total / 10).max(1);
         if let Some(bar) = &self.bar {
             bar.set_position(done as u64);
-        } else if self.plain && (done == self.total || done % (self.total / 10).max(1) == 0) {
+        } else if self.plain && done > 0 && (done == self.total || done / step != (done - 1) / step) {
             eprintln!("{}: {done}/{}", self.label, self.total);
         }
     }
