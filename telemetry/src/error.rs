@@ -22,12 +22,9 @@ pub enum TelemetryError {
         source: tracing_subscriber::filter::ParseError,
     },
 
-    /// OTLP over gRPC uses a tonic channel, which must be created inside a tokio runtime.
-    #[error(
-        "exporting to OTLP endpoint {endpoint} needs a tokio runtime: call medtvt_telemetry::init \
-         from inside the runtime (e.g. at the top of a #[tokio::main] fn or inside Runtime::block_on)"
-    )]
-    NoRuntime { endpoint: String },
+    /// The private tokio runtime that hosts the OTLP channels could not be started.
+    #[error("starting the OTLP export runtime (thread medtvt-otlp): {0}")]
+    ExportRuntime(#[source] std::io::Error),
 
     /// The OTLP exporter for one signal could not be built (bad endpoint, bad OTEL_* variable).
     #[error("building the OTLP {signal} exporter for {endpoint}: {source}")]

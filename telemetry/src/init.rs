@@ -9,10 +9,14 @@
 //! [`crate::propagation`].
 //!
 //! Threads and runtimes: the SDK's batch span processor and periodic metric reader each run on a
-//! dedicated OS thread (the SDK 0.33 default; the tokio-task variants are still experimental),
-//! while the tonic channel they export through lives on the tokio runtime that was current when
-//! [`init`] ran. That runtime must therefore outlive the guard, and flushing must never block
-//! the thread the runtime needs to make progress — hence the care in [`TelemetryGuard`].
+//! dedicated OS thread (the SDK 0.33 default; its tokio-task variants are still experimental) and
+//! block on the tonic export calls. The tonic channels those calls go through need a tokio
+//! runtime to run their connection tasks; they get a private one-worker runtime (thread
+//! `medtvt-otlp`) owned by the guard, not the application's. So exporting never competes with or
+//! waits on the application's executor, [`init`] works inside or outside any runtime (multi- or
+//! current-thread), and the final flush works wherever the guard is dropped — even after the
+//! application's runtime is gone.
+use std::io::IsTerminal as _;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::{global, KeyValue};
@@ -21,15 +25,17 @@ use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
-use tokio::runtime::{Handle, RuntimeFlavor};
+use tokio::runtime::Runtime;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::{TelemetryConfig, TelemetryError};
 
-/// Console filter when `RUST_LOG` is unset or blank.
-const DEFAULT_FILTER: &str = "info";
+/// Console filter when `RUST_LOG` is unset or blank: `info`, but the OTel SDK's own start-up
+/// chatter only from `warn` (export failures are still shown).
+const DEFAULT_FILTER: &str =
+    "info,opentelemetry=warn,opentelemetry_sdk=warn,opentelemetry_otlp=warn";
 
 /// Appended to the OTLP layer's filter: spans of the export path itself (the gRPC stack and the
 /// SDK) would otherwise be exported, creating more export traffic, in an endless loop.
@@ -42,15 +48,16 @@ pub(crate) const INSTRUMENTATION_SCOPE: &str = "medtvt";
 /// Installs the global tracing subscriber, and OTLP span and metric export when an endpoint is
 /// configured (in [`TelemetryConfig::otlp_endpoint`] or `OTEL_EXPORTER_OTLP_ENDPOINT`).
 ///
-/// Call it once per process, early, from inside the tokio runtime when exporting (the OTLP
-/// channel is spawned on the current runtime). Keep the returned guard alive until the end of
-/// `main`; dropping it (or [`TelemetryGuard::shutdown`]) flushes what is buffered.
+/// Call it once per process, early; inside or outside a tokio runtime (the OTLP channels run on a
+/// private runtime the guard owns). Keep the returned guard alive until the end of `main`;
+/// dropping it (or `guard.shutdown().await`) flushes what is buffered.
 pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
     config.validate()?;
     let endpoint = config.resolved_otlp_endpoint()?;
     let filter_directives = filter_directives_from_env();
     let console_layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_filter(parse_filter(&filter_directives, &filter_directives)?);
 
     global::set_text_map_propagator(TraceContextPropagator::new());
@@ -59,27 +66,38 @@ pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
             .with(console_layer)
             .try_init()
             .map_err(TelemetryError::AlreadyInitialized)?;
-        return Ok(TelemetryGuard { providers: None });
+        return Ok(TelemetryGuard { exporting: None });
     };
 
-    if Handle::try_current().is_err() {
-        return Err(TelemetryError::NoRuntime { endpoint });
-    }
     let otel_filter = parse_filter(
         &filter_directives,
         &format!("{filter_directives},{EXPORT_PATH_OFF}"),
     )?;
     let resource = resource(&config);
-    let tracer_provider = tracer_provider(&endpoint, resource.clone())?;
-    let meter_provider = meter_provider(&endpoint, resource, &config)?;
+    let runtime = export_runtime()?;
+    let built = {
+        // The tonic channels spawn their connection tasks on the runtime entered here.
+        let _entered = runtime.enter();
+        tracer_provider(&endpoint, resource.clone())
+            .and_then(|tracer| Ok((tracer, meter_provider(&endpoint, resource, &config)?)))
+    };
+    let (tracer_provider, meter_provider) = match built {
+        Ok(providers) => providers,
+        Err(error) => {
+            // Not a plain drop: dropping a runtime inside an async context panics.
+            runtime.shutdown_background();
+            return Err(error);
+        }
+    };
     let otel_layer = tracing_opentelemetry::layer()
         .with_tracer(tracer_provider.tracer(INSTRUMENTATION_SCOPE))
         .with_filter(otel_filter);
     // The guard owns the providers before the fallible install, so a failure still shuts them down.
     let guard = TelemetryGuard {
-        providers: Some(Providers {
+        exporting: Some(Exporting {
             tracer: tracer_provider.clone(),
             meter: meter_provider.clone(),
+            runtime,
         }),
     };
     tracing_subscriber::registry()
@@ -94,7 +112,17 @@ pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
     Ok(guard)
 }
 
-/// `RUST_LOG`, or `info` when unset or blank.
+/// The private runtime that hosts the OTLP channels.
+fn export_runtime() -> Result<Runtime, TelemetryError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("medtvt-otlp")
+        .enable_all()
+        .build()
+        .map_err(TelemetryError::ExportRuntime)
+}
+
+/// `RUST_LOG`, or [`DEFAULT_FILTER`] when unset or blank.
 fn filter_directives_from_env() -> String {
     match std::env::var("RUST_LOG") {
         Ok(value) if !value.trim().is_empty() => value,
@@ -167,114 +195,112 @@ fn meter_provider(
         .build())
 }
 
-/// The SDK providers [`init`] installed.
-struct Providers {
+/// The SDK providers [`init`] installed and the runtime their exporters' channels live on.
+struct Exporting {
     tracer: SdkTracerProvider,
     meter: SdkMeterProvider,
+    runtime: Runtime,
 }
 
-impl Providers {
-    /// Blocks until both providers have exported what they hold; runs both even if one fails.
-    fn flush(&self) -> Result<(), TelemetryError> {
-        let traces = self
-            .tracer
-            .force_flush()
-            .map_err(|source| TelemetryError::Shutdown {
-                signal: "trace",
-                source,
-            });
-        let metrics = self
-            .meter
-            .force_flush()
-            .map_err(|source| TelemetryError::Shutdown {
-                signal: "metrics",
-                source,
-            });
-        traces.and(metrics)
-    }
+/// Blocks until both providers have exported what they hold; runs both even if one fails.
+fn flush(tracer: &SdkTracerProvider, meter: &SdkMeterProvider) -> Result<(), TelemetryError> {
+    let traces = tracer
+        .force_flush()
+        .map_err(|source| TelemetryError::Shutdown {
+            signal: "trace",
+            source,
+        });
+    let metrics = meter
+        .force_flush()
+        .map_err(|source| TelemetryError::Shutdown {
+            signal: "metrics",
+            source,
+        });
+    traces.and(metrics)
+}
 
-    /// Blocks until both providers have flushed and stopped their export threads.
-    fn shutdown(&self) -> Result<(), TelemetryError> {
-        let traces = self
-            .tracer
-            .shutdown()
-            .map_err(|source| TelemetryError::Shutdown {
-                signal: "trace",
-                source,
-            });
-        let metrics = self
-            .meter
-            .shutdown()
-            .map_err(|source| TelemetryError::Shutdown {
-                signal: "metrics",
-                source,
-            });
-        traces.and(metrics)
-    }
+/// Blocks until both providers have flushed and stopped their export threads.
+fn shutdown(tracer: &SdkTracerProvider, meter: &SdkMeterProvider) -> Result<(), TelemetryError> {
+    let traces = tracer
+        .shutdown()
+        .map_err(|source| TelemetryError::Shutdown {
+            signal: "trace",
+            source,
+        });
+    let metrics = meter.shutdown().map_err(|source| TelemetryError::Shutdown {
+        signal: "metrics",
+        source,
+    });
+    traces.and(metrics)
 }
 
 /// Keeps OTLP export running; flushes and shuts the providers down when dropped.
 ///
-/// Prefer `guard.shutdown().await` at the end of an async `main`: it runs the blocking shutdown
-/// on tokio's blocking pool and reports errors. Dropping the guard does the same best effort and
-/// prints errors to stderr:
-/// - on a multi-thread runtime's thread it shuts down inside `tokio::task::block_in_place`, so
-///   the runtime keeps driving the export channel meanwhile (this is what `#[tokio::main]` gets);
-/// - outside any runtime it shuts down on the current thread (the runtime that ran [`init`] must
-///   still be alive, e.g. not yet dropped after `Runtime::block_on` returned);
-/// - on a current-thread runtime, blocking would starve the export channel, so the shutdown is
-///   handed to the blocking pool and not waited for: use [`TelemetryGuard::shutdown`] there.
+/// Prefer `guard.shutdown().await` at the end of an async `main`: it waits on the blocking
+/// shutdown from the export runtime's blocking pool (never blocking the caller's executor thread)
+/// and returns errors. Dropping the guard does the same shutdown synchronously on the dropping
+/// thread — fine at the end of `main` on any runtime flavour or none, since the export does not
+/// need the application's runtime — and prints errors to stderr. Either way the flush takes a few
+/// milliseconds against a healthy collector and at most the exporter timeout (10 s) against a dead
+/// one.
 ///
 /// Without an OTLP endpoint the guard holds nothing and dropping it does nothing.
 #[must_use = "dropping the guard immediately shuts OTLP export down"]
 pub struct TelemetryGuard {
-    providers: Option<Providers>,
+    exporting: Option<Exporting>,
 }
 
 impl TelemetryGuard {
     /// Whether spans and metrics are being exported over OTLP.
     pub fn exports_otlp(&self) -> bool {
-        self.providers.is_some()
+        self.exporting.is_some()
     }
 
     /// Exports everything buffered so far without shutting down (e.g. before a long pause).
-    /// Runs on tokio's blocking pool, so it is safe on any runtime flavour.
     pub async fn flush(&self) -> Result<(), TelemetryError> {
-        let Some(providers) = &self.providers else {
+        let Some(exporting) = &self.exporting else {
             return Ok(());
         };
-        let tracer = providers.tracer.clone();
-        let meter = providers.meter.clone();
-        tokio::task::spawn_blocking(move || Providers { tracer, meter }.flush()).await?
+        let (tracer, meter) = (exporting.tracer.clone(), exporting.meter.clone());
+        exporting
+            .runtime
+            .spawn_blocking(move || flush(&tracer, &meter))
+            .await?
     }
 
     /// Flushes and shuts both providers down, waiting for the export to finish.
-    /// Runs on tokio's blocking pool, so it is safe on any runtime flavour.
     pub async fn shutdown(mut self) -> Result<(), TelemetryError> {
-        let Some(providers) = self.providers.take() else {
+        let Some(Exporting {
+            tracer,
+            meter,
+            runtime,
+        }) = self.exporting.take()
+        else {
             return Ok(());
         };
-        tokio::task::spawn_blocking(move || providers.shutdown()).await?
+        let result = runtime
+            .spawn_blocking(move || shutdown(&tracer, &meter))
+            .await;
+        // Not a plain drop: dropping a runtime inside an async context panics.
+        runtime.shutdown_background();
+        result?
     }
 }
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
-        let Some(providers) = self.providers.take() else {
+        let Some(Exporting {
+            tracer,
+            meter,
+            runtime,
+        }) = self.exporting.take()
+        else {
             return;
         };
-        let report = |result: Result<(), TelemetryError>| {
-            if let Err(error) = result {
-                eprintln!("medtvt-telemetry: {error}");
-            }
-        };
-        match Handle::try_current() {
-            Err(_) => report(providers.shutdown()),
-            Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::CurrentThread => {
-                drop(handle.spawn_blocking(move || report(providers.shutdown())));
-            }
-            Ok(_) => report(tokio::task::block_in_place(|| providers.shutdown())),
+        if let Err(error) = shutdown(&tracer, &meter) {
+            eprintln!("medtvt-telemetry: {error}");
         }
+        runtime.shutdown_background();
     }
 }
 

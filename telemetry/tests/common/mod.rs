@@ -169,8 +169,8 @@ impl Received {
                     .flat_map(|sm| &sm.metrics)
                     .map(move |m| (rm.resource.as_ref(), m))
             })
-            .filter(|(_, m)| m.name == name)
-            .last();
+            .rev()
+            .find(|(_, m)| m.name == name);
         match found {
             Some(found) => found,
             None => panic!("the collector got no metric named {name:?}"),
