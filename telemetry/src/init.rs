@@ -16,6 +16,7 @@
 //! waits on the application's executor, [`init`] works inside or outside any runtime (multi- or
 //! current-thread), and the final flush works wherever the guard is dropped — even after the
 //! application's runtime is gone.
+
 use std::io::IsTerminal as _;
 
 use opentelemetry::trace::TracerProvider as _;

@@ -9,6 +9,10 @@
 //!   (5 s by default). Both carry the resource attributes `service.name` = the config's service
 //!   name plus [`TelemetryConfig::resource_attributes`] (role, rank, worker, run id).
 //!
+//! [`init`] may run inside or outside a tokio runtime of either flavour: the OTLP channels get a
+//! private one-thread runtime owned by the returned [`TelemetryGuard`], which flushes and shuts
+//! everything down when dropped or on `guard.shutdown().await`.
+//!
 //! The W3C TraceContext propagator is installed globally, and [`propagation`] carries the current
 //! span across gRPC calls (client interceptor, server `trace_fn`), so one GRPO step reads as one
 //! trace from the coordinator through rollout workers to the learner.
