@@ -36,6 +36,9 @@ pub struct ServerOptions {
     /// After a drained shutdown request, how long processes get to see `shutdown` before the
     /// server stops.
     pub shutdown_grace: Duration,
+    /// Once stopping, how long in-flight calls and open connections get before they are cut
+    /// (a client that never answers must not keep the coordinator alive).
+    pub drain_timeout: Duration,
     pub state: StateOptions,
     pub service: ServiceOptions,
 }
@@ -48,6 +51,7 @@ impl Default for ServerOptions {
             run_dir: None,
             reap_interval: Duration::from_millis(100),
             shutdown_grace: Duration::from_secs(3),
+            drain_timeout: Duration::from_secs(5),
             state: StateOptions::default(),
             service: ServiceOptions::default(),
         }
@@ -127,11 +131,24 @@ impl Coordinator {
         };
         tracing::info!(%local_addr, auth = options.auth_token.is_some(), "coordinator serving");
         // TLS goes here: `.tls_config(ServerTlsConfig::new().identity(...))` on the builder.
-        let served = Server::builder()
+        let serving = Server::builder()
+            // Weight streams are large: let HTTP/2 flow-control windows grow with the link.
+            .http2_adaptive_window(Some(true))
             .add_service(health_service)
             .add_service(coordinator)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
-            .await;
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        let mut stopping = stop_tx.subscribe();
+        let drain_deadline = async move {
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(options.drain_timeout).await;
+        };
+        let served = tokio::select! {
+            served = serving => served,
+            _ = drain_deadline => {
+                tracing::warn!(timeout = ?options.drain_timeout, "connections still open after the drain timeout: closing them");
+                Ok(())
+            }
+        };
 
         stop_tx.send_replace(true);
         external.abort();

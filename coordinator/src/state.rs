@@ -199,6 +199,11 @@ struct Rollouts {
     assembling: Vec<Arc<RolloutGroup>>,
     /// Sealed step batches, index = step; a sealed step never changes.
     steps: Vec<Vec<Arc<RolloutGroup>>>,
+    /// Steps below this were trained long enough ago that their groups were freed.
+    pruned_below: u64,
+    /// How many trained steps stay pullable (a restarted learner resumes from its last
+    /// checkpoint): train.checkpoint_every; 0 keeps every step.
+    retain_steps: u64,
 }
 
 impl Rollouts {
@@ -326,6 +331,8 @@ impl RunState {
                     ready: VecDeque::new(),
                     assembling: Vec::new(),
                     steps: Vec::new(),
+                    pruned_below: 0,
+                    retain_steps: config.train.checkpoint_every,
                 })
             }
             (None, Stage::Grpo) => return invalid("grpo", "is required for a GRPO job".into()),
@@ -583,7 +590,7 @@ impl RunState {
             _ => return Ok(grant),
         }
         let needed_total = job.total_steps * r.prompts_per_step;
-        let sealed = r.steps.iter().map(|s| s.len() as u64).sum::<u64>();
+        let sealed = r.steps.len() as u64 * r.prompts_per_step;
         let in_flight = r.ready.len() as u64 + r.assembling.len() as u64 + r.outstanding();
         let window = r.prompts_per_step * (r.max_staleness + 2);
         let allowed = needed_total.saturating_sub(sealed).min(window).saturating_sub(in_flight);
@@ -766,6 +773,12 @@ impl RunState {
                 self.revision += 1;
             }
         }
+        if step < r.pruned_below {
+            return Err(StateError::FailedPrecondition(format!(
+                "step {step} of job {id} was trained more than train.checkpoint_every = {} steps ago; its groups are gone",
+                r.retain_steps
+            )));
+        }
         let Some(sealed) = r.steps.get(step as usize) else { return Ok(BatchOutcome::Pending) };
         let per_rank = sealed.len() / world_size as usize;
         let groups = sealed[rank as usize * per_rank..(rank as usize + 1) * per_rank].to_vec();
@@ -819,6 +832,13 @@ impl RunState {
             }
             self.events.push(Event::StepCompleted { job_id: id, step: job.steps_completed, policy_version: job.policy_version });
             job.steps_completed += 1;
+        }
+        if let Some(r) = job.rollouts.as_mut().filter(|r| r.retain_steps > 0) {
+            let floor = job.steps_completed.saturating_sub(r.retain_steps);
+            for step in r.pruned_below..floor {
+                r.steps[step as usize] = Vec::new();
+            }
+            r.pruned_below = r.pruned_below.max(floor);
         }
         let done = job.steps_completed;
         self.maybe_succeed(id);
@@ -1098,6 +1118,33 @@ mod tests {
         assert_eq!(trained, leased, "arrival order, each group exactly once");
         let c = &st.snapshot(Some(job)).unwrap()[0].counters;
         assert_eq!((c.groups_accepted, c.groups_trained, c.groups_dropped_stale), (6, 6, 0));
+    }
+
+    #[test]
+    fn trained_steps_older_than_the_checkpoint_window_are_freed() {
+        let mut st = RunState::new(StateOptions::default());
+        let mut cfg = config("grpo", "");
+        cfg.train.checkpoint_every = 1;
+        let job = st.enqueue(cfg, samples(10)).unwrap();
+        let now = Instant::now();
+        let w = st.register(now, Role::RolloutWorker, "w".into(), 0, 0);
+        for step in 0..2u64 {
+            let grant = st.lease(now, w, job, 2).unwrap();
+            for key in keys(&grant) {
+                st.submit_group(now, group(w, job, grant.lease_id.unwrap(), key, step, [0.0, 1.0])).unwrap();
+            }
+            for rank in 0..2 {
+                assert!(matches!(st.pull_batch(job, rank, 2, step).unwrap(), BatchOutcome::Groups { .. }));
+                st.report_step(job, rank, step, BTreeMap::new(), step + 1).unwrap();
+            }
+        }
+        // Step 1 is still within one step of the last completed; step 0 is not.
+        assert!(matches!(st.pull_batch(job, 0, 2, 1).unwrap(), BatchOutcome::Groups { .. }));
+        assert!(matches!(st.pull_batch(job, 0, 2, 0), Err(StateError::FailedPrecondition(_))));
+        let snap = &st.snapshot(None).unwrap()[0];
+        assert_eq!(snap.counters.groups_trained, 4);
+        // The lease budget still counts the freed step: 1 step left = 2 prompts.
+        assert_eq!(st.lease(now, w, job, 100).unwrap().prompts.len(), 2);
     }
 
     #[test]

@@ -49,3 +49,36 @@ pub fn load_inputs(
     };
     Ok(ModalityInputs { ecg, cxr, lab })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sample::{QaKind, Split};
+
+    #[test]
+    fn missing_modality_is_none_and_a_missing_file_names_sample_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = vec![];
+        crate::labs::write_lab_csv(&dir.path().join("l.csv"), &events).unwrap();
+        let mut s = QaSample {
+            id: "enc-9-dx".into(),
+            split: Split::Test,
+            kind: QaKind::Disease,
+            encounter_id: "enc-9".into(),
+            ecg: None,
+            cxr: None,
+            lab: Some("l.csv".into()),
+            question: "<lab> Which?".into(),
+            answer: "<think>x</think><answer>sepsis</answer>".into(),
+            labels: vec!["sepsis".into()],
+        };
+        let p = LabPercentiles::fit(std::iter::empty());
+        let inputs = load_inputs(dir.path(), &s, &p, 8).unwrap();
+        assert_eq!((inputs.ecg, inputs.cxr), (None, None));
+        let lab = inputs.lab.unwrap();
+        assert!(lab[..50].iter().all(|v| *v == 0.5) && lab[50..].iter().all(|v| *v == 1.0));
+        s.ecg = Some("ecg/nothere".into());
+        let e = load_inputs(dir.path(), &s, &p, 8).unwrap_err().to_string();
+        assert!(e.contains("enc-9-dx") && e.contains("nothere.hea"), "{e}");
+    }
+}

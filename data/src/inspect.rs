@@ -79,7 +79,9 @@ pub fn inspect(arg: &str) -> Result<InspectReport, DataError> {
     }
     let path = PathBuf::from(arg);
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_ascii_lowercase();
-    if name.ends_with(".hea") || (!path.exists() && header_path(&path).exists()) {
+    if name.ends_with(".dat") && path.with_extension("hea").exists() {
+        inspect_wfdb(&path.with_extension("hea"))
+    } else if name.ends_with(".hea") || (!path.exists() && header_path(&path).exists()) {
         inspect_wfdb(&path)
     } else if [".png", ".jpg", ".jpeg"].iter().any(|e| name.ends_with(e)) {
         inspect_image(&path)
@@ -90,7 +92,7 @@ pub fn inspect(arg: &str) -> Result<InspectReport, DataError> {
     } else {
         Err(DataError::arg(
             "PATH",
-            format!("{arg:?}: not a WFDB record (stem or .hea), image (.png/.jpg), lab CSV or .jsonl[:LINE]"),
+            format!("{arg:?}: not a WFDB record (stem, .hea or .dat), image (.png/.jpg), lab CSV or .jsonl[:LINE]"),
         ))
     }
 }
@@ -281,6 +283,7 @@ mod tests {
         let p = |rel: &str| dir.path().join(rel).to_string_lossy().into_owned();
         let t = inspect(&p("ecg/enc-000001")).unwrap().to_string();
         assert!(t.contains("fs 500 Hz, 5000 samples (10.00 s), 12 leads") && t.contains("aVF"), "{t}");
+        assert!(matches!(inspect(&p("ecg/enc-000001.dat")).unwrap(), InspectReport::Wfdb { .. }));
         let t = inspect(&p("ecg/enc-000001.hea")).unwrap();
         assert!(matches!(t, InspectReport::Wfdb { ref leads, .. } if leads.len() == 12 && leads[0].first.len() == 5));
         let t = inspect(&p("qa.jsonl")).unwrap().to_string();

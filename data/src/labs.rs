@@ -415,7 +415,7 @@ impl LabPercentiles {
             return Err(json(format!("fields `quantiles` and `counts` need {N_LAB_ITEMS} entries")));
         }
         for (i, q) in p.quantiles.iter().enumerate() {
-            if !(q.is_empty() || q.len() == N_QUANTILES) || q.windows(2).any(|w| !(w[0] <= w[1])) {
+            if !(q.is_empty() || q.len() == N_QUANTILES) || q.windows(2).any(|w| w[0].partial_cmp(&w[1]).is_none_or(|o| o.is_gt())) {
                 return Err(json(format!(
                     "field `quantiles[{i}]` (itemid {}) must be empty or {N_QUANTILES} ascending numbers",
                     want[i]

@@ -5,6 +5,7 @@
 //! The model-facing contract is [`inputs::ModalityInputs`] / [`inputs::load_inputs`]; the dataset
 //! layout and text formats are described in `docs/data.md`.
 
+pub mod dataset;
 pub mod disease;
 pub mod error;
 pub mod image;
@@ -19,6 +20,7 @@ pub mod synth;
 pub mod time;
 pub mod wfdb;
 
+pub use dataset::Dataset;
 pub use error::DataError;
 pub use sample::{read_jsonl, write_jsonl, QaKind, QaSample, Split};
 pub use inputs::{load_inputs, ModalityInputs};

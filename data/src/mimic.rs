@@ -264,7 +264,7 @@ fn read_cxr_list(root: &Path, policy: &mut RowPolicy) -> Result<HashMap<u64, Vec
     Ok(out)
 }
 
-fn first_within<'a>(list: Option<&'a Vec<(i64, String)>>, from: i64, to: i64) -> Option<&'a (i64, String)> {
+fn first_within(list: Option<&Vec<(i64, String)>>, from: i64, to: i64) -> Option<&(i64, String)> {
     list?.iter().find(|(t, _)| *t >= from && *t <= to)
 }
 

@@ -239,7 +239,7 @@ pub fn physiological_answer(f: &Findings) -> String {
     format!("<think>{}</think><answer>{answer}</answer>", think.join(" "))
 }
 
-fn lab<'a>(f: &'a Findings, itemid: u32, high: bool) -> Option<&'a LabFinding> {
+fn lab(f: &Findings, itemid: u32, high: bool) -> Option<&LabFinding> {
     f.labs.iter().find(|l| l.itemid == itemid && l.is_high() == high)
 }
 

@@ -221,7 +221,8 @@ pub fn write_record(
     if data.iter().any(|d| d.len() != n_samples) {
         return Err(DataError::arg("data", "every lead needs the same number of samples"));
     }
-    if !(fs > 0.0) || gains.iter().any(|g| !(*g > 0.0)) {
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    if !positive(fs) || !gains.iter().all(|g| positive(*g)) {
         return Err(DataError::arg("fs/gains", "must be positive"));
     }
     let (lo, hi) = format.range();
@@ -650,7 +651,7 @@ mod tests {
 
     #[test]
     fn format_212_roundtrip_including_odd_length_and_extremes() {
-        let v = vec![0, 1, -1, 2047, -2047, -2048, 1000, -5];
+        let v = [0, 1, -1, 2047, -2047, -2048, 1000, -5];
         for n in [v.len(), v.len() - 1] {
             let bytes = encode(SignalFormat::F212, &v[..n]);
             assert_eq!(decode(SignalFormat::F212, &bytes, n), v[..n].to_vec());
@@ -702,5 +703,21 @@ mod tests {
         assert!(peak < 0.02, "aliased amplitude {peak}");
         let with_nan = resample(&[f32::NAN; 10], 500.0, 100.0);
         assert_eq!(with_nan, vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn signals_spread_over_two_files_and_a_byte_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write_record(&dir.path().join("a"), 500.0, &["I"], &[vec![0.5, -0.25, 1.0]], SignalFormat::F16, &[200.0], &[0]).unwrap();
+        let b = write_record(&dir.path().join("b"), 500.0, &["II"], &[vec![0.1, 0.2, 0.3]], SignalFormat::F212, &[100.0], &[7]).unwrap();
+        // b.dat again, behind 4 bytes of preamble.
+        let mut shifted = vec![9u8; 4];
+        shifted.extend(std::fs::read(dir.path().join("b.dat")).unwrap());
+        std::fs::write(dir.path().join("c.dat"), shifted).unwrap();
+        std::fs::write(dir.path().join("ab.hea"), "ab 3 500 3\na.dat 16 200(0)/mV 16 0 0 0 0 I\nb.dat 212 100(7)/mV 12 0 0 0 0 II\nc.dat 212+4 100(7)/mV 12 0 0 0 0 II copy\n").unwrap();
+        let rec = read_record(&dir.path().join("ab")).unwrap();
+        assert_eq!(rec.adc, vec![a.adc[0].clone(), b.adc[0].clone(), b.adc[0].clone()]);
+        assert_eq!(rec.physical()[0], vec![0.5, -0.25, 1.0]);
+        assert_eq!(rec.signals[2].description, "II copy");
     }
 }

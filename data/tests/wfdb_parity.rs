@@ -86,7 +86,7 @@ fn our_record() -> (Vec<Vec<f32>>, Vec<f64>, Vec<i32>) {
                         return f32::NAN;
                     }
                     let x = t as f32 / 500.0;
-                    (0.9 * (6.283 * (lead as f32 + 1.0) * x).sin() + 0.05 * ((t * 7 + lead) % 13) as f32 - 0.3) as f32
+                    0.9 * (std::f32::consts::TAU * (lead as f32 + 1.0) * x).sin() + 0.05 * ((t * 7 + lead) % 13) as f32 - 0.3
                 })
                 .collect()
         })

@@ -114,7 +114,9 @@ pub async fn connect_with(url: &str, token: Option<&str>, options: &ConnectOptio
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|source| ClientError::BadUrl { url: url.to_string(), source })?
         .connect_timeout(options.connect_timeout)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // Weight streams are large: let HTTP/2 flow-control windows grow with the link.
+        .http2_adaptive_window(true);
     let attempts = options.attempts.max(1);
     let mut backoff = options.initial_backoff;
     let mut attempt = 1;
@@ -135,4 +137,42 @@ pub async fn connect_with(url: &str, token: Option<&str>, options: &ConnectOptio
     Ok(CoordinatorClient::with_interceptor(channel, decorator)
         .max_decoding_message_size(options.max_message_bytes)
         .max_encoding_message_size(options.max_message_bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_file_is_trimmed_and_checked() {
+        let dir = std::env::temp_dir().join(format!("medtvt-token-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "  abc\n").unwrap();
+        assert_eq!(read_token_file(&path).unwrap(), "abc");
+        std::fs::write(&path, "\n").unwrap();
+        assert!(matches!(read_token_file(&path), Err(ClientError::EmptyToken { .. })));
+        let missing = read_token_file(&dir.join("nope")).unwrap_err().to_string();
+        assert!(missing.contains("nope"), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn decorator_adds_the_bearer_header_and_never_prints_it() {
+        let mut decorator = RequestDecorator::new(Some("s3cret")).unwrap();
+        let request = decorator.call(tonic::Request::new(())).unwrap();
+        assert_eq!(request.metadata().get("authorization").unwrap(), "Bearer s3cret");
+        assert!(!format!("{decorator:?}").contains("s3cret"));
+        assert!(matches!(RequestDecorator::new(Some("bad\ntoken")), Err(ClientError::BadToken)));
+    }
+
+    #[tokio::test]
+    async fn connect_gives_up_after_the_configured_attempts() {
+        // A port that was free a moment ago: nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let options = ConnectOptions { attempts: 2, initial_backoff: Duration::from_millis(1), ..ConnectOptions::default() };
+        let err = connect_with(&format!("http://127.0.0.1:{port}"), None, &options).await.unwrap_err();
+        assert!(matches!(err, ClientError::Connect { attempts: 2, .. }), "{err}");
+        assert!(matches!(connect("not a url", None).await, Err(ClientError::BadUrl { .. })));
+    }
 }

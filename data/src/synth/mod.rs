@@ -294,9 +294,10 @@ impl Progress {
     }
 
     pub(crate) fn inc(&self, done: usize) {
+        let step = (self.total / 10).max(1);
         if let Some(bar) = &self.bar {
             bar.set_position(done as u64);
-        } else if self.plain && (done == self.total || done % (self.total / 10).max(1) == 0) {
+        } else if self.plain && done > 0 && (done == self.total || done / step != (done - 1) / step) {
             eprintln!("{}: {done}/{}", self.label, self.total);
         }
     }
@@ -316,6 +317,54 @@ fn create_dirs(out: &Path) -> Result<(), DataError> {
     Ok(())
 }
 
+type Generated = Result<(Encounter, [QaSample; 2]), DataError>;
+
+/// Generates and writes encounter `i` (its own random stream, so any thread may do it).
+fn generate_one(out: &Path, cfg: &SynthConfig, i: usize, split: Split) -> Generated {
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    rng.set_stream(i as u64);
+    let enc = plan_encounter(i, cfg.seed, &cfg.diseases, &mut rng);
+    let findings = write_encounter(out, &enc, cfg.image_size, &mut rng)?;
+    let pair = samples_for(&enc, split, &findings, &cfg.diseases);
+    Ok((enc, pair))
+}
+
+/// Generates every encounter on all cores; results in encounter order (the output does not
+/// depend on the number of threads).
+fn generate_all(out: &Path, cfg: &SynthConfig, splits: &[Split], progress: &Progress) -> Vec<Generated> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8).min(splits.len());
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let mut slots: Vec<Option<Generated>> = (0..splits.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let done = &done;
+                scope.spawn(move || {
+                    (w..splits.len())
+                        .step_by(workers)
+                        .map(|i| {
+                            let r = generate_one(out, cfg, i, splits[i]);
+                            progress.inc(done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+                            (i, r)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for h in handles {
+            // A worker only panics on a broken invariant; pass that panic on.
+            for (i, r) in h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)) {
+                slots[i] = Some(r);
+            }
+        }
+    });
+    slots
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.unwrap_or_else(|| Err(DataError::arg("n", format!("encounter {i} was not generated")))))
+        .collect()
+}
+
 /// Generates the dataset into `out` (see docs/data.md for the layout).
 pub fn synthesize(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
     cfg.validate()?;
@@ -331,12 +380,10 @@ pub fn synthesize(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary, DataErr
         by_disease: BTreeMap::new(),
         missing: BTreeMap::new(),
     };
-    for (i, &split) in splits.iter().enumerate() {
-        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-        rng.set_stream(i as u64);
-        let enc = plan_encounter(i, cfg.seed, &cfg.diseases, &mut rng);
-        let findings = write_encounter(out, &enc, cfg.image_size, &mut rng)?;
-        samples.extend(samples_for(&enc, split, &findings, &cfg.diseases));
+    for (i, generated) in generate_all(out, cfg, &splits, &progress).into_iter().enumerate() {
+        let (enc, pair) = generated?;
+        let split = splits[i];
+        samples.extend(pair);
         *summary.by_split.entry(split.to_string()).or_default() += 1;
         for d in &enc.diseases {
             *summary.by_disease.entry(d.name().to_string()).or_default() += 1;
@@ -351,7 +398,6 @@ pub fn synthesize(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary, DataErr
                 train_labs.push(l);
             }
         }
-        progress.inc(i + 1);
     }
     progress.finish();
     summary.samples = samples.len();
