@@ -1,15 +1,18 @@
 //! `medtvt`: the one binary of MedTVT-R1. Each role (coordinator, rollout worker, learner) and each
 //! tool (data, eval, doctor, ...) is a subcommand, so one container image serves every role.
 
+mod cluster;
 mod coordinator_cmd;
 mod data_cmd;
 mod demo;
 mod doctor;
 mod learner_cmd;
 mod logging;
+mod eval_cmd;
 mod plot;
 mod worker_cmd;
 mod status_cmd;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +29,8 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Run the end-to-end demo on the tiny CPU default.
     Demo(demo::DemoArgs),
+    /// Evaluate a checkpoint on a split: per-disease P/R/F1, Jaccard, format rate, BLEU/ROUGE-L.
+    Eval(eval_cmd::EvalArgs),
     /// Draw PNG charts (reward, loss, KL, per-disease F1) from a run's metrics.jsonl.
     Plot(plot::PlotArgs),
     /// Data tools: synthetic MedTVT-QA, file inspection, the MIMIC builder.
@@ -37,6 +42,8 @@ enum Command {
     /// Run the coordinator: the gRPC control plane that schedules jobs, leases prompts,
     /// assembles training batches and relays weights.
     Coordinator(medtvt_coordinator::CoordinatorArgs),
+    /// Run stage configs in order, on a running coordinator or on a local cluster it starts.
+    Train(train_cmd::TrainArgs),
     /// Show the jobs and processes of a running coordinator.
     Status(status_cmd::StatusArgs),
 }
@@ -46,11 +53,13 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Doctor(args) => doctor::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Eval(args) => eval_cmd::run(&args),
         Command::Plot(args) => plot::run(&args),
         Command::Data(args) => data_cmd::run(&args),
         Command::Learner(args) => learner_cmd::run(args),
         Command::RolloutWorker(args) => worker_cmd::run(args),
         Command::Coordinator(args) => coordinator_cmd::run(args),
+        Command::Train(args) => train_cmd::run(&args),
         Command::Status(args) => status_cmd::run(&args),
     }
 }
