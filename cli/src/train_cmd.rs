@@ -65,8 +65,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         None => {
             let first = medtvt_config::parse_run_config(&jobs[0].config_toml, &args.configs[0], &args.overrides)?;
             let shape = ClusterShape {
-                learners: first.cluster.learners,
-                rollout_workers: first.cluster.rollout_workers,
+                learners: first.cluster.learners as usize,
+                rollout_workers: first.cluster.rollout_workers as usize,
                 run_dir: first.run.out_dir.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("runs")),
             };
             let mut cluster = LocalCluster::start(&shape)?;
