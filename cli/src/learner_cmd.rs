@@ -1,13 +1,21 @@
 //! `medtvt learner`: one learner rank (see medtvt-learner's `process`). The CLI is synchronous;
-//! this command builds the process's one tokio runtime and runs the learner on it.
+//! this command sets up telemetry, builds the process's one tokio runtime and runs the learner.
 
 use anyhow::Context;
 use medtvt_learner::medtvt_policy::MedTvtPolicy;
 use medtvt_learner::process::LearnerArgs;
+use medtvt_telemetry::TelemetryConfig;
 
 pub fn run(args: LearnerArgs) -> anyhow::Result<()> {
-    crate::logging::init();
+    let mut telemetry = TelemetryConfig::new("medtvt-learner")
+        .with_attribute("medtvt.role", "learner")
+        .with_attribute("medtvt.rank", args.rank.to_string());
+    if let Some(endpoint) = &args.otlp_endpoint {
+        telemetry = telemetry.with_otlp_endpoint(endpoint.clone());
+    }
+    let guard = medtvt_telemetry::init(telemetry).context("setting up telemetry")?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
-    runtime.block_on(medtvt_learner::process::run::<MedTvtPolicy>(args)).context("learner")?;
-    Ok(())
+    let result = runtime.block_on(medtvt_learner::process::run::<MedTvtPolicy>(args));
+    runtime.block_on(guard.shutdown()).context("flushing telemetry")?;
+    result.context("learner")
 }

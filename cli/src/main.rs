@@ -7,7 +7,6 @@ mod data_cmd;
 mod demo;
 mod doctor;
 mod learner_cmd;
-mod logging;
 mod eval_cmd;
 mod plot;
 mod worker_cmd;

@@ -135,6 +135,8 @@ fn run_job_inner<P: Policy>(link: &CoordinatorLink, me: &LearnerIdentity, job: &
     }
     let loader = InputLoader::from_config(&cfg, trainer.policy().image_size())?;
     let stage_name = stage_name(cfg.run.stage);
+    // OTLP instruments when telemetry exports (a no-op handle otherwise).
+    let run_metrics = medtvt_telemetry::metrics::RunMetrics::global();
     while trainer.step_index() < cfg.train.steps {
         let step = trainer.step_index();
         let Some(batch) = pull_batch(link, job.job_id, me, step)? else {
@@ -147,6 +149,7 @@ fn run_job_inner<P: Policy>(link: &CoordinatorLink, me: &LearnerIdentity, job: &
             if cfg.run.stage == Stage::Grpo {
                 publish_weights(link, job.job_id, version_after, &trainer.policy().trainable_tensors())?;
             }
+            run_metrics.record_step(&outcome.metrics, &[]);
             metrics_log::append(
                 &cfg.run.out_dir.join("metrics.jsonl"),
                 &MetricsRecord { stage: stage_name.into(), step, values: outcome.metrics.clone() },

@@ -30,7 +30,7 @@ pub struct LearnerArgs {
     /// A file holding the coordinator's bearer token.
     #[arg(long, env = "MEDTVT_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
-    /// OTLP/gRPC endpoint for traces and metrics.
+    /// OTLP/gRPC endpoint for traces and metrics (read by the command that sets up telemetry).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// Where rank 0's CPU collective listens (port 0: any free port).
@@ -77,9 +77,6 @@ pub async fn run<P: Policy + 'static>(args: LearnerArgs) -> Result<(), ProcessEr
         return Err(ProcessError::Rank { rank: args.rank, world_size: args.world_size });
     }
     let device = parse_device(&args.device)?;
-    if let Some(endpoint) = &args.otlp_endpoint {
-        tracing::info!(%endpoint, "OTLP endpoint given; this build logs to stderr only");
-    }
     let name = args.name.clone().unwrap_or_else(|| default_name(&format!("learner-{}", args.rank)));
     let options = JoinOptions {
         coordinator: args.coordinator.clone(),

@@ -26,7 +26,7 @@ pub struct RolloutWorkerArgs {
     /// A file holding the coordinator's bearer token.
     #[arg(long, env = "MEDTVT_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
-    /// OTLP/gRPC endpoint for traces and metrics.
+    /// OTLP/gRPC endpoint for traces and metrics (read by the command that sets up telemetry).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// Prompts asked for per lease.
@@ -53,9 +53,6 @@ pub async fn run<P: Policy + 'static>(args: RolloutWorkerArgs) -> Result<(), Wor
         return Err(WorkerError::MaxPrompts);
     }
     let device = parse_device(&args.device)?;
-    if let Some(endpoint) = &args.otlp_endpoint {
-        tracing::info!(%endpoint, "OTLP endpoint given; this build logs to stderr only");
-    }
     let options = JoinOptions {
         coordinator: args.coordinator.clone(),
         auth_token_file: args.auth_token_file.clone(),
