@@ -283,3 +283,40 @@ fn grpo_job_trains_every_group_once_and_a_late_worker_gets_work() {
     assert!(late_log.contains("lease rolled out"), "the late worker never got a lease:\n{late_log}");
     shutdown(&rt, &url, &mut procs);
 }
+
+#[test]
+fn restarted_learners_resume_from_the_latest_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let data = dataset(root);
+    let train = "steps = 10\nbatch_size = 4\nlearning_rate = 0.003\nwarmup_steps = 0\ncheckpoint_every = 3\n";
+    let pt = config(root, "pt", "pt", &data, None, train, "");
+    let rt = runtime();
+    let (_coordinator, url) = start_coordinator(root, &[&pt]);
+    let first = vec![learner(&url, 0, 2, root), learner(&url, 1, 2, root)];
+    wait_for(&rt, &url, 1, root, Duration::from_secs(120), |s| s.step >= 4);
+    drop(first); // both ranks die mid-job (SIGKILL)
+    assert!(checkpoint_steps(&root.join("pt").join("checkpoints")).contains(&3));
+
+    let logs_dir = root.join("restarted");
+    std::fs::create_dir_all(&logs_dir).unwrap();
+    let mut second = vec![learner(&url, 0, 2, &logs_dir), learner(&url, 1, 2, &logs_dir)];
+    let status = wait_for(&rt, &url, 1, &logs_dir, Duration::from_secs(150), succeeded);
+    assert_eq!(status.step, 10);
+    let log = std::fs::read_to_string(logs_dir.join("learner-0.log")).unwrap();
+    assert!(log.contains("resumed from checkpoint"), "{log}");
+    let out = root.join("pt");
+    assert_eq!(rank_digest(&out, 0), rank_digest(&out, 1));
+    let last = metrics(&out.join("metrics.jsonl")).last().map(|r| r.step);
+    assert_eq!(last, Some(9));
+    shutdown(&rt, &url, &mut second);
+}
+
+/// Steps of the complete checkpoints under `dir` (`step-00000003` -> 3).
+fn checkpoint_steps(dir: &Path) -> Vec<u64> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|s| s.parse().ok()))
+        .collect()
+}
