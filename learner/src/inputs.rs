@@ -25,6 +25,10 @@ impl InputLoader {
         Ok(InputLoader { dir, percentiles, image_size })
     }
 
+    pub fn new(dir: PathBuf, percentiles: LabPercentiles, image_size: u32) -> Self {
+        InputLoader { dir, percentiles, image_size }
+    }
+
     /// Each sample's question with its loaded modalities.
     pub fn prompts(&self, samples: &[QaSample]) -> Result<Vec<PromptInput>, DataError> {
         samples

@@ -25,5 +25,5 @@ pub mod rpc;
 pub mod trainer;
 pub mod weights;
 
-#[cfg(test)]
-mod test_policy;
+#[cfg(any(test, feature = "test-policy"))]
+pub mod test_policy;

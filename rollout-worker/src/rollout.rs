@@ -127,6 +127,51 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_becomes_one_rewarded_group_per_prompt() {
+        use medtvt_learner::test_policy::BytePolicy;
+        use medtvt_proto::v1::Prompt;
+        let tmp = tempfile::tempdir().unwrap();
+        let mut synth = medtvt_data::synth::SynthConfig::new(3, 5);
+        synth.image_size = 32;
+        medtvt_data::synth::synthesize(tmp.path(), &synth).unwrap();
+        let samples = medtvt_data::read_jsonl(&tmp.path().join("qa.jsonl")).unwrap();
+        let percentiles = medtvt_data::LabPercentiles::load(&tmp.path().join("lab_percentiles.json")).unwrap();
+        let loader = InputLoader::new(tmp.path().to_path_buf(), percentiles, 32);
+        let prompts: Vec<Prompt> = samples
+            .iter()
+            .take(2)
+            .enumerate()
+            .map(|(i, s)| Prompt { prompt_id: 10 + i as u64, epoch: 1, sample_json: serde_json::to_vec(s).unwrap().into() })
+            .collect();
+        let lease = Lease { lease_id: 4, job_id: 2, policy_version: 3, group_size: 3, prompts, ..Default::default() };
+        let reward = DiagnosisReward::new(DiseaseVocabulary::paper_default(NameMatching::Synonyms), RewardWeights::default());
+        let settings = RolloutSettings {
+            group_size: 3,
+            max_prompt_tokens: 64,
+            sampling: RolloutSampling { max_new_tokens: 6, temperature: 1.0, top_p: 1.0, top_k: 0, seed: 1 },
+        };
+        tch::manual_seed(0);
+        let policy = BytePolicy::new(8);
+        let groups = roll_out(&policy, &loader, &reward, &settings, &lease, 77, 3).unwrap();
+        assert_eq!(groups.len(), 2);
+        for (g, id) in groups.iter().zip([10, 11]) {
+            assert_eq!((g.prompt_id, g.epoch, g.lease_id, g.job_id, g.worker_id, g.policy_version), (id, 1, 4, 2, 77, 3));
+            assert_eq!(g.completions.len(), 3);
+            for c in &g.completions {
+                assert!(!c.token_ids.is_empty() && c.token_ids.len() <= 6);
+                assert_eq!(c.token_ids.len(), c.logprobs.len());
+                assert!(c.logprobs.iter().all(|lp| lp.is_finite() && *lp <= 0.0));
+                assert!((0.0..=2.0).contains(&c.reward));
+                assert!((c.reward - (c.reward_parts["jaccard"] + c.reward_parts["format"])).abs() < 1e-6);
+                assert_eq!(c.truncated, c.token_ids.last() != Some(&256));
+            }
+        }
+        // The same lease and seed sample the same completions.
+        let again = roll_out(&policy, &loader, &reward, &settings, &lease, 77, 3).unwrap();
+        assert_eq!(again[0].completions[0].token_ids, groups[0].completions[0].token_ids);
+    }
+
+    #[test]
     fn lease_seeds_differ_per_lease_and_repeat_per_run() {
         assert_ne!(lease_seed(7, 1), lease_seed(7, 2));
         assert_ne!(lease_seed(7, 1), lease_seed(8, 1));
