@@ -9,7 +9,8 @@
 //! `--config` is `tiny`, `small`, `llama-1b` (Llama-3.2-1B shape) or a checkpoint directory.
 //! Random-weight configs are saved to a temporary directory first so transformers loads exactly
 //! our weights. Every row generates exactly `--new` tokens (EOS disabled on both sides).
-//! `--no-hf` skips the transformers run; `--greedy` uses argmax instead of sampling at T = 1.
+//! `--no-hf` skips the transformers run; `--greedy` uses argmax instead of sampling at T = 1;
+//! `--threads N` sets torch's intra-op threads on both sides; `--repeat N` keeps the best of N.
 
 use medtvt_model::llama::{
     check_device_kind, generate, kind_from_name, load_llama, save_hf, Llama, Llama3RopeScaling, LlamaConfig,
@@ -26,6 +27,8 @@ from transformers import LlamaForCausalLM
 args = json.loads(sys.argv[1])
 device = torch.device(args["device"])
 dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args["dtype"]]
+if args["threads"] > 0:
+    torch.set_num_threads(args["threads"])
 model = LlamaForCausalLM.from_pretrained(args["dir"], dtype=dtype).to(device).eval()
 ids = torch.tensor(args["ids"], device=device)
 mask = torch.ones_like(ids)
@@ -57,6 +60,8 @@ struct Args {
     repeat: usize,
     hf: bool,
     greedy: bool,
+    /// Intra-op threads for both implementations; 0 keeps torch's default.
+    threads: i64,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -70,6 +75,7 @@ fn parse_args() -> Result<Args, String> {
         repeat: 2,
         hf: true,
         greedy: false,
+        threads: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -83,9 +89,10 @@ fn parse_args() -> Result<Args, String> {
             "--dtype" => args.dtype = value()?,
             "--device" => args.device = value()?,
             "--repeat" => args.repeat = number(value()?)?.max(1) as usize,
+            "--threads" => args.threads = number(value()?)?,
             "--no-hf" => args.hf = false,
             "--greedy" => args.greedy = true,
-            "--help" | "-h" => return Err(include_str!("bench_generate.rs").lines().take(14).collect::<Vec<_>>().join("\n")),
+            "--help" | "-h" => return Err(include_str!("bench_generate.rs").lines().take(16).collect::<Vec<_>>().join("\n")),
             other => return Err(format!("unknown flag {other} (see --help)")),
         }
     }
@@ -161,7 +168,7 @@ fn bench_hf(dir: &Path, prompts: &[Vec<i64>], args: &Args) -> Result<(f64, f64, 
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
     let request = serde_json::json!({
         "dir": dir, "ids": prompts, "new": args.new, "dtype": args.dtype, "device": args.device,
-        "repeat": args.repeat, "greedy": args.greedy,
+        "repeat": args.repeat, "greedy": args.greedy, "threads": args.threads,
     });
     let out = Command::new(&python)
         .args(["-c", HF_BENCH, &request.to_string()])
@@ -180,6 +187,9 @@ fn run() -> Result<(), String> {
     let device = device_of(&args.device)?;
     let kind = kind_from_name(&args.dtype).map_err(|e| e.to_string())?;
     check_device_kind(device, kind).map_err(|e| e.to_string())?;
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads as i32);
+    }
     let scratch_dir = tempfile::tempdir().map_err(|e| format!("cannot create a scratch directory: {e}"))?;
     let scratch = scratch_dir.path().to_path_buf();
     let (vs, model, dir): (nn::VarStore, Llama, PathBuf) = match named_config(&args.config) {

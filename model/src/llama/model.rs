@@ -162,8 +162,9 @@ impl Attention {
         }
     }
 
-    /// x `[b, t, d]`, cos/sin `[b, 1, t, head_dim]`, mask `[b, 1, t, past + t]` (true = attend).
-    fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: &Tensor, cache: Option<(&mut KvCache, usize)>) -> Tensor {
+    /// x `[b, t, d]`, cos/sin `[b, 1, t, head_dim]`, mask `[b, 1, t, past + t]` (true = attend;
+    /// `None` = causal attention over an unpadded, uncached sequence).
+    fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: Option<&Tensor>, cache: Option<(&mut KvCache, usize)>) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
         let split = |y: Tensor, heads: i64| y.view([b, t, heads, self.head_dim]).transpose(1, 2);
         let q = apply_rotary(&split(self.q_proj.forward(x), self.heads), &rope.0, &rope.1); // [b, h, t, hd]
@@ -174,7 +175,7 @@ impl Attention {
             None => (k, v),
         };
         let gqa = self.kv_heads != self.heads;
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, gqa);
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none(), None, gqa);
         self.o_proj.forward(&y.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]))
     }
 }
@@ -221,7 +222,7 @@ impl DecoderLayer {
         }
     }
 
-    fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: &Tensor, cache: Option<(&mut KvCache, usize)>) -> Tensor {
+    fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: Option<&Tensor>, cache: Option<(&mut KvCache, usize)>) -> Tensor {
         let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask, cache);
         &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
     }
@@ -314,10 +315,13 @@ impl Llama {
         let mask = attention_mask.to_kind(Kind::Int64);
         let positions = (mask.cumsum(1, Kind::Int64) - 1).clamp_min(0).narrow(1, past, t); // [b, t]
         let rope = self.rotary(&positions);
-        let attend = attention_mask_4d(&mask, past, t);
+        // An unpadded first pass is plain causal attention: no mask lets SDPA pick its fused
+        // causal kernel. (Checking costs one device sync, paid only for multi-token passes.)
+        let unpadded_prefill = past == 0 && t > 1 && mask.min().int64_value(&[]) != 0;
+        let attend = if unpadded_prefill { None } else { Some(attention_mask_4d(&mask, past, t)) };
         let mut x = embeds.shallow_clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &rope, &attend, cache.as_deref_mut().map(|c| (c, i)));
+            x = layer.forward(&x, &rope, attend.as_ref(), cache.as_deref_mut().map(|c| (c, i)));
         }
         if let Some(cache) = cache {
             cache.advance(t);
