@@ -248,7 +248,8 @@ fn load_errors_name_the_file_or_tensor() {
     let dir = edited_fixture("gqa_llama3", |c| c["intermediate_size"] = 96.into());
     let err = load_llama(dir.path(), Device::Cpu, Kind::Float).unwrap_err();
     assert!(matches!(err, WeightsError::Shape { .. }), "{err}");
-    assert!(err.to_string().contains("mlp") && err.to_string().contains("[96, 64]"), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("`model.layers.0.mlp.down_proj.weight`") && message.contains("[64, 96]"), "{err}");
 
     let dir = edited_fixture("gqa_llama3", |c| c["num_hidden_layers"] = 3.into());
     let err = load_llama(dir.path(), Device::Cpu, Kind::Float).unwrap_err();

@@ -137,7 +137,11 @@ pub fn load_weights(vs: &nn::VarStore, src: &Path, prefix: &str) -> Result<(), W
     for path in &files {
         let bytes = std::fs::read(path).map_err(|source| WeightsError::Read { path: path.clone(), source })?;
         let file = SafeTensors::deserialize(&bytes).map_err(|source| WeightsError::Format { path: path.clone(), source })?;
-        for (name, view) in file.iter() {
+        // Name order, so the first error reported does not depend on hash order.
+        let mut tensors = file.tensors();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, view) in &tensors {
+            let name = name.as_str();
             let Some(var) = pending.get(name) else { continue };
             let found: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             if found != var.size() {
