@@ -15,7 +15,10 @@ build: setup
 demo: build
 	./target/release/medtvt demo
 
+# The peers the tests compare against (transformers, wfdb, scikit-learn, kubernetes-validate) go
+# into .venv first, so parity tests run instead of skipping.
 test: setup
+	@scripts/setup_venv.sh scripts/requirements-fixtures.txt scripts/requirements-deploy.txt
 	$(CARGO) test --workspace --no-fail-fast
 	scripts/validate_deploy.sh
 

@@ -38,9 +38,8 @@ pub struct StageJob {
 /// How a stage ended.
 #[derive(Debug, Clone)]
 pub struct StageOutcome {
-    pub job_id: u64,
+    /// Optimizer steps the job trained.
     pub steps: u64,
-    pub latest_metrics: std::collections::BTreeMap<String, f64>,
 }
 
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
@@ -125,7 +124,7 @@ pub async fn run_stage(c: &mut Client, job: &StageJob, mut cluster: Option<&mut 
             JobState::Succeeded => {
                 bar.finish_and_clear();
                 println!("{}: done, {} steps {summary}", job.label, js.step);
-                return Ok(StageOutcome { job_id, steps: js.step, latest_metrics: js.latest_metrics.into_iter().collect() });
+                return Ok(StageOutcome { steps: js.step });
             }
             JobState::Failed => bail!("{} failed: {}", job.label, js.message),
             JobState::Cancelled => bail!("{} was cancelled", job.label),

@@ -27,20 +27,15 @@ pub struct CoordinatorArgs {
     /// File holding a shared secret; every call must then carry `authorization: Bearer <it>`.
     #[arg(long, env = "MEDTVT_AUTH_TOKEN_FILE", value_name = "FILE")]
     pub auth_token_file: Option<PathBuf>,
-    /// OTLP/gRPC endpoint for traces (accepted; export is wired up separately).
+    /// OTLP/gRPC endpoint for traces (traces and metrics).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
 }
 
-/// Runs the coordinator until SIGTERM/ctrl-c or a drained Shutdown request, announcing the
+/// Runs the coordinator (logging/telemetry are the binary's to set up, see
+/// `medtvt_telemetry::init`) until SIGTERM/ctrl-c or a drained Shutdown request, announcing the
 /// bound address on stdout.
 pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
     run_until(args, termination(), |addr| {
         let mut stdout = std::io::stdout();
         writeln!(stdout, "coordinator listening on {addr}")?;

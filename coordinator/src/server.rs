@@ -134,6 +134,15 @@ impl Coordinator {
         let serving = Server::builder()
             // Weight streams are large: let HTTP/2 flow-control windows grow with the link.
             .http2_adaptive_window(Some(true))
+            // One server span per RPC, child of the caller's span (W3C traceparent); health
+            // probes are not traced.
+            .trace_fn(|request| {
+                if request.uri().path().starts_with("/grpc.health") {
+                    tracing::Span::none()
+                } else {
+                    medtvt_telemetry::propagation::server_span(request)
+                }
+            })
             .add_service(health_service)
             .add_service(coordinator)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);

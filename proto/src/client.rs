@@ -88,6 +88,8 @@ impl Interceptor for RequestDecorator {
         if let Some(value) = &self.authorization {
             request.metadata_mut().insert("authorization", value.clone());
         }
+        // The caller's span becomes the parent of the coordinator's span for this call.
+        medtvt_telemetry::propagation::inject_current_context(request.metadata_mut());
         Ok(request)
     }
 }
