@@ -213,10 +213,7 @@ fn stage_name(stage: Stage) -> &'static str {
 fn pull_batch(link: &CoordinatorLink, job_id: u64, me: &LearnerIdentity, step: u64) -> Result<Option<TrainingBatch>, JobError> {
     let request = PullBatchRequest { job_id, rank: me.rank as u32, world_size: me.world_size as u32, step, wait_ms: 5_000 };
     loop {
-        let batch = link.call("PullTrainingBatch", |mut c| {
-            let request = request.clone();
-            async move { c.pull_training_batch(request).await }
-        })?;
+        let batch = link.call("PullTrainingBatch", |mut c| async move { c.pull_training_batch(request).await })?;
         if batch.done {
             return Ok(None);
         }

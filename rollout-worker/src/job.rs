@@ -73,10 +73,7 @@ pub fn run_rollout_job<P: Policy>(link: &CoordinatorLink, job: &JobAssignment, d
     let mut tally = RolloutTally::default();
     while !link.stop_flag().is_stopped() {
         let request = LeaseRequest { worker_id: link.worker_id, job_id: job.job_id, max_prompts };
-        let lease = link.call("LeasePrompts", |mut c| {
-            let request = request.clone();
-            async move { c.lease_prompts(request).await }
-        })?;
+        let lease = link.call("LeasePrompts", |mut c| async move { c.lease_prompts(request).await })?;
         if lease.job_done {
             break;
         }
@@ -112,7 +109,6 @@ pub fn diagnosis_reward(cfg: &RunConfig) -> Result<DiagnosisReward, medtvt_eval:
 fn fetch_policy<P: Policy>(link: &CoordinatorLink, job_id: u64, have: u64, policy: &mut P) -> Result<u64, WorkerJobError> {
     let request = FetchWeightsRequest { job_id, have_version: have, worker_id: link.worker_id };
     let chunks: Vec<WeightChunk> = link.call("FetchWeights", |mut c| {
-        let request = request.clone();
         async move {
             let mut stream = c.fetch_weights(request).await?.into_inner();
             let mut chunks = Vec::new();
