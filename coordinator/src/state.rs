@@ -1486,6 +1486,84 @@ mod tests {
         assert!(grant.job_done() && grant.prompts.is_empty());
     }
 
+    /// What a store would hold after applying `records`, as [`RunState::resume`] takes it.
+    fn stored(records: Vec<Durable>) -> (Vec<ResumedJob>, IdCounters) {
+        let mut jobs: BTreeMap<JobId, ResumedJob> = BTreeMap::new();
+        let mut ids = IdCounters { next_job: 1, next_worker: 1, next_lease: 1 };
+        for record in records {
+            match record {
+                Durable::JobQueued { job_id, config_toml, samples } => {
+                    let record = JobRecord {
+                        job_id,
+                        state: JobState::Queued,
+                        message: String::new(),
+                        policy_version: 0,
+                        steps_completed: 0,
+                        next_fresh: 0,
+                        pruned_below: 0,
+                        finish_requested: None,
+                        progress: JobProgress::default(),
+                    };
+                    jobs.insert(job_id, ResumedJob { config_toml, samples: samples.to_vec(), record, sealed: Vec::new() });
+                }
+                Durable::Job(r) => {
+                    let id = r.job_id;
+                    jobs.get_mut(&id).unwrap().record = r;
+                }
+                Durable::StepSealed { job_id, step, groups } => {
+                    let sealed = &mut jobs.get_mut(&job_id).unwrap().sealed;
+                    assert_eq!(sealed.len() as u64, step, "steps are sealed in order");
+                    let keys = groups.iter().map(|g| PromptKey { prompt_id: g.prompt_id, epoch: g.epoch }).collect();
+                    sealed.push(SealedStep { keys, groups });
+                }
+                Durable::StepsPruned { job_id, below } => {
+                    for step in &mut jobs.get_mut(&job_id).unwrap().sealed[..below as usize] {
+                        step.groups.clear();
+                    }
+                }
+                Durable::Ids(i) => ids = i,
+            }
+        }
+        (jobs.into_values().collect(), ids)
+    }
+
+    #[test]
+    fn a_resumed_state_continues_where_the_journal_ends() {
+        let (mut st, now, w, job) = grpo_state(10);
+        let grant = st.lease(now, w, job, 5).unwrap();
+        let k = keys(&grant);
+        for key in &k[..4] {
+            st.submit_group(now, group(w, job, grant.lease_id.unwrap(), *key, 0, [0.0, 1.0])).unwrap();
+        }
+        for rank in 0..2 {
+            st.pull_batch(job, rank, 2, 0).unwrap();
+            st.report_step(job, rank, 0, BTreeMap::from([("loss".into(), 0.5)]), 1).unwrap();
+        }
+        let step1 = st.pull_batch(job, 0, 2, 1).unwrap();
+        st.report_step(job, 0, 1, BTreeMap::new(), 2).unwrap();
+        let (jobs, ids) = stored(st.drain_journal());
+
+        let mut resumed = RunState::resume(StateOptions::default(), jobs, ids).unwrap();
+        let (before, after) = (&st.snapshot(None).unwrap()[0], &resumed.snapshot(None).unwrap()[0]);
+        assert_eq!((after.state, after.steps_completed, after.policy_version), (JobState::Running, 1, 2));
+        assert_eq!((&after.latest_metrics, &after.counters), (&before.latest_metrics, &before.counters));
+        let shard = |outcome: BatchOutcome| match outcome {
+            BatchOutcome::Groups { groups, .. } => groups,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(shard(resumed.pull_batch(job, 0, 2, 1).unwrap()), shard(step1), "the sealed step is the same shard");
+        assert!(resumed.touch(now, w).is_err(), "workers register again");
+        let w2 = resumed.register(now, Role::RolloutWorker, "w2".into(), 0, 0);
+        assert!(w2 > w);
+        // The unsubmitted fifth prompt is leased again first; then fresh ones.
+        let again = resumed.lease(now, w2, job, 2).unwrap();
+        assert!(again.lease_id > grant.lease_id);
+        assert_eq!(keys(&again)[0], k[4]);
+        assert!(!k.contains(&keys(&again)[1]));
+        // Rank 0's report of step 1 survived: rank 1's completes it.
+        assert_eq!(resumed.report_step(job, 1, 1, BTreeMap::new(), 2).unwrap(), 2);
+    }
+
     #[test]
     fn rendezvous_completes_when_every_rank_arrived() {
         let mut st = RunState::new(StateOptions::default());
