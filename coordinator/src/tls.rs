@@ -18,8 +18,8 @@ pub enum TlsError {
     Read { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("TLS {what} file {path} holds no PEM `{block}` block")]
     NotPem { what: &'static str, path: PathBuf, block: &'static str },
-    #[error("TLS certificate {cert} and key {key} are not a usable pair: {source}")]
-    Invalid { cert: PathBuf, key: PathBuf, source: tonic::transport::Error },
+    #[error("TLS certificate {cert} and key {key} are not a usable pair: {detail}")]
+    Invalid { cert: PathBuf, key: PathBuf, detail: String },
     #[error("--tls-cert and --tls-key go together; only the {given} was given")]
     Half { given: &'static str },
 }
@@ -43,9 +43,20 @@ impl TlsFiles {
         // The acceptor is built (and the pair parsed) here, at start.
         Server::builder()
             .tls_config(config.clone())
-            .map_err(|source| TlsError::Invalid { cert: self.cert.clone(), key: self.key.clone(), source })?;
+            .map_err(|e| TlsError::Invalid { cert: self.cert.clone(), key: self.key.clone(), detail: with_causes(&e) })?;
         Ok(config)
     }
+}
+
+/// An error and its sources, joined ("transport error: ..."): tonic's own text says little.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 /// Reads a PEM file that must hold a `block` ("CERTIFICATE", or "PRIVATE KEY" which also

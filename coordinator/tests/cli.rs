@@ -47,7 +47,7 @@ async fn command_line_configs_become_jobs_and_the_address_is_announced() {
     let (addr_tx, addr_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let running = tokio::spawn(run_until(
-        cli.args,
+        cli.args.clone(),
         async move {
             let _ = stop_rx.await;
         },
@@ -70,6 +70,28 @@ async fn command_line_configs_become_jobs_and_the_address_is_announced() {
     let events = std::fs::read_to_string(run_dir.join("events.jsonl")).unwrap();
     assert!(events.lines().count() >= 3, "{events}");
     assert!(events.contains("\"event\":\"job_started\""), "{events}");
+
+    // Started again on the same run directory, it resumes the run instead of submitting the
+    // --config files a second time.
+    let (addr_tx, addr_rx) = oneshot::channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let running = tokio::spawn(run_until(
+        cli.args,
+        async move {
+            let _ = stop_rx.await;
+        },
+        move |addr| {
+            let _ = addr_tx.send(addr);
+            Ok(())
+        },
+    ));
+    let addr = addr_rx.await.unwrap();
+    let mut c = medtvt_proto::client::connect(&format!("http://{addr}"), Some("tok-123")).await.unwrap();
+    let status = c.get_status(pb::StatusRequest::default()).await.unwrap().into_inner();
+    let resumed: Vec<_> = status.jobs.iter().map(|j| (j.name.as_str(), j.state, j.total_steps)).collect();
+    assert_eq!(resumed, jobs);
+    stop_tx.send(()).unwrap();
+    running.await.unwrap().unwrap();
 }
 
 #[tokio::test]
