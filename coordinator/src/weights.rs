@@ -44,16 +44,9 @@ pub enum WeightsError {
     NegativeDim { name: String, shape: Vec<i64> },
     #[error("tensor `{name}`: shape {shape:?} x {dtype} is {expected} bytes, but total_bytes = {total}")]
     SizeMismatch { name: String, shape: Vec<i64>, dtype: String, expected: u64, total: u64 },
-    #[error("tensor `{name}`: a chunk says dtype {dtype}, shape {shape:?}, total_bytes {total}; its first chunk said {first_dtype}, {first_shape:?}, {first_total}")]
-    InconsistentChunk {
-        name: String,
-        dtype: String,
-        shape: Vec<i64>,
-        total: u64,
-        first_dtype: String,
-        first_shape: Vec<i64>,
-        first_total: u64,
-    },
+    /// `got` and `first` describe the metadata as "dtype D, shape [..], total_bytes N".
+    #[error("tensor `{name}`: a chunk says {got}; its first chunk said {first}")]
+    InconsistentChunk { name: String, got: String, first: String },
 }
 
 /// The dtype names a chunk may carry (case-insensitive), with their element sizes.
@@ -214,14 +207,11 @@ impl VersionAssembler {
             }
             Some(open) => {
                 if (open.dtype.as_str(), open.shape.as_slice(), open.total) != (dtype.as_str(), shape.as_slice(), total) {
+                    let describe = |dtype: &str, shape: &[i64], total: u64| format!("dtype {dtype}, shape {shape:?}, total_bytes {total}");
                     return Err(WeightsError::InconsistentChunk {
                         name,
-                        dtype,
-                        shape,
-                        total,
-                        first_dtype: open.dtype.clone(),
-                        first_shape: open.shape.clone(),
-                        first_total: open.total,
+                        got: describe(&dtype, &shape, total),
+                        first: describe(&open.dtype, &open.shape, open.total),
                     });
                 }
                 open
