@@ -21,9 +21,17 @@ pub struct CoordinatorArgs {
     /// Address to serve gRPC on; port 0 picks a free port (the line printed says which).
     #[arg(long, env = "MEDTVT_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
-    /// Directory for the coordinator's event log (events.jsonl).
+    /// Directory for the event log (events.jsonl) and the durable run state
+    /// (coordinator.sqlite, weights/). A run recorded there is resumed after a crash; the
+    /// --config files are then not submitted again.
     #[arg(long, env = "MEDTVT_RUN_DIR", value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
+    /// PEM certificate chain: serve gRPC over TLS (with --tls-key).
+    #[arg(long, env = "MEDTVT_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "MEDTVT_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
     /// File holding a shared secret; every call must then carry `authorization: Bearer <it>`.
     #[arg(long, env = "MEDTVT_AUTH_TOKEN_FILE", value_name = "FILE")]
     pub auth_token_file: Option<PathBuf>,
@@ -57,9 +65,18 @@ pub async fn run_until(
     if let Some(endpoint) = &args.otlp_endpoint {
         tracing::info!(%endpoint, "OTLP endpoint noted; trace export is not wired in yet");
     }
-    let options = ServerOptions { auth_token, run_dir: args.run_dir.clone(), ..ServerOptions::default() };
+    let tls = crate::tls::TlsFiles::from_flags(args.tls_cert.clone(), args.tls_key.clone())?;
+    let options = ServerOptions { auth_token, run_dir: args.run_dir.clone(), tls, ..ServerOptions::default() };
     let coordinator = Coordinator::bind(args.listen, options).await?;
-    for path in &args.configs {
+    let configs = if coordinator.resumed() {
+        if !args.configs.is_empty() {
+            tracing::info!(configs = args.configs.len(), "resuming a recorded run: --config files are not submitted again");
+        }
+        &[][..]
+    } else {
+        &args.configs[..]
+    };
+    for path in configs {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
         let job = coordinator
             .submit_job(&text, &args.overrides)

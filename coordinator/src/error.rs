@@ -17,4 +17,10 @@ pub enum CoordinatorError {
     Token(#[from] medtvt_proto::client::ClientError),
     #[error("cannot open the event log {path}: {source}")]
     EventLog { path: PathBuf, source: std::io::Error },
+    #[error("run state: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot resume the run recorded in {path}: {source}")]
+    Resume { path: PathBuf, source: crate::state::StateError },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }

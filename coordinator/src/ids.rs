@@ -53,7 +53,25 @@ pub enum JobState {
 }
 
 impl JobState {
+    const ALL: [JobState; 5] = [JobState::Queued, JobState::Running, JobState::Succeeded, JobState::Failed, JobState::Cancelled];
+
     pub fn is_terminal(self) -> bool {
         matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+
+    /// The state's name as stored in the durable run state (`QUEUED`, `RUNNING`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "QUEUED",
+            JobState::Running => "RUNNING",
+            JobState::Succeeded => "SUCCEEDED",
+            JobState::Failed => "FAILED",
+            JobState::Cancelled => "CANCELLED",
+        }
+    }
+
+    /// The inverse of [`JobState::as_str`].
+    pub fn from_name(name: &str) -> Option<JobState> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
     }
 }

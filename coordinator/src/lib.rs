@@ -5,7 +5,8 @@
 //!
 //! Modules, in the order a request meets them: [`server`] (bind, serve, stop), `interceptor`
 //! (auth, trace hook), [`service`] (the gRPC handlers), [`state`] (the pure job state
-//! machine), [`weights`] (weight versions), [`dataset`] (the prompts), and [`args`] (the CLI).
+//! machine), [`store`] (the durable run state behind `--run-dir`), [`weights`] (weight
+//! versions), [`dataset`] (the prompts), [`tls`] (the server certificate) and [`args`] (the CLI).
 
 pub mod args;
 pub mod dataset;
@@ -17,6 +18,8 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod status_table;
+pub mod store;
+pub mod tls;
 pub mod weights;
 
 pub use args::{run, run_until, CoordinatorArgs};

@@ -1,7 +1,8 @@
 //! Starting and stopping the coordinator: bind the listener (so the real port is known before
 //! serving), add the health and Coordinator services, run the reaper that expires leases and
 //! silent workers, and stop gracefully on the caller's shutdown signal or once a requested
-//! shutdown has drained every job.
+//! shutdown has drained every job. With a run directory, `bind` resumes the run recorded there
+//! (see `store.rs`); with a certificate and key, gRPC is served over TLS.
 
 use crate::error::CoordinatorError;
 use crate::events::EventLog;
@@ -9,6 +10,8 @@ use crate::ids::JobId;
 use crate::interceptor::IncomingCall;
 use crate::service::{CoordinatorService, ServiceOptions, Shared};
 use crate::state::{self, RunState, StateOptions};
+use crate::store::RunStore;
+use crate::tls::TlsFiles;
 use medtvt_proto::CoordinatorServer;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Server;
+use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 /// Everything configurable about a coordinator process.
@@ -29,8 +32,11 @@ pub struct ServerOptions {
     pub auth_token: Option<String>,
     /// Largest gRPC message accepted or sent.
     pub max_message_bytes: usize,
-    /// Where `events.jsonl` goes.
+    /// Where `events.jsonl` and the durable run state (`coordinator.sqlite`, `weights/`) go; a
+    /// run recorded there before is resumed.
     pub run_dir: Option<PathBuf>,
+    /// Serve gRPC over TLS with this certificate and key.
+    pub tls: Option<TlsFiles>,
     /// How often leases and heartbeats are checked.
     pub reap_interval: Duration,
     /// After a drained shutdown request, how long processes get to see `shutdown` before the
@@ -49,6 +55,7 @@ impl Default for ServerOptions {
             auth_token: None,
             max_message_bytes: medtvt_proto::DEFAULT_MAX_MESSAGE_BYTES,
             run_dir: None,
+            tls: None,
             reap_interval: Duration::from_millis(100),
             shutdown_grace: Duration::from_secs(3),
             drain_timeout: Duration::from_secs(5),
@@ -65,6 +72,7 @@ impl std::fmt::Debug for ServerOptions {
             .field("auth_token", &self.auth_token.as_ref().map(|_| "<redacted>"))
             .field("max_message_bytes", &self.max_message_bytes)
             .field("run_dir", &self.run_dir)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -75,6 +83,8 @@ pub struct Coordinator {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
     stop_tx: watch::Sender<bool>,
+    tls: Option<ServerTlsConfig>,
+    resumed: bool,
     options: ServerOptions,
 }
 
@@ -82,10 +92,48 @@ impl Coordinator {
     pub async fn bind(addr: SocketAddr, options: ServerOptions) -> Result<Self, CoordinatorError> {
         let listener = TcpListener::bind(addr).await.map_err(|source| CoordinatorError::Bind { addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| CoordinatorError::Bind { addr, source })?;
+        let tls = options.tls.as_ref().map(TlsFiles::load).transpose()?;
         let events = EventLog::open(options.run_dir.as_deref())?;
+        let (store, resumed) = match &options.run_dir {
+            Some(dir) => {
+                let (store, resumed) = RunStore::open(dir)?;
+                (Some(Arc::new(store)), resumed)
+            }
+            None => (None, None),
+        };
+        let (state, weights) = match resumed {
+            Some(resumed) => {
+                let path = store.as_ref().map(|s| s.path().to_path_buf()).unwrap_or_default();
+                let state = RunState::resume(options.state.clone(), resumed.jobs, resumed.ids)
+                    .map_err(|source| CoordinatorError::Resume { path, source })?;
+                (Some(state), resumed.weights)
+            }
+            None => (None, None),
+        };
+        let resumed = state.is_some();
+        let state = state.unwrap_or_else(|| RunState::new(options.state.clone()));
         let (stop_tx, stop_rx) = watch::channel(false);
-        let shared = Arc::new(Shared::new(RunState::new(options.state.clone()), events, stop_rx, options.service.clone()));
-        Ok(Coordinator { listener, local_addr, shared, stop_tx, options })
+        let shared = Arc::new(Shared::new(state, events, store, stop_rx, options.service.clone()));
+        if let Some(version) = weights {
+            let (job, number) = (version.job_id, version.version);
+            shared.weights().install(version);
+            // The weights may have been saved just before the step that made them was recorded.
+            shared.with_state(|st| st.weights_published(job, number)).map_err(|source| CoordinatorError::Resume {
+                path: options.run_dir.clone().unwrap_or_default(),
+                source,
+            })?;
+        }
+        if resumed {
+            let jobs = shared.with_state(|st| st.snapshot(None).map(|jobs| jobs.len()).unwrap_or(0));
+            let running = shared.with_state(|st| st.running_job());
+            tracing::info!(jobs, running = ?running.map(|j| j.0), "resumed the run recorded in the run directory");
+        }
+        Ok(Coordinator { listener, local_addr, shared, stop_tx, tls, resumed, options })
+    }
+
+    /// Whether `bind` found a run recorded in the run directory and resumed it.
+    pub fn resumed(&self) -> bool {
+        self.resumed
     }
 
     /// The address actually bound (the real port when asked for port 0).
@@ -102,7 +150,7 @@ impl Coordinator {
     /// Serves until `shutdown` resolves or a requested shutdown has drained; then stops the
     /// background task and returns once in-flight calls are done.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), CoordinatorError> {
-        let Coordinator { listener, local_addr, shared, stop_tx, options } = self;
+        let Coordinator { listener, local_addr, shared, stop_tx, tls, options, .. } = self;
         let stop_tx = Arc::new(stop_tx);
 
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -129,9 +177,12 @@ impl Coordinator {
             let _ = stop_rx.wait_for(|s| *s).await;
             health.set_service_status(medtvt_proto::SERVICE_NAME, ServingStatus::NotServing).await;
         };
-        tracing::info!(%local_addr, auth = options.auth_token.is_some(), "coordinator serving");
-        // TLS goes here: `.tls_config(ServerTlsConfig::new().identity(...))` on the builder.
-        let serving = Server::builder()
+        tracing::info!(%local_addr, auth = options.auth_token.is_some(), tls = tls.is_some(), "coordinator serving");
+        let mut builder = Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let serving = builder
             // Weight streams are large: let HTTP/2 flow-control windows grow with the link.
             .http2_adaptive_window(Some(true))
             // One server span per RPC, child of the caller's span (W3C traceparent); health

@@ -6,7 +6,8 @@
 use crate::events::EventLog;
 use crate::ids::{JobId, JobState, Role, WorkerId};
 use crate::state::{self, Assignment, BatchOutcome, GroupOutcome, RunState, StateError};
-use crate::weights::{VersionAssembler, WeightStore, WeightsError};
+use crate::store::RunStore;
+use crate::weights::{VersionAssembler, WeightStore, WeightVersion, WeightsError};
 use medtvt_config::Stage;
 use medtvt_proto::v1 as pb;
 use std::collections::BTreeMap;
@@ -46,6 +47,8 @@ pub struct Shared {
     weights: Mutex<WeightStore>,
     revision: watch::Sender<u64>,
     events: EventLog,
+    /// With a run directory: where each call's durable records go before it answers.
+    store: Option<Arc<RunStore>>,
     /// Set when the process is stopping: long-polls answer at once.
     stopping: watch::Receiver<bool>,
     pub options: ServiceOptions,
@@ -57,18 +60,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub fn new(state: RunState, events: EventLog, stopping: watch::Receiver<bool>, options: ServiceOptions) -> Self {
+    pub fn new(
+        state: RunState,
+        events: EventLog,
+        store: Option<Arc<RunStore>>,
+        stopping: watch::Receiver<bool>,
+        options: ServiceOptions,
+    ) -> Self {
         Shared {
             state: Mutex::new(state),
             weights: Mutex::new(WeightStore::default()),
             revision: watch::channel(0).0,
             events,
+            store,
             stopping,
             options,
         }
     }
 
-    /// Runs `f` on the state; wakes long-polls if it changed anything; logs its events.
+    /// Runs `f` on the state; records what it changed durably (with a run directory); wakes
+    /// long-polls if it changed anything; logs its events.
     pub fn with_state<T>(&self, f: impl FnOnce(&mut RunState) -> T) -> T {
         self.with_state_seen(None, f)
     }
@@ -84,6 +95,15 @@ impl Shared {
         let out = f(&mut st);
         let after = st.revision();
         let events = st.drain_events();
+        // Written under the state lock so that records land in the order of the transitions,
+        // and before the call answers. A failed write cannot undo the transition: the run goes
+        // on, and the error says that resuming it would lose this change.
+        let journal = st.drain_journal();
+        if let Some(store) = &self.store {
+            if let Err(err) = store.apply(&journal) {
+                tracing::error!(error = %err, "cannot record the run state; a resume would lose this change");
+            }
+        }
         if after != before {
             self.revision.send_replace(after);
         }
@@ -139,6 +159,23 @@ pub struct CoordinatorService {
 impl CoordinatorService {
     pub fn new(shared: Arc<Shared>) -> Self {
         CoordinatorService { shared }
+    }
+
+    /// Makes a complete published version the one FetchWeights serves.
+    fn install_weights(&self, version: WeightVersion, tensors: u32, bytes: u64) -> Result<Response<pb::PublishWeightsResponse>, Status> {
+        let (job, number) = (version.job_id, version.version);
+        {
+            let mut store = self.shared.weights();
+            if !store.accepts(job, number) {
+                return Err(Status::failed_precondition(format!("job {job} already has weights of version {number} or newer")));
+            }
+            store.install(version);
+        }
+        self.shared.with_state(|st| st.weights_published(job, number)).map_err(to_status)?;
+        let span = tracing::Span::current();
+        span.record("tensors", tensors);
+        span.record("bytes", bytes);
+        Ok(Response::new(pb::PublishWeightsResponse { policy_version: number, tensors, bytes }))
     }
 }
 
@@ -516,18 +553,18 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         assembler.finish().map_err(weights_status)?;
         let version = complete.ok_or_else(|| weights_status(WeightsError::Incomplete))?;
         let (job, number, tensors, bytes) = (version.job_id, version.version, version.tensors.len() as u32, version.total_bytes());
-        {
-            let mut store = self.shared.weights();
-            if !store.accepts(job, number) {
-                return Err(Status::failed_precondition(format!("job {job} already has weights of version {number} or newer")));
-            }
-            store.install(version);
+        if let Some(store) = self.shared.store.clone() {
+            // Large, blocking writes: off the executor, and done before the version is served,
+            // so a version a worker fetched is one a resumed coordinator still has.
+            let version = Arc::new(version);
+            let saving = version.clone();
+            tokio::task::spawn_blocking(move || store.save_weights(&saving))
+                .await
+                .map_err(|e| Status::internal(format!("saving weights panicked: {e}")))?
+                .map_err(|e| Status::internal(format!("cannot save weights of job {job} version {number}: {e}")))?;
+            return self.install_weights(Arc::unwrap_or_clone(version), tensors, bytes);
         }
-        self.shared.with_state(|st| st.weights_published(job, number)).map_err(to_status)?;
-        let span = tracing::Span::current();
-        span.record("tensors", tensors);
-        span.record("bytes", bytes);
-        Ok(Response::new(pb::PublishWeightsResponse { policy_version: number, tensors, bytes }))
+        self.install_weights(version, tensors, bytes)
     }
 
     type FetchWeightsStream = tokio_stream::Iter<std::vec::IntoIter<Result<pb::WeightChunk, Status>>>;

@@ -7,13 +7,22 @@
 //! fresh/requeued -> leased -> accepted (ready queue) -> in step s (trained once step s is
 //! reported by every rank). A lease that expires, or a group dropped as stale, sends the prompt
 //! back to the front of the queue; a group is accepted at most once per key.
+//!
+//! Durability (with a run directory) stays out of this file's I/O: every transition that a
+//! resumed run needs is also pushed as a [`Durable`] record, which the service drains after
+//! each call (under the same lock, so in order) and `store.rs` writes to SQLite.
+//! [`RunState::resume`] rebuilds the state from what was stored. Only what a restarted run
+//! needs is recorded: jobs and their datasets, each job's scalar progress (policy version,
+//! steps completed, ranks that reported, the lease cursor), sealed steps with their groups, and
+//! the id counters. Leases, accepted groups not yet in a step, workers and rendezvous rounds are
+//! not: on resume every prompt handed out but not in a sealed step goes back to the queue.
 
 use crate::dataset::{self, EpochOrder};
 use crate::ids::{JobId, JobState, LeaseId, PromptKey, Role, WorkerId};
 use medtvt_config::{RunConfig, Stage};
 use medtvt_proto::v1::RolloutGroup;
 use prost::bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
@@ -22,7 +31,7 @@ use std::time::{Duration, Instant};
 /// What went wrong with a request; `service.rs` maps each variant to a gRPC status code.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum StateError {
-    #[error("unknown worker id {0}; register first")]
+    #[error("unknown worker id {0}: register again")]
     UnknownWorker(WorkerId),
     #[error("unknown job id {0}")]
     UnknownJob(JobId),
@@ -141,7 +150,7 @@ pub enum BatchOutcome {
 }
 
 /// Counters and gauges of one job, as shown by status.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct JobCounters {
     pub prompts_leased: u64,
     pub groups_accepted: u64,
@@ -152,6 +161,71 @@ pub struct JobCounters {
     pub late_groups_ignored: u64,
     pub unknown_lease_groups: u64,
     pub leases_expired: u64,
+}
+
+/// A change to record so that a killed coordinator can resume (see the module doc).
+#[derive(Debug, Clone)]
+pub enum Durable {
+    /// A new job: its resolved config and the samples it leases or batches from.
+    JobQueued { job_id: JobId, config_toml: String, samples: Arc<Vec<Bytes>> },
+    /// The job's progress as it is now (replaces the previous record).
+    Job(JobRecord),
+    /// Step `step` of a GRPO job was assembled; it never changes.
+    StepSealed { job_id: JobId, step: u64, groups: Vec<Arc<RolloutGroup>> },
+    /// The groups of steps below `below` were freed (their keys stay recorded).
+    StepsPruned { job_id: JobId, below: u64 },
+    /// The next ids to hand out; ids are never reused across restarts.
+    Ids(IdCounters),
+}
+
+/// The next job, worker and lease ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdCounters {
+    pub next_job: u64,
+    pub next_worker: u64,
+    pub next_lease: u64,
+}
+
+/// The progress of one job, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    pub job_id: JobId,
+    pub state: JobState,
+    pub message: String,
+    pub policy_version: u64,
+    pub steps_completed: u64,
+    /// GRPO: positions of the epoch order handed out so far.
+    pub next_fresh: u64,
+    /// GRPO: steps below this have had their groups freed.
+    pub pruned_below: u64,
+    pub finish_requested: Option<String>,
+    pub progress: JobProgress,
+}
+
+/// The less structured part of a [`JobRecord`] (stored as JSON).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobProgress {
+    /// Ranks that reported each step not yet completed.
+    pub reported: BTreeMap<u64, BTreeSet<u32>>,
+    pub latest_metrics: BTreeMap<String, f64>,
+    pub counters: JobCounters,
+}
+
+/// One sealed GRPO step as stored: its prompt keys in order, and its groups unless pruned.
+#[derive(Debug, Clone, Default)]
+pub struct SealedStep {
+    pub keys: Vec<PromptKey>,
+    pub groups: Vec<Arc<RolloutGroup>>,
+}
+
+/// Everything stored about one job, to resume it.
+#[derive(Debug, Clone)]
+pub struct ResumedJob {
+    pub config_toml: String,
+    pub samples: Vec<Bytes>,
+    pub record: JobRecord,
+    pub sealed: Vec<SealedStep>,
 }
 
 #[derive(Debug, Clone)]
@@ -240,70 +314,8 @@ struct Job {
 }
 
 impl Job {
-    fn stage(&self) -> Stage {
-        self.config.run.stage
-    }
-}
-
-struct RendezvousRound {
-    world_size: u32,
-    payloads: Vec<Option<Bytes>>,
-}
-
-/// The whole run. See the module doc.
-pub struct RunState {
-    options: StateOptions,
-    jobs: BTreeMap<JobId, Job>,
-    queue: VecDeque<JobId>,
-    running: Option<JobId>,
-    workers: BTreeMap<WorkerId, Worker>,
-    rendezvous: HashMap<(JobId, String), RendezvousRound>,
-    next_job: u64,
-    next_worker: u64,
-    next_lease: u64,
-    shutting_down: bool,
-    events: Vec<Event>,
-    /// Bumped by every change a long-poll may be waiting for.
-    revision: u64,
-}
-
-impl RunState {
-    pub fn new(options: StateOptions) -> Self {
-        RunState {
-            options,
-            jobs: BTreeMap::new(),
-            queue: VecDeque::new(),
-            running: None,
-            workers: BTreeMap::new(),
-            rendezvous: HashMap::new(),
-            next_job: 1,
-            next_worker: 1,
-            next_lease: 1,
-            shutting_down: false,
-            events: Vec::new(),
-            revision: 0,
-        }
-    }
-
-    /// Changes whenever something a long-poll may wait for changed.
-    pub fn revision(&self) -> u64 {
-        self.revision
-    }
-
-    /// Events since the last call, oldest first.
-    pub fn drain_events(&mut self) -> Vec<Event> {
-        std::mem::take(&mut self.events)
-    }
-
-    // ───────────────────────────── Jobs ─────────────────────────────
-
-    /// Queues a job whose config and samples are loaded (see [`load_job`]), starting it when
-    /// nothing runs. Errors name the config key.
-    pub fn enqueue(&mut self, config: RunConfig, samples: Vec<Bytes>) -> Result<JobId, StateError> {
-        if self.shutting_down {
-            return Err(StateError::ShuttingDown);
-        }
-        let id = JobId(self.next_job);
+    /// A queued job, once its config is checked against the cluster. Errors name the key.
+    fn new(id: JobId, config: RunConfig, samples: Arc<Vec<Bytes>>) -> Result<Job, StateError> {
         let invalid = |key: &str, problem: String| Err(StateError::InvalidJob(format!("job {id} config: `{key}` {problem}")));
         let world_size = config.cluster.learners;
         if samples.is_empty() {
@@ -347,13 +359,10 @@ impl RunState {
             }
         };
         let config_toml = toml::to_string(&config).map_err(|e| StateError::InvalidJob(format!("job {id} config: {e}")))?;
-        self.next_job += 1;
-        self.revision += 1;
-        self.events.push(Event::JobQueued { job_id: id, name: config.run.name.clone(), stage: config.run.stage });
-        let job = Job {
+        Ok(Job {
             id,
             order: EpochOrder::new(config.run.seed, samples.len()),
-            samples: Arc::new(samples),
+            samples,
             config_toml,
             state: JobState::Queued,
             message: String::new(),
@@ -367,7 +376,196 @@ impl RunState {
             counters: JobCounters::default(),
             rollouts,
             config,
-        };
+        })
+    }
+
+    fn stage(&self) -> Stage {
+        self.config.run.stage
+    }
+
+    fn record(&self) -> JobRecord {
+        JobRecord {
+            job_id: self.id,
+            state: self.state,
+            message: self.message.clone(),
+            policy_version: self.policy_version,
+            steps_completed: self.steps_completed,
+            next_fresh: self.rollouts.as_ref().map_or(0, |r| r.next_fresh),
+            pruned_below: self.rollouts.as_ref().map_or(0, |r| r.pruned_below),
+            finish_requested: self.finish_requested.clone(),
+            progress: JobProgress {
+                reported: self.reported.clone(),
+                latest_metrics: self.latest_metrics.clone(),
+                counters: self.counters.clone(),
+            },
+        }
+    }
+
+    /// Rebuilds a stored job (see [`RunState::resume`]).
+    fn resume(stored: ResumedJob) -> Result<Job, StateError> {
+        let ResumedJob { config_toml, samples, record, sealed } = stored;
+        let id = record.job_id;
+        let source = format!("stored config of job {id}");
+        let config = medtvt_config::parse_run_config(&config_toml, Path::new(&source), &[])
+            .map_err(|e| StateError::InvalidJob(e.to_string()))?;
+        let mut job = Job::new(id, config, Arc::new(samples))?;
+        job.state = record.state;
+        job.message = record.message;
+        job.policy_version = record.policy_version;
+        job.steps_completed = record.steps_completed;
+        job.finish_requested = record.finish_requested;
+        job.reported = record.progress.reported;
+        job.latest_metrics = record.progress.latest_metrics;
+        job.counters = record.progress.counters;
+        let stored_steps = sealed.len() as u64;
+        if let Some(r) = &mut job.rollouts {
+            if stored_steps < job.steps_completed {
+                return Err(StateError::InvalidJob(format!(
+                    "job {id}: {} steps completed but only {stored_steps} sealed steps stored",
+                    job.steps_completed
+                )));
+            }
+            r.next_fresh = record.next_fresh;
+            r.pruned_below = record.pruned_below;
+            r.accepted = sealed.iter().flat_map(|s| s.keys.iter().copied()).collect();
+            // Everything handed out but not in a sealed step was leased, or accepted and
+            // waiting: none of it survived, so it is leased again, oldest first.
+            for position in 0..r.next_fresh {
+                let (prompt_id, epoch) = job.order.at(position);
+                let key = PromptKey { prompt_id, epoch };
+                if !r.accepted.contains(&key) {
+                    r.requeued.push_back(key);
+                }
+            }
+            r.steps = sealed.into_iter().map(|s| s.groups).collect();
+        } else if stored_steps > 0 {
+            return Err(StateError::InvalidJob(format!("job {id} is not a GRPO job but has {stored_steps} sealed steps stored")));
+        }
+        Ok(job)
+    }
+}
+
+struct RendezvousRound {
+    world_size: u32,
+    payloads: Vec<Option<Bytes>>,
+}
+
+/// The whole run. See the module doc.
+pub struct RunState {
+    options: StateOptions,
+    jobs: BTreeMap<JobId, Job>,
+    queue: VecDeque<JobId>,
+    running: Option<JobId>,
+    workers: BTreeMap<WorkerId, Worker>,
+    rendezvous: HashMap<(JobId, String), RendezvousRound>,
+    next_job: u64,
+    next_worker: u64,
+    next_lease: u64,
+    shutting_down: bool,
+    events: Vec<Event>,
+    /// Bumped by every change a long-poll may be waiting for.
+    revision: u64,
+    /// Records not yet drained by [`RunState::drain_journal`], in order.
+    journal: Vec<Durable>,
+    /// Jobs whose [`JobRecord`] changed since the last drain.
+    dirty: BTreeSet<JobId>,
+    ids_dirty: bool,
+}
+
+impl RunState {
+    pub fn new(options: StateOptions) -> Self {
+        RunState {
+            options,
+            jobs: BTreeMap::new(),
+            queue: VecDeque::new(),
+            running: None,
+            workers: BTreeMap::new(),
+            rendezvous: HashMap::new(),
+            next_job: 1,
+            next_worker: 1,
+            next_lease: 1,
+            shutting_down: false,
+            events: Vec::new(),
+            revision: 0,
+            journal: Vec::new(),
+            dirty: BTreeSet::new(),
+            ids_dirty: false,
+        }
+    }
+
+    /// Rebuilds a run from what the durable store recorded (see the module doc): the jobs in id
+    /// order, RUNNING and QUEUED ones continuing. No workers, leases or rendezvous rounds: the
+    /// processes register again.
+    pub fn resume(options: StateOptions, jobs: Vec<ResumedJob>, ids: IdCounters) -> Result<Self, StateError> {
+        let mut st = RunState::new(options);
+        for stored in jobs {
+            let job = Job::resume(stored)?;
+            let id = job.id;
+            if id.0 >= ids.next_job {
+                return Err(StateError::InvalidJob(format!("stored job {id} is not below the stored next job id {}", ids.next_job)));
+            }
+            match job.state {
+                JobState::Running if st.running.is_some() => {
+                    return Err(StateError::InvalidJob(format!("stored jobs {} and {id} are both RUNNING", st.running.map_or(0, |j| j.0))));
+                }
+                JobState::Running => st.running = Some(id),
+                JobState::Queued => st.queue.push_back(id),
+                _ => {}
+            }
+            st.jobs.insert(id, job);
+        }
+        st.next_job = ids.next_job;
+        st.next_worker = ids.next_worker;
+        st.next_lease = ids.next_lease;
+        st.start_next();
+        Ok(st)
+    }
+
+    /// The durable records since the last call, in order; then the changed job records and
+    /// the id counters.
+    pub fn drain_journal(&mut self) -> Vec<Durable> {
+        let mut out = std::mem::take(&mut self.journal);
+        for id in std::mem::take(&mut self.dirty) {
+            if let Some(job) = self.jobs.get(&id) {
+                out.push(Durable::Job(job.record()));
+            }
+        }
+        if std::mem::take(&mut self.ids_dirty) {
+            out.push(Durable::Ids(self.ids()));
+        }
+        out
+    }
+
+    pub fn ids(&self) -> IdCounters {
+        IdCounters { next_job: self.next_job, next_worker: self.next_worker, next_lease: self.next_lease }
+    }
+
+    /// Changes whenever something a long-poll may wait for changed.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// Events since the last call, oldest first.
+    pub fn drain_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    // ───────────────────────────── Jobs ─────────────────────────────
+
+    /// Queues a job whose config and samples are loaded (see [`load_job`]), starting it when
+    /// nothing runs. Errors name the config key.
+    pub fn enqueue(&mut self, config: RunConfig, samples: Vec<Bytes>) -> Result<JobId, StateError> {
+        if self.shutting_down {
+            return Err(StateError::ShuttingDown);
+        }
+        let id = JobId(self.next_job);
+        let job = Job::new(id, config, Arc::new(samples))?;
+        self.next_job += 1;
+        self.revision += 1;
+        self.events.push(Event::JobQueued { job_id: id, name: job.config.run.name.clone(), stage: job.stage() });
+        self.journal.push(Durable::JobQueued { job_id: id, config_toml: job.config_toml.clone(), samples: job.samples.clone() });
+        self.dirty.insert(id);
+        self.ids_dirty = true;
         self.jobs.insert(id, job);
         self.queue.push_back(id);
         self.start_next();
@@ -382,6 +580,7 @@ impl RunState {
             if let Some(job) = self.jobs.get_mut(&id) {
                 job.state = JobState::Running;
                 self.running = Some(id);
+                self.dirty.insert(id);
                 self.events.push(Event::JobStarted { job_id: id });
             }
         }
@@ -395,6 +594,7 @@ impl RunState {
         job.state = state;
         job.message = message.clone();
         self.revision += 1;
+        self.dirty.insert(id);
         if let Some(r) = &mut job.rollouts {
             // Nothing more will be trained: leases are void.
             r.leases.clear();
@@ -486,6 +686,7 @@ impl RunState {
     pub fn register(&mut self, now: Instant, role: Role, name: String, rank: u32, world_size: u32) -> WorkerId {
         let id = WorkerId(self.next_worker);
         self.next_worker += 1;
+        self.ids_dirty = true;
         self.events.push(Event::WorkerRegistered { worker_id: id, role, name: name.clone() });
         self.workers.insert(id, Worker { name, role, rank, world_size, last_seen: now, alive: true });
         id
@@ -612,6 +813,8 @@ impl RunState {
         }
         let lease_id = LeaseId(self.next_lease);
         self.next_lease += 1;
+        self.ids_dirty = true;
+        self.dirty.insert(id);
         grant.prompts = keys.iter().map(|k| (*k, job.samples[k.prompt_id as usize].clone())).collect();
         grant.lease_id = Some(lease_id);
         job.counters.prompts_leased += keys.len() as u64;
@@ -769,7 +972,10 @@ impl RunState {
                 self.revision += 1;
             }
             if r.assembling.len() as u64 == r.prompts_per_step {
-                r.steps.push(std::mem::take(&mut r.assembling));
+                let groups = std::mem::take(&mut r.assembling);
+                self.journal.push(Durable::StepSealed { job_id: id, step, groups: groups.clone() });
+                self.dirty.insert(id);
+                r.steps.push(groups);
                 self.revision += 1;
             }
         }
@@ -821,6 +1027,7 @@ impl RunState {
         }
         job.reported.entry(step).or_default().insert(rank);
         self.revision += 1;
+        self.dirty.insert(id);
         job.policy_version = job.policy_version.max(policy_version_after);
         if rank == 0 {
             job.latest_metrics = metrics;
@@ -838,7 +1045,10 @@ impl RunState {
             for step in r.pruned_below..floor {
                 r.steps[step as usize] = Vec::new();
             }
-            r.pruned_below = r.pruned_below.max(floor);
+            if floor > r.pruned_below {
+                r.pruned_below = floor;
+                self.journal.push(Durable::StepsPruned { job_id: id, below: floor });
+            }
         }
         let done = job.steps_completed;
         self.maybe_succeed(id);
@@ -868,6 +1078,7 @@ impl RunState {
             )));
         }
         job.finish_requested = Some(checkpoint_dir);
+        self.dirty.insert(id);
         self.maybe_succeed(id);
         self.job_state(id)
     }
@@ -888,6 +1099,7 @@ impl RunState {
         if version > job.policy_version {
             job.policy_version = version;
             self.revision += 1;
+            self.dirty.insert(id);
         }
         Ok(())
     }
@@ -1272,6 +1484,84 @@ mod tests {
         st.cancel_job(JobId(1)).unwrap();
         let grant = st.lease(now, w, JobId(1), 1).unwrap();
         assert!(grant.job_done() && grant.prompts.is_empty());
+    }
+
+    /// What a store would hold after applying `records`, as [`RunState::resume`] takes it.
+    fn stored(records: Vec<Durable>) -> (Vec<ResumedJob>, IdCounters) {
+        let mut jobs: BTreeMap<JobId, ResumedJob> = BTreeMap::new();
+        let mut ids = IdCounters { next_job: 1, next_worker: 1, next_lease: 1 };
+        for record in records {
+            match record {
+                Durable::JobQueued { job_id, config_toml, samples } => {
+                    let record = JobRecord {
+                        job_id,
+                        state: JobState::Queued,
+                        message: String::new(),
+                        policy_version: 0,
+                        steps_completed: 0,
+                        next_fresh: 0,
+                        pruned_below: 0,
+                        finish_requested: None,
+                        progress: JobProgress::default(),
+                    };
+                    jobs.insert(job_id, ResumedJob { config_toml, samples: samples.to_vec(), record, sealed: Vec::new() });
+                }
+                Durable::Job(r) => {
+                    let id = r.job_id;
+                    jobs.get_mut(&id).unwrap().record = r;
+                }
+                Durable::StepSealed { job_id, step, groups } => {
+                    let sealed = &mut jobs.get_mut(&job_id).unwrap().sealed;
+                    assert_eq!(sealed.len() as u64, step, "steps are sealed in order");
+                    let keys = groups.iter().map(|g| PromptKey { prompt_id: g.prompt_id, epoch: g.epoch }).collect();
+                    sealed.push(SealedStep { keys, groups });
+                }
+                Durable::StepsPruned { job_id, below } => {
+                    for step in &mut jobs.get_mut(&job_id).unwrap().sealed[..below as usize] {
+                        step.groups.clear();
+                    }
+                }
+                Durable::Ids(i) => ids = i,
+            }
+        }
+        (jobs.into_values().collect(), ids)
+    }
+
+    #[test]
+    fn a_resumed_state_continues_where_the_journal_ends() {
+        let (mut st, now, w, job) = grpo_state(10);
+        let grant = st.lease(now, w, job, 5).unwrap();
+        let k = keys(&grant);
+        for key in &k[..4] {
+            st.submit_group(now, group(w, job, grant.lease_id.unwrap(), *key, 0, [0.0, 1.0])).unwrap();
+        }
+        for rank in 0..2 {
+            st.pull_batch(job, rank, 2, 0).unwrap();
+            st.report_step(job, rank, 0, BTreeMap::from([("loss".into(), 0.5)]), 1).unwrap();
+        }
+        let step1 = st.pull_batch(job, 0, 2, 1).unwrap();
+        st.report_step(job, 0, 1, BTreeMap::new(), 2).unwrap();
+        let (jobs, ids) = stored(st.drain_journal());
+
+        let mut resumed = RunState::resume(StateOptions::default(), jobs, ids).unwrap();
+        let (before, after) = (&st.snapshot(None).unwrap()[0], &resumed.snapshot(None).unwrap()[0]);
+        assert_eq!((after.state, after.steps_completed, after.policy_version), (JobState::Running, 1, 2));
+        assert_eq!((&after.latest_metrics, &after.counters), (&before.latest_metrics, &before.counters));
+        let shard = |outcome: BatchOutcome| match outcome {
+            BatchOutcome::Groups { groups, .. } => groups,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(shard(resumed.pull_batch(job, 0, 2, 1).unwrap()), shard(step1), "the sealed step is the same shard");
+        assert!(resumed.touch(now, w).is_err(), "workers register again");
+        let w2 = resumed.register(now, Role::RolloutWorker, "w2".into(), 0, 0);
+        assert!(w2 > w);
+        // The unsubmitted fifth prompt is leased again first; then fresh ones.
+        let again = resumed.lease(now, w2, job, 2).unwrap();
+        assert!(again.lease_id > grant.lease_id);
+        assert_eq!(keys(&again)[0], k[4]);
+        assert!(!k.contains(&keys(&again)[1]));
+        // Rank 0's report of step 1 survived: rank 1's completes it.
+        assert_eq!(resumed.report_step(job, 1, 1, BTreeMap::new(), 2).unwrap(), 2);
     }
 
     #[test]

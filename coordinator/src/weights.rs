@@ -4,7 +4,9 @@
 //! one after another, each tensor's chunks in order with no gaps) and yields a complete
 //! [`WeightVersion`]; [`WeightStore`] keeps the latest complete version, which
 //! [`WeightVersion::chunks`] cuts back into chunks of at most 1 MiB for `FetchWeights` without
-//! copying the bytes.
+//! copying the bytes. Tensor bytes are opaque, but their metadata must add up: a tensor's
+//! `total_bytes` is the product of its shape times the size of its dtype, and every chunk of
+//! a tensor repeats the same dtype, shape and total.
 
 use crate::ids::JobId;
 use medtvt_proto::v1::WeightChunk;
@@ -36,6 +38,40 @@ pub enum WeightsError {
     Incomplete,
     #[error("a version needs at least one tensor")]
     Empty,
+    #[error("tensor `{name}`: unknown dtype `{dtype}` (known: {})", KNOWN_DTYPES.join(", "))]
+    UnknownDtype { name: String, dtype: String },
+    #[error("tensor `{name}`: shape {shape:?} has a negative dimension")]
+    NegativeDim { name: String, shape: Vec<i64> },
+    #[error("tensor `{name}`: shape {shape:?} x {dtype} is {expected} bytes, but total_bytes = {total}")]
+    SizeMismatch { name: String, shape: Vec<i64>, dtype: String, expected: u64, total: u64 },
+    /// `got` and `first` describe the metadata as "dtype D, shape [..], total_bytes N".
+    #[error("tensor `{name}`: a chunk says {got}; its first chunk said {first}")]
+    InconsistentChunk { name: String, got: String, first: String },
+}
+
+/// The dtype names a chunk may carry (case-insensitive), with their element sizes.
+const DTYPE_SIZES: &[(&str, u64)] = &[
+    ("f64", 8), ("float64", 8), ("f32", 4), ("float32", 4), ("f16", 2), ("float16", 2), ("bf16", 2), ("bfloat16", 2),
+    ("f8e4m3", 1), ("f8e5m2", 1), ("i64", 8), ("int64", 8), ("i32", 4), ("int32", 4), ("i16", 2), ("int16", 2),
+    ("i8", 1), ("int8", 1), ("u8", 1), ("uint8", 1), ("bool", 1),
+];
+const KNOWN_DTYPES: &[&str] = &["f64", "f32", "f16", "bf16", "f8e4m3", "f8e5m2", "i64", "i32", "i16", "i8", "u8", "bool"];
+
+/// Checks that a tensor's metadata adds up: shape product x dtype size = total_bytes.
+fn check_tensor_size(name: &str, dtype: &str, shape: &[i64], total: u64) -> Result<(), WeightsError> {
+    let lower = dtype.to_ascii_lowercase();
+    let Some(&(_, size)) = DTYPE_SIZES.iter().find(|(n, _)| *n == lower) else {
+        return Err(WeightsError::UnknownDtype { name: name.into(), dtype: dtype.into() });
+    };
+    let mut expected = size;
+    for dim in shape {
+        let dim = u64::try_from(*dim).map_err(|_| WeightsError::NegativeDim { name: name.into(), shape: shape.to_vec() })?;
+        expected = expected.saturating_mul(dim);
+    }
+    if expected != total {
+        return Err(WeightsError::SizeMismatch { name: name.into(), shape: shape.to_vec(), dtype: dtype.into(), expected, total });
+    }
+    Ok(())
 }
 
 /// One tensor of a version: metadata for the workers plus its raw bytes.
@@ -169,11 +205,22 @@ impl VersionAssembler {
             Some(open) if open.name != name => {
                 return Err(WeightsError::Interleaved { current: open.name.clone(), got: name });
             }
-            Some(open) => open,
+            Some(open) => {
+                if (open.dtype.as_str(), open.shape.as_slice(), open.total) != (dtype.as_str(), shape.as_slice(), total) {
+                    let describe = |dtype: &str, shape: &[i64], total: u64| format!("dtype {dtype}, shape {shape:?}, total_bytes {total}");
+                    return Err(WeightsError::InconsistentChunk {
+                        name,
+                        got: describe(&dtype, &shape, total),
+                        first: describe(&open.dtype, &open.shape, open.total),
+                    });
+                }
+                open
+            }
             None => {
                 if !self.names.insert(name.clone()) {
                     return Err(WeightsError::DuplicateTensor(name));
                 }
+                check_tensor_size(&name, &dtype, &shape, total)?;
                 let data = BytesMut::with_capacity(total.min(MAX_PREALLOCATE) as usize);
                 self.current.insert(PartialTensor { name, dtype, shape, total, data })
             }
@@ -249,8 +296,8 @@ mod tests {
                 .enumerate()
                 .map(|(i, n)| TensorBytes {
                     name: format!("t{i}"),
-                    dtype: "f32".into(),
-                    shape: vec![*n as i64 / 4],
+                    dtype: "u8".into(),
+                    shape: vec![*n as i64],
                     data: Bytes::from((0..*n).map(|b| (b * 7 + i) as u8).collect::<Vec<u8>>()),
                 })
                 .collect(),
@@ -298,6 +345,30 @@ mod tests {
         let mut asm = VersionAssembler::default();
         asm.push(chunks[0].clone()).unwrap();
         assert_eq!(asm.finish(), Err(WeightsError::Incomplete));
+    }
+
+    #[test]
+    fn tensor_metadata_must_add_up_and_stay_the_same_across_chunks() {
+        let feed = |chunks: Vec<WeightChunk>| {
+            let mut asm = VersionAssembler::default();
+            chunks.into_iter().try_for_each(|c| asm.push(c).map(drop)).map_err(|e| e.to_string())
+        };
+        let mut v = version(&[8]);
+        v.tensors[0].dtype = "BF16".into();
+        v.tensors[0].shape = vec![2, 2];
+        feed(v.chunks(4)).unwrap();
+        v.tensors[0].shape = vec![2, 3];
+        let err = feed(v.chunks(4)).unwrap_err();
+        assert!(err.contains("tensor `t0`") && err.contains("12 bytes") && err.contains("total_bytes = 8"), "{err}");
+        v.tensors[0].shape = vec![-4, -1];
+        assert!(feed(v.chunks(4)).unwrap_err().contains("negative"));
+        v.tensors[0].dtype = "complex7".into();
+        let err = feed(v.chunks(4)).unwrap_err();
+        assert!(err.contains("tensor `t0`: unknown dtype `complex7`"), "{err}");
+        let mut changed = version(&[8]).chunks(4);
+        changed[1].shape = vec![4, 2];
+        let err = feed(changed).unwrap_err();
+        assert!(err.contains("tensor `t0`: a chunk says"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The `medtvt coordinator` entry point in-process: configs given on the command line become
 //! jobs in order, the bound address is announced, the event log is written, and the stop
-//! signal ends it cleanly.
+//! signal ends it cleanly; started again on the same run directory it resumes the run.
 
 mod common;
 
@@ -8,12 +8,32 @@ use clap::Parser;
 use common::*;
 use medtvt_coordinator::{run_until, CoordinatorArgs};
 use medtvt_proto::v1 as pb;
+use std::net::SocketAddr;
 use tokio::sync::oneshot;
 
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
     args: CoordinatorArgs,
+}
+
+type Running = tokio::task::JoinHandle<anyhow::Result<()>>;
+
+/// Runs the entry point until the returned sender fires; returns the announced address.
+async fn start(args: CoordinatorArgs) -> (SocketAddr, oneshot::Sender<()>, Running) {
+    let (addr_tx, addr_rx) = oneshot::channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let running = tokio::spawn(run_until(
+        args,
+        async move {
+            let _ = stop_rx.await;
+        },
+        move |addr| {
+            let _ = addr_tx.send(addr);
+            Ok(())
+        },
+    ));
+    (addr_rx.await.unwrap(), stop_tx, running)
 }
 
 #[tokio::test]
@@ -44,19 +64,7 @@ async fn command_line_configs_become_jobs_and_the_address_is_announced() {
     ])
     .unwrap();
 
-    let (addr_tx, addr_rx) = oneshot::channel();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let running = tokio::spawn(run_until(
-        cli.args,
-        async move {
-            let _ = stop_rx.await;
-        },
-        move |addr| {
-            let _ = addr_tx.send(addr);
-            Ok(())
-        },
-    ));
-    let addr = addr_rx.await.unwrap();
+    let (addr, stop_tx, running) = start(cli.args.clone()).await;
     assert_ne!(addr.port(), 0, "the real port is announced");
     let mut c = medtvt_proto::client::connect(&format!("http://{addr}"), Some("tok-123")).await.unwrap();
     let status = c.get_status(pb::StatusRequest::default()).await.unwrap().into_inner();
@@ -70,6 +78,16 @@ async fn command_line_configs_become_jobs_and_the_address_is_announced() {
     let events = std::fs::read_to_string(run_dir.join("events.jsonl")).unwrap();
     assert!(events.lines().count() >= 3, "{events}");
     assert!(events.contains("\"event\":\"job_started\""), "{events}");
+
+    // Started again on the same run directory, it resumes the run instead of submitting the
+    // --config files a second time.
+    let (addr, stop_tx, running) = start(cli.args).await;
+    let mut c = medtvt_proto::client::connect(&format!("http://{addr}"), Some("tok-123")).await.unwrap();
+    let status = c.get_status(pb::StatusRequest::default()).await.unwrap().into_inner();
+    let resumed: Vec<_> = status.jobs.iter().map(|j| (j.name.as_str(), j.state, j.total_steps)).collect();
+    assert_eq!(resumed, jobs);
+    stop_tx.send(()).unwrap();
+    running.await.unwrap().unwrap();
 }
 
 #[tokio::test]

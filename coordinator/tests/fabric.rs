@@ -38,7 +38,7 @@ async fn weights_round_trip_byte_identical_with_a_version_bump() {
     let mut c = server.client().await;
     let job = submit(&mut c, server.config("grpo", ""), &[]).await;
     let worker = register(&mut c, pb::Role::RolloutWorker, "w", 0).await;
-    let big: Vec<u8> = (0..2_621_447u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let big: Vec<u8> = (0..2_621_446u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let small: Vec<u8> = (0..10u8).collect();
     let mut chunks = tensor_chunks(job, 1, "model.layers.0.mlp.up_proj.weight", &big, 300 * 1024);
     chunks.extend(tensor_chunks(job, 1, "lm_head.bias", &small, 4));

@@ -1,6 +1,13 @@
 //! The typed client every MedTVT process uses to reach the coordinator: a channel with connect
 //! retries (exponential backoff), the bearer token attached to every call, and the message size
-//! limits the server uses.
+//! limits the server uses. An `https://` address is dialled over TLS (rustls), trusting the CA
+//! in [`ConnectOptions::ca_cert`] (callers read it from `MEDTVT_TLS_CA`, see
+//! [`ConnectOptions::with_ca_from_env`]) or else the system's roots.
+//!
+//! After a coordinator restart (it resumes from its run directory), calls fail with UNAVAILABLE
+//! until it is back, and a process's worker id is unknown to it: calls carrying it answer
+//! NOT_FOUND with "unknown worker id N: register again" ([`is_unknown_worker`]); the process
+//! registers again and carries on with its job.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), medtvt_proto::client::ClientError> {
@@ -17,7 +24,10 @@ use std::time::Duration;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+/// The environment variable naming the CA certificate (PEM) that signed the coordinator's.
+pub const TLS_CA_ENV: &str = "MEDTVT_TLS_CA";
 
 /// The client type workers and learners hold.
 pub type Client = CoordinatorClient<InterceptedService<Channel, RequestDecorator>>;
@@ -34,6 +44,20 @@ pub enum ClientError {
     EmptyToken { path: PathBuf },
     #[error("the auth token contains characters not allowed in gRPC metadata")]
     BadToken,
+    #[error("cannot read the TLS CA certificate {path}: {source}")]
+    CaFile { path: PathBuf, source: std::io::Error },
+    #[error("TLS CA certificate {path} holds no PEM `CERTIFICATE` block")]
+    CaNotPem { path: PathBuf },
+    #[error("a TLS CA certificate ({path}) was given but `{url}` is not an https:// address")]
+    CaWithoutTls { url: String, path: PathBuf },
+    #[error("cannot set up TLS for {url}: {source}")]
+    Tls { url: String, source: tonic::transport::Error },
+}
+
+/// Whether `status` is the coordinator saying it does not know the caller's worker id (it
+/// restarted, or declared the process gone): register again.
+pub fn is_unknown_worker(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::NotFound && status.message().starts_with("unknown worker id")
 }
 
 /// How [`connect_with`] dials.
@@ -46,6 +70,19 @@ pub struct ConnectOptions {
     pub connect_timeout: Duration,
     /// Largest message accepted or sent; match the server's limit.
     pub max_message_bytes: usize,
+    /// For `https://` addresses: the CA certificate (PEM) to trust; `None` trusts the system's
+    /// roots.
+    pub ca_cert: Option<PathBuf>,
+}
+
+impl ConnectOptions {
+    /// These options with `ca_cert` from `MEDTVT_TLS_CA` when it is set and not empty.
+    pub fn with_ca_from_env(mut self) -> Self {
+        if let Some(path) = std::env::var_os(TLS_CA_ENV).filter(|v| !v.is_empty()) {
+            self.ca_cert = Some(PathBuf::from(path));
+        }
+        self
+    }
 }
 
 impl Default for ConnectOptions {
@@ -56,6 +93,7 @@ impl Default for ConnectOptions {
             max_backoff: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             max_message_bytes: crate::DEFAULT_MAX_MESSAGE_BYTES,
+            ca_cert: None,
         }
     }
 }
@@ -109,16 +147,37 @@ pub async fn connect(url: &str, token: Option<&str>) -> Result<Client, ClientErr
     connect_with(url, token, &ConnectOptions::default()).await
 }
 
-/// Connects to `url` (e.g. `http://coordinator:50051`), retrying with exponential backoff
-/// while the coordinator is not up yet.
+/// The TLS settings for `url`: none for `http://`, rustls with the given CA (else the system's
+/// roots) for `https://`.
+fn tls_for(url: &str, ca_cert: Option<&Path>) -> Result<Option<ClientTlsConfig>, ClientError> {
+    if !url.starts_with("https://") {
+        return match ca_cert {
+            Some(path) => Err(ClientError::CaWithoutTls { url: url.to_string(), path: path.to_path_buf() }),
+            None => Ok(None),
+        };
+    }
+    let Some(path) = ca_cert else { return Ok(Some(ClientTlsConfig::new().with_native_roots())) };
+    let pem = std::fs::read(path).map_err(|source| ClientError::CaFile { path: path.to_path_buf(), source })?;
+    if !String::from_utf8_lossy(&pem).contains("BEGIN CERTIFICATE") {
+        return Err(ClientError::CaNotPem { path: path.to_path_buf() });
+    }
+    Ok(Some(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))))
+}
+
+/// Connects to `url` (e.g. `http://coordinator:50051`, or `https://...` for TLS), retrying
+/// with exponential backoff while the coordinator is not up yet.
 pub async fn connect_with(url: &str, token: Option<&str>, options: &ConnectOptions) -> Result<Client, ClientError> {
     let decorator = RequestDecorator::new(token)?;
-    let endpoint = Endpoint::from_shared(url.to_string())
+    let tls = tls_for(url, options.ca_cert.as_deref())?;
+    let mut endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|source| ClientError::BadUrl { url: url.to_string(), source })?
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true)
         // Weight streams are large: let HTTP/2 flow-control windows grow with the link.
         .http2_adaptive_window(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).map_err(|source| ClientError::Tls { url: url.to_string(), source })?;
+    }
     let attempts = options.attempts.max(1);
     let mut backoff = options.initial_backoff;
     let mut attempt = 1;
@@ -176,5 +235,18 @@ mod tests {
         let err = connect_with(&format!("http://127.0.0.1:{port}"), None, &options).await.unwrap_err();
         assert!(matches!(err, ClientError::Connect { attempts: 2, .. }), "{err}");
         assert!(matches!(connect("not a url", None).await, Err(ClientError::BadUrl { .. })));
+    }
+
+    #[test]
+    fn tls_settings_follow_the_scheme_and_name_the_ca_file() {
+        assert!(tls_for("http://h:1", None).unwrap().is_none());
+        assert!(tls_for("https://h:1", None).unwrap().is_some());
+        let ca = Path::new("/nonexistent/ca.pem");
+        assert!(matches!(tls_for("http://h:1", Some(ca)), Err(ClientError::CaWithoutTls { .. })));
+        let err = tls_for("https://h:1", Some(ca)).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+        let status = tonic::Status::not_found("unknown worker id 7: register again");
+        assert!(is_unknown_worker(&status));
+        assert!(!is_unknown_worker(&tonic::Status::not_found("unknown job id 7")));
     }
 }
