@@ -23,7 +23,7 @@ struct Chart {
 }
 
 const CHARTS: [Chart; 4] = [
-    Chart { file: "reward.png", title: "GRPO reward", series: &["reward_mean", "reward/jaccard", "reward/format"] },
+    Chart { file: "reward.png", title: "GRPO reward", series: &["reward_mean", "jaccard", "format"] },
     Chart { file: "loss.png", title: "training loss", series: &["loss"] },
     Chart { file: "kl.png", title: "KL to the reference policy", series: &["kl"] },
     Chart { file: "f1.png", title: "per-disease F1 (evaluation)", series: &["eval/f1/"] },
