@@ -32,42 +32,9 @@ pub enum GrpoError {
     Torch(#[from] tch::TchError),
 }
 
-/// How a completion's advantage is computed from its group's rewards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AdvantageEstimator {
-    /// (r - mean) / (std + eps) (DeepSeekMath GRPO, TRL's default `scale_rewards`).
-    #[default]
-    Grpo,
-    /// r - mean (Dr. GRPO: no std normalisation).
-    DrGrpo,
-    /// r - mean of the other G - 1 rewards (RLOO).
-    Rloo,
-}
-
-/// Which per-token estimate of KL(policy || reference) enters the loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KlEstimator {
-    K1,
-    K2,
-    /// The low-variance, always non-negative estimator GRPO and TRL use.
-    #[default]
-    K3,
-}
-
-/// How a `[b, t]` per-token loss becomes one scalar.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LossAggregation {
-    /// Mean over every real token of the batch (DAPO; TRL's current default `loss_type="dapo"`).
-    #[default]
-    TokenMean,
-    /// Mean over sequences of each sequence's token mean (original GRPO).
-    SeqMeanTokenMean,
-    /// Mean over sequences of token sums divided by a constant (Dr. GRPO).
-    SeqMeanTokenSum,
-}
+// The options are the run config's own enums (advantage estimator, KL estimator, loss
+// aggregation), so a config value reaches the loss without a translation table.
+pub use medtvt_config::{AdvantageEstimator, KlEstimator, LossAggregation};
 
 /// Everything that selects and parameterises the GRPO loss.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

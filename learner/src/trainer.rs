@@ -79,24 +79,12 @@ impl TrainerOptions {
         let t = &cfg.train;
         let grpo = cfg.grpo.as_ref().map(|g| GrpoStepOptions {
             loss: GrpoOptions {
-                advantage: match g.advantage {
-                    medtvt_config::AdvantageEstimator::Grpo => grpo::AdvantageEstimator::Grpo,
-                    medtvt_config::AdvantageEstimator::DrGrpo => grpo::AdvantageEstimator::DrGrpo,
-                    medtvt_config::AdvantageEstimator::Rloo => grpo::AdvantageEstimator::Rloo,
-                },
+                advantage: g.advantage,
                 eps_low: g.eps_low,
                 eps_high: g.eps_high,
                 beta: g.beta,
-                kl_estimator: match g.kl_estimator {
-                    medtvt_config::KlEstimator::K1 => grpo::KlEstimator::K1,
-                    medtvt_config::KlEstimator::K2 => grpo::KlEstimator::K2,
-                    medtvt_config::KlEstimator::K3 => grpo::KlEstimator::K3,
-                },
-                loss_aggregation: match g.loss_aggregation {
-                    medtvt_config::LossAggregation::TokenMean => grpo::LossAggregation::TokenMean,
-                    medtvt_config::LossAggregation::SeqMeanTokenMean => grpo::LossAggregation::SeqMeanTokenMean,
-                    medtvt_config::LossAggregation::SeqMeanTokenSum => grpo::LossAggregation::SeqMeanTokenSum,
-                },
+                kl_estimator: g.kl_estimator,
+                loss_aggregation: g.loss_aggregation,
                 // Dr. GRPO divides token sums by the fixed completion budget, not the batch's longest.
                 token_sum_divisor: Some(f64::from(g.max_new_tokens)),
                 ..GrpoOptions::default()
