@@ -39,6 +39,23 @@ impl BytePolicy {
         BytePolicy { vs, embed, lab, head }
     }
 
+    /// `new` with every weight a fixed function of `seed`, drawn without libtorch's global
+    /// generator, so tests running on parallel threads get bit-identical models.
+    pub fn with_seed(hidden: i64, seed: i64) -> Self {
+        let policy = BytePolicy::new(hidden);
+        let mut vars: Vec<(String, Tensor)> = policy.vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        tch::no_grad(|| {
+            for (i, (_, var)) in vars.iter().enumerate() {
+                let n = var.numel() as i64;
+                let values = ((Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.7311 + (seed * 31 + i as i64) as f64).sin() * 0.1)
+                    .view(var.size().as_slice());
+                let _ = var.shallow_clone().copy_(&values);
+            }
+        });
+        policy
+    }
+
     /// `[b, d]` prompt vectors.
     fn prompt_vectors(&self, p: &BytePrompts) -> Tensor {
         let emb = self.embed.forward(&p.ids) * p.mask.unsqueeze(-1); // [b, t, d]

@@ -267,7 +267,7 @@ impl<P: Policy> Trainer<P> {
         let repeated = self.policy.repeat_prompts(&encoded, opts.group_size as i64); // b = n * G rows
         let t = batch::assemble_grpo(groups, 0, device);
         let advantages = grpo::group_advantages(&t.rewards, opts.loss.advantage, opts.loss.advantage_eps)?.advantages.reshape([-1]);
-        let logp = self.policy.score(&repeated, &t.ids, &t.mask, opts.temperature, true); // [b, t]
+        let logp = self.policy.score(&repeated, &t.ids, &t.mask, opts.temperature, false); // [b, t]: eval mode (no dropout), as the workers sampled
         let logp_ref = match (&self.reference, opts.loss.beta > 0.0) {
             (Some(reference), true) => Some(tch::no_grad(|| reference.score(&repeated, &t.ids, &t.mask, opts.temperature, false))),
             _ => None,
@@ -418,9 +418,8 @@ mod tests {
     }
 
     fn trainer(seed: i64, collective: Box<dyn GradientCollective>, grpo: Option<GrpoStepOptions>) -> Trainer<BytePolicy> {
-        tch::manual_seed(seed);
         let stage = if grpo.is_some() { Stage::Grpo } else { Stage::Pt };
-        Trainer::new(BytePolicy::new(16), None, collective, options(stage, grpo))
+        Trainer::new(BytePolicy::with_seed(16, seed), None, collective, options(stage, grpo))
     }
 
     fn supervised(pairs: &[(&str, &str)]) -> StepData {
