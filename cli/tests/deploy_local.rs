@@ -86,7 +86,7 @@ fn cpu_demo_overlay_processes_start_and_connect() {
         .current_dir(repo_root())
         .args(["deploy/render.py", "local-commands", "deploy/k8s/overlays/cpu-demo", "--root"])
         .arg(root.path())
-        .args(["--port", &format!("50051={port}"), "--binary", medtvt, "--auth-token", "s3cret-test-token"])
+        .args(["--port", &format!("50051={port}"), "--auth-token", "s3cret-test-token"])
         .output()
         .expect("render.py runs");
     assert!(rendered.status.success(), "render.py failed: {}", String::from_utf8_lossy(&rendered.stderr));
@@ -110,7 +110,10 @@ fn cpu_demo_overlay_processes_start_and_connect() {
     for pod in &pods {
         let argv: Vec<String> = pod["argv"].as_array().expect("argv").iter().map(|a| a.as_str().expect("string arg").to_string()).collect();
         let env = pod["env"].as_object().expect("env");
-        let mut cmd = Command::new(&argv[0]);
+        // render.py maps absolute paths under the pods' mounts (e.g. /tmp), so the binary is
+        // substituted here rather than passed with --binary.
+        assert_eq!(argv[0], "medtvt", "the manifests run the medtvt binary");
+        let mut cmd = Command::new(medtvt);
         cmd.args(&argv[1..]).current_dir(pod["cwd"].as_str().expect("cwd")).env_clear();
         cmd.env("PATH", std::env::var("PATH").unwrap_or_default());
         for (k, v) in env {
