@@ -38,7 +38,7 @@ pub struct EvalArgs {
     /// Write the report as JSON here too.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// cpu, cuda or auto.
+    /// cpu, cuda, cuda:N or auto.
     #[arg(long, env = "MEDTVT_DEVICE", default_value = "cpu")]
     pub device: String,
 }
@@ -64,10 +64,8 @@ fn parse_split(s: &str) -> anyhow::Result<Split> {
 pub fn evaluate(args: &EvalArgs) -> anyhow::Result<EvalReport> {
     let split = parse_split(&args.split)?;
     let device = match args.device.as_str() {
-        "cpu" => tch::Device::Cpu,
-        "cuda" => tch::Device::Cuda(0),
         "auto" => tch::Device::cuda_if_available(),
-        other => anyhow::bail!("--device {other:?}: expected cpu, cuda or auto"),
+        other => medtvt_learner::process::parse_device(other)?,
     };
     let model = MedTvt::load(&args.checkpoint, device, tch::Kind::Float)
         .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;

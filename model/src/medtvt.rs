@@ -19,7 +19,7 @@ use crate::encoders::{CxrEncoder, EcgEncoder, LabEncoder, LabEncoderConfig, VitC
 use crate::llama::{self, GenerateError, Generation, Llama, LlamaConfig, SamplingParams, WeightsError};
 use crate::perception::{ModalityPerceptionLayer, MplConfig};
 use crate::tokenizer::{MedTokenizer, TokenizerError};
-use medtvt_config::{DType, DeviceChoice, RunConfig, Stage};
+use medtvt_config::{DType, RunConfig, Stage};
 use medtvt_data::ModalityInputs;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -235,16 +235,6 @@ enum ChatTemplate {
     Tiny,
     /// Llama 3 Instruct headers with the system prompt.
     Llama3,
-}
-
-/// The device a config asks for.
-pub fn resolve_device(choice: DeviceChoice) -> Result<Device, ModelError> {
-    match choice {
-        DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Auto => Ok(Device::cuda_if_available()),
-        DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        DeviceChoice::Cuda => Err(ModelError::Invalid("model.device = \"cuda\" but libtorch sees no CUDA device".into())),
-    }
 }
 
 fn kind_of(dtype: DType) -> Kind {
