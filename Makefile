@@ -1,6 +1,6 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv/ (torch 2.11.0,
 # whose libtorch the Rust crates link) on first use.
-.PHONY: setup build demo test validate-deploy fixtures bench clean-venv
+.PHONY: setup build demo test validate-deploy fixtures bench fuzz clean-venv
 
 CARGO ?= cargo
 VENV := .venv
@@ -11,7 +11,7 @@ setup:
 build: setup
 	$(CARGO) build --release --bin medtvt
 
-# Until the PT -> SFT -> GRPO pipeline lands, the demo runs what exists end to end and says so.
+# The whole PT -> SFT -> GRPO pipeline of the tiny model as separate processes over loopback gRPC.
 demo: build
 	./target/release/medtvt demo
 
@@ -34,6 +34,11 @@ fixtures:
 bench: setup
 	@scripts/setup_venv.sh scripts/requirements-fixtures.txt
 	$(CARGO) run --release -p medtvt-model --example bench_generate
+
+# Bounded fuzzing of the WFDB, answer and config parsers (nightly toolchain; FUZZ_SECONDS per
+# target, default 60). Not part of `make test`.
+fuzz:
+	scripts/fuzz.sh
 
 clean-venv:
 	rm -rf $(VENV)

@@ -79,8 +79,8 @@ impl SignalFormat {
     /// Bytes needed for `n` samples.
     fn bytes_for(self, n: usize) -> usize {
         match self {
-            SignalFormat::F16 => 2 * n,
-            SignalFormat::F212 => (3 * n).div_ceil(2),
+            SignalFormat::F16 => n.saturating_mul(2),
+            SignalFormat::F212 => n.saturating_mul(3).div_ceil(2),
         }
     }
 
@@ -478,18 +478,21 @@ fn parse_format(t: &str) -> Result<(SignalFormat, u64), String> {
     let mut rest = &t[digits_end..];
     let mut offset = 0u64;
     while !rest.is_empty() {
-        let tag = rest.as_bytes()[0];
-        let end = rest[1..].find(|c: char| !c.is_ascii_digit()).map_or(rest.len(), |e| e + 1);
-        let num: u64 = rest[1..end].parse().map_err(|_| format!("{t:?}: bad number after {:?}", tag as char))?;
+        // The tag may be any character (a malformed header can hold non-ASCII): slice by its
+        // UTF-8 length, never by one byte.
+        let tag = rest.chars().next().unwrap_or('?');
+        let digits = &rest[tag.len_utf8()..];
+        let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+        let num: u64 = digits[..end].parse().map_err(|_| format!("{t:?}: bad number after {tag:?}"))?;
         match tag {
-            b'x' if num > 1 => return Err(format!("{t:?}: {num} samples per frame is not supported")),
-            b'x' => {}
-            b':' if num != 0 => return Err(format!("{t:?}: skew is not supported")),
-            b':' => {}
-            b'+' => offset = num,
-            _ => return Err(format!("{t:?}: unexpected {:?}", tag as char)),
+            'x' if num > 1 => return Err(format!("{t:?}: {num} samples per frame is not supported")),
+            'x' => {}
+            ':' if num != 0 => return Err(format!("{t:?}: skew is not supported")),
+            ':' => {}
+            '+' => offset = num,
+            _ => return Err(format!("{t:?}: unexpected {tag:?}")),
         }
-        rest = &rest[end..];
+        rest = &digits[end..];
     }
     Ok((format, offset))
 }
@@ -518,7 +521,23 @@ fn parse_gain(t: &str, adc_zero: i32) -> Result<(f64, i32, String), String> {
 /// looked up beside the header.
 pub fn read_record(stem: &Path) -> Result<WfdbRecord, DataError> {
     let hea = header_path(stem);
-    let mut rec = read_header(&hea)?;
+    let text = std::fs::read_to_string(&hea).map_err(|e| DataError::io(&hea, e))?;
+    let dir = hea.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse_record(&hea, &text, |file| {
+        let path = dir.join(file);
+        std::fs::read(&path).map_err(|e| DataError::io(&path, e))
+    })
+}
+
+/// Parses a record from its header text and a reader of its signal files (by the file name the
+/// header gives); `hea` names the header in errors. [`read_record`] is this over the file system;
+/// the fuzz target feeds it bytes directly.
+pub fn parse_record(
+    hea: &Path,
+    header_text: &str,
+    mut read_signal_file: impl FnMut(&str) -> Result<Vec<u8>, DataError>,
+) -> Result<WfdbRecord, DataError> {
+    let mut rec = parse_header(hea, header_text)?;
     let dir = hea.parent().map(Path::to_path_buf).unwrap_or_default();
     // Signals grouped by file, in order of first appearance.
     let mut files: Vec<(String, Vec<usize>)> = Vec::new();
@@ -535,11 +554,11 @@ pub fn read_record(stem: &Path) -> Result<WfdbRecord, DataError> {
         let path = dir.join(file);
         if idx.iter().any(|&i| rec.signals[i].format != first.format || rec.signals[i].byte_offset != first.byte_offset) {
             return Err(DataError::WfdbSignal {
-                path: hea.clone(),
+                path: hea.to_path_buf(),
                 problem: format!("signals in {file} mix formats or byte offsets"),
             });
         }
-        let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, e))?;
+        let bytes = read_signal_file(file)?;
         let offset = first.byte_offset as usize;
         let data = bytes.get(offset..).ok_or_else(|| DataError::WfdbSignal {
             path: path.clone(),
@@ -549,7 +568,11 @@ pub fn read_record(stem: &Path) -> Result<WfdbRecord, DataError> {
         if n_samples == 0 {
             n_samples = first.format.samples_in(data.len()) / k;
         }
-        let need = first.format.bytes_for(n_samples * k);
+        let total = n_samples.checked_mul(k).ok_or_else(|| DataError::WfdbSignal {
+            path: hea.to_path_buf(),
+            problem: format!("{n_samples} samples x {k} signals does not fit in memory"),
+        })?;
+        let need = first.format.bytes_for(total);
         if data.len() < need {
             return Err(DataError::WfdbSignal {
                 path: path.clone(),
@@ -560,7 +583,7 @@ pub fn read_record(stem: &Path) -> Result<WfdbRecord, DataError> {
                 ),
             });
         }
-        let samples = decode(first.format, data, n_samples * k);
+        let samples = decode(first.format, data, total);
         for (j, &i) in idx.iter().enumerate() {
             adc[i] = samples.iter().skip(j).step_by(k).copied().collect();
         }
@@ -684,6 +707,30 @@ mod tests {
             let e = parse_header(Path::new("bad.hea"), text).unwrap_err().to_string();
             assert!(e.contains("bad.hea") && e.contains(want), "{e} lacks {want}");
         }
+    }
+
+    /// Found by the `wfdb_header` fuzz target (fuzz/): a non-ASCII character after the format
+    /// number used to panic on a byte slice inside it.
+    #[test]
+    fn non_ascii_after_the_format_is_an_error_not_a_panic() {
+        let crash = b"ouour121\x08&&&&&&&&&&wf16 01 520 1000\nwt 16\xe0\xb6\xb512\xe0\xb6\xb7\xe0\xb6\xb7r 200. 131 3 -61";
+        let text = std::str::from_utf8(crash).unwrap();
+        let e = parse_record(Path::new("fuzz.hea"), text, |_| Ok(Vec::new())).unwrap_err().to_string();
+        assert!(e.contains("fuzz.hea") && e.contains("`format`"), "{e}");
+        let e = parse_format("212\u{dbb}5").unwrap_err();
+        assert!(e.contains("unexpected"), "{e}");
+        assert_eq!(parse_format("212x1:0+7").unwrap(), (SignalFormat::F212, 7));
+    }
+
+    /// A header announcing more samples than memory holds is reported as such (no overflow).
+    #[test]
+    fn absurd_sample_counts_are_errors() {
+        let text = format!("r 4 500 {}\nr.dat 16\nr.dat 16\nr.dat 16\nr.dat 16\n", usize::MAX / 2);
+        let e = parse_record(Path::new("big.hea"), &text, |_| Ok(vec![0; 64])).unwrap_err().to_string();
+        assert!(e.contains("big.hea") && e.contains("does not fit"), "{e}");
+        let text = format!("r 1 500 {}\nr.dat 212\n", usize::MAX / 2);
+        let e = parse_record(Path::new("big.hea"), &text, |_| Ok(vec![0; 64])).unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
     }
 
     #[test]
