@@ -1,6 +1,6 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv/ (torch 2.11.0,
 # whose libtorch the Rust crates link) on first use.
-.PHONY: setup build demo test validate-deploy fixtures bench fuzz clean-venv
+.PHONY: setup build demo test validate-deploy fixtures bench bench-grpo fuzz clean-venv
 
 CARGO ?= cargo
 VENV := .venv
@@ -34,6 +34,12 @@ fixtures:
 bench: setup
 	@scripts/setup_venv.sh scripts/requirements-fixtures.txt
 	$(CARGO) run --release -p medtvt-model --example bench_generate
+
+# One GRPO step of ours (rollout + learner, one process) side by side with TRL's GRPOTrainer on the
+# same weights and shapes; see docs/benchmarks.md.
+bench-grpo: setup
+	@scripts/setup_venv.sh scripts/requirements-fixtures.txt scripts/requirements-bench.txt
+	$(CARGO) run --release -p medtvt-rollout-worker --example bench_grpo
 
 # Bounded fuzzing of the WFDB, answer and config parsers (nightly toolchain; FUZZ_SECONDS per
 # target, default 60). Not part of `make test`.

@@ -369,7 +369,14 @@ impl MedTvt {
 
     /// Writes the checkpoint directory described in the module doc.
     pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
-        llama::save_hf_with_prefix(&self.vs, "llm.", self.llm.config(), dir)?;
+        // The decoder's config.json names the end and padding tokens the model uses, so that
+        // transformers (and TRL) stop and pad where we do.
+        let mut config = self.llm.config().clone();
+        if config.eos_token_ids.is_empty() {
+            config.eos_token_ids = self.eos_ids.clone();
+        }
+        config.pad_token_id = config.pad_token_id.or(Some(self.pad_id));
+        llama::save_hf_with_prefix(&self.vs, "llm.", &config, dir)?;
         let modality: Vec<(String, Tensor)> = self.named_variables().into_iter().filter(|(n, _)| !n.starts_with("llm.")).collect();
         let path = dir.join("modality.safetensors");
         let cpu: Vec<(String, Tensor)> = modality.into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu))).collect();
