@@ -1,7 +1,8 @@
 //! A local cluster of separate `medtvt` processes on loopback: one coordinator, N learners and M
 //! rollout workers, each logging to `<run_dir>/logs/<role>.log`. Used by `medtvt train` (when
 //! no coordinator is given) and `medtvt demo`. Every child is killed when the cluster is dropped,
-//! so an error or ctrl-c never leaves processes behind.
+//! so an error or ctrl-c never leaves processes behind. Learners and workers get no `--device`:
+//! each job runs on its config's `model.device` (unless `MEDTVT_DEVICE` is set).
 
 use anyhow::{bail, Context};
 use std::fs::File;
@@ -53,7 +54,7 @@ impl LocalCluster {
         for rank in 0..shape.learners {
             let name = format!("learner-{rank}");
             let child = Command::new(&exe)
-                .args(["learner", "--coordinator", &cluster.url, "--device", "cpu"])
+                .args(["learner", "--coordinator", &cluster.url])
                 .args(["--rank", &rank.to_string(), "--world-size", &shape.learners.to_string()])
                 .stdout(log_file(&log_dir.join(format!("{name}.log")))?)
                 .stderr(log_file(&log_dir.join(format!("{name}.log")))?)
@@ -64,7 +65,7 @@ impl LocalCluster {
         for i in 0..shape.rollout_workers {
             let name = format!("rollout-worker-{i}");
             let child = Command::new(&exe)
-                .args(["rollout-worker", "--coordinator", &cluster.url, "--device", "cpu", "--name", &name])
+                .args(["rollout-worker", "--coordinator", &cluster.url, "--name", &name])
                 .stdout(log_file(&log_dir.join(format!("{name}.log")))?)
                 .stderr(log_file(&log_dir.join(format!("{name}.log")))?)
                 .spawn()

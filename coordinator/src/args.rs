@@ -35,7 +35,7 @@ pub struct CoordinatorArgs {
     /// File holding a shared secret; every call must then carry `authorization: Bearer <it>`.
     #[arg(long, env = "MEDTVT_AUTH_TOKEN_FILE", value_name = "FILE")]
     pub auth_token_file: Option<PathBuf>,
-    /// OTLP/gRPC endpoint for traces (traces and metrics).
+    /// OTLP/gRPC endpoint for traces and metrics (e.g. http://127.0.0.1:4317).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
 }
@@ -62,9 +62,6 @@ pub async fn run_until(
         Some(path) => Some(medtvt_proto::client::read_token_file(path)?),
         None => None,
     };
-    if let Some(endpoint) = &args.otlp_endpoint {
-        tracing::info!(%endpoint, "OTLP endpoint noted; trace export is not wired in yet");
-    }
     let tls = crate::tls::TlsFiles::from_flags(args.tls_cert.clone(), args.tls_key.clone())?;
     let options = ServerOptions { auth_token, run_dir: args.run_dir.clone(), tls, ..ServerOptions::default() };
     let coordinator = Coordinator::bind(args.listen, options).await?;

@@ -2,17 +2,20 @@
 //! serving), add the health and Coordinator services, run the reaper that expires leases and
 //! silent workers, and stop gracefully on the caller's shutdown signal or once a requested
 //! shutdown has drained every job. With a run directory, `bind` resumes the run recorded there
-//! (see `store.rs`); with a certificate and key, gRPC is served over TLS.
+//! (see `store.rs`); with a certificate and key, gRPC is served over TLS. Each reaper tick also
+//! records the running GRPO job's pipeline gauges ([`state::PipelineGauges`]) on the
+//! `medtvt.coordinator.*` and `medtvt.policy.lag` OTel instruments.
 
 use crate::error::CoordinatorError;
 use crate::events::EventLog;
 use crate::ids::JobId;
 use crate::interceptor::IncomingCall;
 use crate::service::{CoordinatorService, ServiceOptions, Shared};
-use crate::state::{self, RunState, StateOptions};
+use crate::state::{self, PipelineGauges, RunState, StateOptions};
 use crate::store::RunStore;
 use crate::tls::TlsFiles;
 use medtvt_proto::CoordinatorServer;
+use medtvt_telemetry::metrics::RunMetrics;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +50,9 @@ pub struct ServerOptions {
     pub drain_timeout: Duration,
     pub state: StateOptions,
     pub service: ServiceOptions,
+    /// Where the pipeline gauges go. The default, taken when the options are made, is the
+    /// global meter provider `medtvt_telemetry::init` installed (a no-op without OTLP).
+    pub metrics: RunMetrics,
 }
 
 impl Default for ServerOptions {
@@ -61,6 +67,7 @@ impl Default for ServerOptions {
             drain_timeout: Duration::from_secs(5),
             state: StateOptions::default(),
             service: ServiceOptions::default(),
+            metrics: RunMetrics::global(),
         }
     }
 }
@@ -170,7 +177,13 @@ impl Coordinator {
                 stop_tx.send_replace(true);
             })
         };
-        let reaper = tokio::spawn(reap(shared.clone(), stop_tx.clone(), options.reap_interval, options.shutdown_grace));
+        let reaper = tokio::spawn(reap(
+            shared.clone(),
+            stop_tx.clone(),
+            options.metrics.clone(),
+            options.reap_interval,
+            options.shutdown_grace,
+        ));
 
         let mut stop_rx = stop_tx.subscribe();
         let signal = async move {
@@ -228,9 +241,9 @@ pub async fn serve(
     Coordinator::bind(addr, options).await?.serve(shutdown).await
 }
 
-/// Expires leases and silent workers; frees the weights of ended jobs; stops the server
-/// `grace` after a requested shutdown has nothing left to run.
-async fn reap(shared: Arc<Shared>, stop_tx: Arc<watch::Sender<bool>>, every: Duration, grace: Duration) {
+/// Expires leases and silent workers; frees the weights of ended jobs; records the pipeline
+/// gauges; stops the server `grace` after a requested shutdown has nothing left to run.
+async fn reap(shared: Arc<Shared>, stop_tx: Arc<watch::Sender<bool>>, metrics: RunMetrics, every: Duration, grace: Duration) {
     let mut stop_rx = stop_tx.subscribe();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -241,10 +254,11 @@ async fn reap(shared: Arc<Shared>, stop_tx: Arc<watch::Sender<bool>>, every: Dur
             _ = stop_rx.wait_for(|s| *s) => return,
         }
         let now = Instant::now();
-        let (running, finished) = shared.with_state(|st| {
+        let (running, finished, gauges) = shared.with_state(|st| {
             st.expire(now);
-            (st.running_job(), st.finished())
+            (st.running_job(), st.finished(), st.pipeline_gauges())
         });
+        record_gauges(&metrics, gauges);
         shared.weights().retain_job(running);
         if finished {
             let since = *finished_since.get_or_insert(now);
@@ -255,4 +269,11 @@ async fn reap(shared: Arc<Shared>, stop_tx: Arc<watch::Sender<bool>>, every: Dur
             }
         }
     }
+}
+
+fn record_gauges(metrics: &RunMetrics, gauges: PipelineGauges) {
+    metrics.set_prompts_waiting(gauges.prompts_waiting);
+    metrics.set_leased_prompts(gauges.leased_prompts);
+    metrics.set_queue_depth(gauges.queue_depth);
+    metrics.set_policy_lag(gauges.policy_lag);
 }

@@ -244,6 +244,22 @@ pub struct JobSnapshot {
     pub latest_metrics: BTreeMap<String, f64>,
 }
 
+/// The rollout pipeline of the running GRPO job, as the coordinator's gauges report it (all 0
+/// when no GRPO job runs). A prompt moves from waiting to leased to a queued group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PipelineGauges {
+    /// Prompts a LeasePrompts call would hand out now: the pipeline has room and no rollout
+    /// worker has taken them. Workers are the bottleneck while this stays above 0.
+    pub prompts_waiting: u64,
+    /// Prompts leased to rollout workers whose groups have not come back.
+    pub leased_prompts: u64,
+    /// Accepted groups waiting for the learners (not yet trained in a sealed step).
+    pub queue_depth: u64,
+    /// Staleness of the last sealed step: the policy version it was assembled at minus the
+    /// oldest version that sampled one of its groups.
+    pub policy_lag: u64,
+}
+
 struct LeaseRecord {
     worker: WorkerId,
     /// In lease order, so that an expired lease's prompts go back in the same order.
@@ -278,11 +294,28 @@ struct Rollouts {
     /// How many trained steps stay pullable (a restarted learner resumes from its last
     /// checkpoint): train.checkpoint_every; 0 keeps every step.
     retain_steps: u64,
+    /// The policy lag of the step sealed last (see [`PipelineGauges::policy_lag`]).
+    last_step_lag: u64,
 }
 
 impl Rollouts {
     fn outstanding(&self) -> u64 {
         self.leases.values().map(|l| l.outstanding.len() as u64).sum()
+    }
+
+    /// Accepted groups not yet in a sealed step.
+    fn queued_groups(&self) -> u64 {
+        (self.ready.len() + self.assembling.len()) as u64
+    }
+
+    /// How many prompts may be leased now: no more than the remaining steps need, and no more
+    /// than a pipeline of `max_staleness + 2` steps holds, less what is already in it.
+    fn leasable(&self, total_steps: u64) -> u64 {
+        let needed_total = total_steps * self.prompts_per_step;
+        let sealed = self.steps.len() as u64 * self.prompts_per_step;
+        let in_flight = self.queued_groups() + self.outstanding();
+        let window = self.prompts_per_step * (self.max_staleness + 2);
+        needed_total.saturating_sub(sealed).min(window).saturating_sub(in_flight)
     }
 
     fn requeue_front(&mut self, keys: impl DoubleEndedIterator<Item = PromptKey>) {
@@ -345,6 +378,7 @@ impl Job {
                     steps: Vec::new(),
                     pruned_below: 0,
                     retain_steps: config.train.checkpoint_every,
+                    last_step_lag: 0,
                 })
             }
             (None, Stage::Grpo) => return invalid("grpo", "is required for a GRPO job".into()),
@@ -790,12 +824,7 @@ impl RunState {
             JobState::Queued => return Err(StateError::JobNotRunning { job: id, state: job_state }),
             _ => return Ok(grant),
         }
-        let needed_total = job.total_steps * r.prompts_per_step;
-        let sealed = r.steps.len() as u64 * r.prompts_per_step;
-        let in_flight = r.ready.len() as u64 + r.assembling.len() as u64 + r.outstanding();
-        let window = r.prompts_per_step * (r.max_staleness + 2);
-        let allowed = needed_total.saturating_sub(sealed).min(window).saturating_sub(in_flight);
-        let count = allowed.min(max_prompts as u64) as usize;
+        let count = r.leasable(job.total_steps).min(max_prompts as u64) as usize;
         if count == 0 {
             return Ok(grant);
         }
@@ -973,6 +1002,7 @@ impl RunState {
             }
             if r.assembling.len() as u64 == r.prompts_per_step {
                 let groups = std::mem::take(&mut r.assembling);
+                r.last_step_lag = groups.iter().map(|g| policy_version.saturating_sub(g.policy_version)).max().unwrap_or(0);
                 self.journal.push(Durable::StepSealed { job_id: id, step, groups: groups.clone() });
                 self.dirty.insert(id);
                 r.steps.push(groups);
@@ -1133,6 +1163,20 @@ impl RunState {
 
     // ───────────────────────────── Status ─────────────────────────────
 
+    /// The running GRPO job's pipeline (all 0 when no GRPO job runs).
+    pub fn pipeline_gauges(&self) -> PipelineGauges {
+        let Some(job) = self.running.and_then(|id| self.jobs.get(&id)) else { return PipelineGauges::default() };
+        let Some(r) = job.rollouts.as_ref().filter(|_| job.state == JobState::Running) else {
+            return PipelineGauges::default();
+        };
+        PipelineGauges {
+            prompts_waiting: r.leasable(job.total_steps),
+            leased_prompts: r.outstanding(),
+            queue_depth: r.queued_groups(),
+            policy_lag: r.last_step_lag,
+        }
+    }
+
     pub fn snapshot(&self, only: Option<JobId>) -> Result<Vec<JobSnapshot>, StateError> {
         if let Some(id) = only {
             if !self.jobs.contains_key(&id) {
@@ -1153,7 +1197,7 @@ impl RunState {
                 total_steps: j.total_steps,
                 policy_version: j.policy_version,
                 counters: j.counters.clone(),
-                queue_depth: j.rollouts.as_ref().map_or(0, |r| (r.ready.len() + r.assembling.len()) as u64),
+                queue_depth: j.rollouts.as_ref().map_or(0, Rollouts::queued_groups),
                 leased_prompts_outstanding: j.rollouts.as_ref().map_or(0, |r| r.outstanding()),
                 latest_metrics: j.latest_metrics.clone(),
             })
@@ -1330,6 +1374,41 @@ mod tests {
         assert_eq!(trained, leased, "arrival order, each group exactly once");
         let c = &st.snapshot(Some(job)).unwrap()[0].counters;
         assert_eq!((c.groups_accepted, c.groups_trained, c.groups_dropped_stale), (6, 6, 0));
+    }
+
+    #[test]
+    fn pipeline_gauges_follow_prompts_from_waiting_to_leased_to_queued() {
+        let (mut st, now, w, job) = grpo_state(10);
+        let gauges = |st: &RunState| {
+            let g = st.pipeline_gauges();
+            (g.prompts_waiting, g.leased_prompts, g.queue_depth, g.policy_lag)
+        };
+        // 3 steps x 2 prompts, a window of (1 + 2) steps: 6 prompts may be leased.
+        assert_eq!(gauges(&st), (6, 0, 0, 0));
+        let first = st.lease(now, w, job, 3).unwrap();
+        assert_eq!(gauges(&st), (3, 3, 0, 0));
+        let k = keys(&first);
+        let lease = first.lease_id.unwrap();
+        for key in &k[..2] {
+            st.submit_group(now, group(w, job, lease, *key, 0, [0.0, 1.0])).unwrap();
+        }
+        assert_eq!(gauges(&st), (3, 1, 2, 0));
+        // Step 0 is sealed from two version-0 groups at version 0; 2 steps = 4 prompts remain.
+        for rank in 0..2 {
+            st.pull_batch(job, rank, 2, 0).unwrap();
+            st.report_step(job, rank, 0, BTreeMap::new(), 2).unwrap();
+        }
+        assert_eq!(gauges(&st), (3, 1, 0, 0));
+        st.submit_group(now, group(w, job, lease, k[2], 1, [0.0, 1.0])).unwrap();
+        assert_eq!(gauges(&st), (3, 0, 1, 0));
+        let second = st.lease(now, w, job, 10).unwrap();
+        assert_eq!(gauges(&st), (0, 3, 1, 0));
+        st.submit_group(now, group(w, job, second.lease_id.unwrap(), keys(&second)[0], 2, [0.0, 1.0])).unwrap();
+        // Step 1 is sealed at version 2 from groups sampled at versions 1 and 2: lag 1.
+        assert!(matches!(st.pull_batch(job, 0, 2, 1).unwrap(), BatchOutcome::Groups { .. }));
+        assert_eq!(gauges(&st), (0, 2, 0, 1));
+        st.cancel_job(job).unwrap();
+        assert_eq!(st.pipeline_gauges(), PipelineGauges::default());
     }
 
     #[test]

@@ -4,6 +4,10 @@
 //! checkpoint, then for each step pull this rank's shard, train, and report; rank 0 also publishes
 //! the new weights (GRPO), appends metrics.jsonl, writes checkpoints, saves `final/` and finishes
 //! the job.
+//!
+//! Tracing: each step runs in a `train_step` span (its RPCs are children at the coordinator), and
+//! each GRPO group in a `train_group` span parented to the worker span that sampled it, carried
+//! in the group's `traceparent` (see [`medtvt_telemetry::propagation`]).
 
 use crate::checkpoint;
 use crate::collective::{CollectiveError, GradientCollective, SingleRank, TcpCollective};
@@ -11,12 +15,13 @@ use crate::inputs::InputLoader;
 use crate::metrics_log::{self, MetricsRecord};
 use crate::nccl_collective::NcclCollective;
 use crate::policy::Policy;
+use crate::process::{job_device, ConfigDeviceError};
 use crate::rpc::{CoordinatorLink, RpcError};
 use crate::trainer::{StepData, Trainer, TrainerOptions};
 use crate::weights::weight_chunks;
 use medtvt_config::{RunConfig, Stage};
 use medtvt_data::Split;
-use medtvt_proto::v1::{FinishJobRequest, JobAssignment, PullBatchRequest, RendezvousRequest, StepReport, TrainingBatch};
+use medtvt_proto::v1::{FinishJobRequest, JobAssignment, PullBatchRequest, RendezvousRequest, RolloutGroup, StepReport, TrainingBatch};
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -45,6 +50,8 @@ pub enum JobError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("collective set-up: {0}")]
     Rendezvous(String),
+    #[error("job {job_id}: {source}")]
+    Device { job_id: u64, source: ConfigDeviceError },
 }
 
 /// Who this learner is within its job.
@@ -52,7 +59,9 @@ pub enum JobError {
 pub struct LearnerIdentity {
     pub rank: usize,
     pub world_size: usize,
-    pub device: Device,
+    /// The `--device` flag's device; `None` lets each job's `model.device` decide
+    /// ([`crate::process::job_device`]).
+    pub device: Option<Device>,
     /// Where rank 0's TCP collective listens (port 0 = any free port).
     pub collective_bind: SocketAddr,
     /// The host other ranks dial for rank 0 (default: the bind address's IP).
@@ -99,6 +108,7 @@ fn run_job_inner<P: Policy>(link: &CoordinatorLink, me: &LearnerIdentity, job: &
     let origin = PathBuf::from(format!("<job {} config>", job.job_id));
     let cfg = medtvt_config::parse_run_config(&job.config_toml, &origin, &[])
         .map_err(|source| JobError::Config { job_id: job.job_id, source })?;
+    let device = job_device(me.device, cfg.model.device).map_err(|source| JobError::Device { job_id: job.job_id, source })?;
     let rendezvous = Rendezvous { link, job_id: job.job_id, rank: me.rank, world_size: me.world_size };
     let checkpoints = cfg.run.out_dir.join("checkpoints");
     let resume = checkpoint::latest_valid(&checkpoints);
@@ -112,19 +122,19 @@ fn run_job_inner<P: Policy>(link: &CoordinatorLink, me: &LearnerIdentity, job: &
     let from_scratch = cfg.model.checkpoint.is_none();
     let tokenizer = if from_scratch { Some(shared_tokenizer::<P>(&cfg, &rendezvous, attempt)?) } else { None };
     tch::manual_seed(cfg.run.seed as i64);
-    let mut policy = P::load(&cfg, me.device, tokenizer.as_deref())?;
+    let mut policy = P::load(&cfg, device, tokenizer.as_deref())?;
     let trainable = policy.set_trainable(cfg.run.stage, cfg.model.train_all);
-    tracing::info!(job = job.job_id, rank = me.rank, trainable = trainable.trainable, frozen = trainable.frozen, groups = ?trainable.groups, "policy built");
+    tracing::info!(job = job.job_id, rank = me.rank, ?device, trainable = trainable.trainable, frozen = trainable.frozen, groups = ?trainable.groups, "policy built");
     let reference = match &cfg.grpo {
         Some(g) if g.beta > 0.0 => {
-            let mut reference = P::load(&cfg, me.device, tokenizer.as_deref())?;
+            let mut reference = P::load(&cfg, device, tokenizer.as_deref())?;
             // Same stage wiring as the policy; its gradients are never taken (scored under no_grad).
             reference.set_trainable(cfg.run.stage, cfg.model.train_all);
             Some(reference)
         }
         _ => None,
     };
-    let collective = connect_collective(me, &rendezvous, attempt)?;
+    let collective = connect_collective(me, device, &rendezvous, attempt)?;
     let mut trainer = Trainer::new(policy, reference, collective, TrainerOptions::from_config(&cfg));
     if from_scratch {
         trainer.broadcast_weights()?;
@@ -139,9 +149,14 @@ fn run_job_inner<P: Policy>(link: &CoordinatorLink, me: &LearnerIdentity, job: &
     let run_metrics = medtvt_telemetry::metrics::RunMetrics::global();
     while trainer.step_index() < cfg.train.steps {
         let step = trainer.step_index();
+        // Entered for the whole step, so the coordinator's spans of its calls are children.
+        let step_span = tracing::info_span!("train_step", job_id = job.job_id, step, rank = me.rank, stage = stage_name);
+        let _entered = step_span.enter();
         let Some(batch) = pull_batch(link, job.job_id, me, step)? else {
             return Ok(JobEnd::Stopped { at_step: step });
         };
+        // Ended when the step is reported (dropped at the end of this iteration).
+        let _group_spans = group_spans(&batch.groups, &step_span);
         let data = step_data(&loader, batch)?;
         let outcome = trainer.step(&data)?;
         let version_after = step + 1;
@@ -207,6 +222,24 @@ fn stage_name(stage: Stage) -> &'static str {
         Stage::Sft => "sft",
         Stage::Grpo => "grpo",
     }
+}
+
+/// One span per rollout group of a GRPO step, lasting until the step is reported: each is a child
+/// of the worker span that sampled the group (its `traceparent`), so that sampling, submission and
+/// training read as one trace, and each is linked with `step` (a trace of its own) both ways.
+fn group_spans(groups: &[RolloutGroup], step: &tracing::Span) -> Vec<tracing::Span> {
+    use medtvt_telemetry::propagation::{add_link_to_span, add_link_to_traceparent, set_parent_from_traceparent};
+    groups
+        .iter()
+        .filter(|g| !g.traceparent.is_empty())
+        .map(|g| {
+            let span = tracing::info_span!(parent: None, "train_group", job_id = g.job_id, prompt_id = g.prompt_id, epoch = g.epoch, sampled_at = g.policy_version);
+            set_parent_from_traceparent(&span, &g.traceparent);
+            add_link_to_span(&span, step);
+            add_link_to_traceparent(step, &g.traceparent);
+            span
+        })
+        .collect()
 }
 
 /// This rank's shard of `step`, waiting while it is pending; `None` when the job is done.
@@ -308,18 +341,18 @@ fn shared_tokenizer<P: Policy>(cfg: &RunConfig, rendezvous: &Rendezvous<'_>, att
 
 /// SingleRank for one learner; otherwise the TCP collective, rank 0's address shared through
 /// Rendezvous.
-fn connect_collective(me: &LearnerIdentity, rendezvous: &Rendezvous<'_>, attempt: u64) -> Result<Box<dyn GradientCollective>, JobError> {
+fn connect_collective(me: &LearnerIdentity, device: Device, rendezvous: &Rendezvous<'_>, attempt: u64) -> Result<Box<dyn GradientCollective>, JobError> {
     if me.world_size == 1 {
         return Ok(Box::new(SingleRank));
     }
-    if me.device.is_cuda() {
+    if device.is_cuda() {
         let probe = crate::nccl::NcclProbe::probe(Path::new(""));
         if probe.nccl_loadable {
             let key = format!("collective/nccl/{attempt}");
             let payload = if me.rank == 0 { NcclCollective::new_unique_id()? } else { Vec::new() };
             let payloads = rendezvous.all_gather(&key, payload)?;
             tracing::info!(rank = me.rank, "joining the NCCL communicator");
-            return Ok(Box::new(NcclCollective::connect(me.rank, me.world_size, &payloads[0], me.device)?));
+            return Ok(Box::new(NcclCollective::connect(me.rank, me.world_size, &payloads[0], device)?));
         }
         tracing::warn!(reason = %probe.explain(), "CUDA ranks fall back to the CPU TCP collective");
     }

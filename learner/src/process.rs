@@ -5,6 +5,7 @@
 use crate::job::{self, JobEnd, LearnerIdentity};
 use crate::membership::{default_name, JoinOptions, Membership, MembershipError};
 use crate::policy::Policy;
+use medtvt_config::DeviceChoice;
 use medtvt_proto::v1::Role;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,9 +22,10 @@ pub struct LearnerArgs {
     /// Number of learner ranks (the jobs' cluster.learners).
     #[arg(long, env = "MEDTVT_WORLD_SIZE", default_value_t = 1)]
     pub world_size: u32,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, env = "MEDTVT_DEVICE", default_value = "cpu")]
-    pub device: String,
+    /// cpu, cuda or cuda:N; wins over the job config's model.device, which decides when this is
+    /// not given (auto: CUDA device 0 when libtorch sees one, else the CPU).
+    #[arg(long, env = "MEDTVT_DEVICE")]
+    pub device: Option<String>,
     /// Shown in the coordinator's status (default: learner-<rank>@host:pid).
     #[arg(long, env = "MEDTVT_LEARNER_NAME")]
     pub name: Option<String>,
@@ -55,6 +57,27 @@ pub enum ProcessError {
     JobThread(String),
 }
 
+/// A job config asks for `model.device = "cuda"` on a machine where libtorch sees no CUDA.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("model.device = \"cuda\" but CUDA is not available to this libtorch (run with --device cpu to override the config)")]
+pub struct ConfigDeviceError;
+
+/// The device one job runs on. The rule, the same for learners and rollout workers: the
+/// `--device` flag (or `MEDTVT_DEVICE`), parsed at start-up into `flag`, wins; without it the
+/// job config's `model.device` decides: `cpu`, `cuda` (device 0; an error without CUDA) or `auto`
+/// (CUDA device 0 when libtorch sees one, else the CPU).
+pub fn job_device(flag: Option<Device>, config: DeviceChoice) -> Result<Device, ConfigDeviceError> {
+    if let Some(device) = flag {
+        return Ok(device);
+    }
+    match config {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        DeviceChoice::Cuda => Err(ConfigDeviceError),
+        DeviceChoice::Auto => Ok(Device::cuda_if_available()),
+    }
+}
+
 /// Parses `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(text: &str) -> Result<Device, ProcessError> {
     let device = match text {
@@ -76,7 +99,8 @@ pub async fn run<P: Policy + 'static>(args: LearnerArgs) -> Result<(), ProcessEr
     if args.rank >= args.world_size {
         return Err(ProcessError::Rank { rank: args.rank, world_size: args.world_size });
     }
-    let device = parse_device(&args.device)?;
+    // A bad flag fails at start-up, not at the first job.
+    let device = args.device.as_deref().map(parse_device).transpose()?;
     let name = args.name.clone().unwrap_or_else(|| default_name(&format!("learner-{}", args.rank)));
     let options = JoinOptions {
         coordinator: args.coordinator.clone(),
@@ -115,4 +139,36 @@ pub async fn run<P: Policy + 'static>(args: LearnerArgs) -> Result<(), ProcessEr
     };
     membership.leave().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_device_flag_wins_over_the_config() {
+        for config in [DeviceChoice::Auto, DeviceChoice::Cpu, DeviceChoice::Cuda] {
+            assert_eq!(job_device(Some(Device::Cpu), config), Ok(Device::Cpu), "{config:?}");
+            assert_eq!(job_device(Some(Device::Cuda(1)), config), Ok(Device::Cuda(1)), "{config:?}");
+        }
+    }
+
+    #[test]
+    fn without_the_flag_the_config_decides() {
+        let cuda = tch::Cuda::is_available();
+        assert_eq!(job_device(None, DeviceChoice::Cpu), Ok(Device::Cpu));
+        assert_eq!(job_device(None, DeviceChoice::Auto), Ok(if cuda { Device::Cuda(0) } else { Device::Cpu }));
+        assert_eq!(job_device(None, DeviceChoice::Cuda), if cuda { Ok(Device::Cuda(0)) } else { Err(ConfigDeviceError) });
+    }
+
+    #[test]
+    fn device_flags_parse_and_bad_ones_are_named() {
+        assert_eq!(parse_device("cpu").ok(), Some(Device::Cpu));
+        let bad = parse_device("tpu").map(|_| ()).map_err(|e| e.to_string());
+        assert_eq!(bad, Err("--device tpu: expected cpu, cuda or cuda:N".to_string()));
+        let cuda = parse_device("cuda:0").map(|_| ()).map_err(|e| e.to_string());
+        if !tch::Cuda::is_available() {
+            assert_eq!(cuda, Err("--device cuda:0: CUDA is not available to this libtorch".to_string()));
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! One GRPO job on one rollout worker, on a blocking thread: build the policy from the job's
 //! starting checkpoint, then lease prompts until the job is done, fetching each newer policy
-//! version before sampling with it, and stream the rewarded groups back.
+//! version before sampling with it, and stream the rewarded groups back. Each non-empty lease is
+//! rolled out in a `rollout` span, the root of the trace its groups carry to the learner.
 
 use crate::rollout::{roll_out, RolloutError, RolloutSettings};
 use medtvt_config::{RunConfig, Stage};
@@ -8,6 +9,7 @@ use medtvt_eval::vocabulary::{DiseaseVocabulary, NameMatching};
 use medtvt_eval::{DiagnosisReward, RewardWeights};
 use medtvt_learner::inputs::InputLoader;
 use medtvt_learner::policy::{Policy, PolicyError, RolloutSampling};
+use medtvt_learner::process::{job_device, ConfigDeviceError};
 use medtvt_learner::rpc::{CoordinatorLink, RpcError};
 use medtvt_learner::weights::{assemble_weights, WeightsError};
 use medtvt_proto::v1::{FetchWeightsRequest, JobAssignment, LeaseRequest, RolloutGroup, WeightChunk};
@@ -33,6 +35,8 @@ pub enum WorkerJobError {
     Rollout(#[from] RolloutError),
     #[error(transparent)]
     Data(#[from] medtvt_data::DataError),
+    #[error("job {job_id}: {source}")]
+    Device { job_id: u64, source: ConfigDeviceError },
 }
 
 /// What a worker did in one job.
@@ -45,7 +49,9 @@ pub struct RolloutTally {
 }
 
 /// Runs the rollouts of a GRPO job until the coordinator says it is done (other stages: nothing).
-pub fn run_rollout_job<P: Policy>(link: &CoordinatorLink, job: &JobAssignment, device: Device, max_prompts: u32) -> Result<RolloutTally, WorkerJobError> {
+/// `device` is the `--device` flag's; without it the job's `model.device` decides
+/// ([`medtvt_learner::process::job_device`]).
+pub fn run_rollout_job<P: Policy>(link: &CoordinatorLink, job: &JobAssignment, device: Option<Device>, max_prompts: u32) -> Result<RolloutTally, WorkerJobError> {
     let origin = PathBuf::from(format!("<job {} config>", job.job_id));
     let cfg = medtvt_config::parse_run_config(&job.config_toml, &origin, &[]).map_err(|source| WorkerJobError::Config { job_id: job.job_id, source })?;
     let (Stage::Grpo, Some(grpo)) = (cfg.run.stage, cfg.grpo.as_ref()) else {
@@ -54,6 +60,8 @@ pub fn run_rollout_job<P: Policy>(link: &CoordinatorLink, job: &JobAssignment, d
     if cfg.model.checkpoint.is_none() {
         return Err(WorkerJobError::NoCheckpoint { job_id: job.job_id });
     }
+    let device = job_device(device, cfg.model.device).map_err(|source| WorkerJobError::Device { job_id: job.job_id, source })?;
+    tracing::info!(job = job.job_id, ?device, "job device");
     let mut policy = P::load(&cfg, device, None)?;
     // The stage decides the model's wiring (e.g. the Modality Perception Layer is on after PT).
     policy.set_trainable(cfg.run.stage, false);
@@ -81,9 +89,14 @@ pub fn run_rollout_job<P: Policy>(link: &CoordinatorLink, job: &JobAssignment, d
             link.pause(Duration::from_millis(lease.retry_after_ms.clamp(20, 5_000)));
             continue;
         }
+        // One trace per lease: the weight fetch and the submission are its children at the
+        // coordinator, and each group carries it to the learner that trains it (traceparent).
+        let span = tracing::info_span!("rollout", job_id = job.job_id, lease_id = lease.lease_id, prompts = lease.prompts.len(), policy_version = tracing::field::Empty);
+        let _entered = span.enter();
         if lease.policy_version > tally.policy_version {
             tally.policy_version = fetch_policy(link, job.job_id, tally.policy_version, &mut policy)?;
         }
+        span.record("policy_version", tally.policy_version);
         let groups = roll_out(&policy, &loader, &reward, &settings, &lease, link.worker_id, tally.policy_version)?;
         tally.leases += 1;
         tally.groups_submitted += groups.len() as u64;

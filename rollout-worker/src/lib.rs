@@ -17,9 +17,10 @@ pub struct RolloutWorkerArgs {
     /// The coordinator's URL, e.g. http://127.0.0.1:50051.
     #[arg(long, env = "MEDTVT_COORDINATOR")]
     pub coordinator: String,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, env = "MEDTVT_DEVICE", default_value = "cpu")]
-    pub device: String,
+    /// cpu, cuda or cuda:N; wins over the job config's model.device, which decides when this is
+    /// not given (auto: CUDA device 0 when libtorch sees one, else the CPU).
+    #[arg(long, env = "MEDTVT_DEVICE")]
+    pub device: Option<String>,
     /// Shown in the coordinator's status (default: rollout-worker@host:pid).
     #[arg(long, env = "MEDTVT_WORKER_NAME")]
     pub name: Option<String>,
@@ -52,7 +53,8 @@ pub async fn run<P: Policy + 'static>(args: RolloutWorkerArgs) -> Result<(), Wor
     if args.max_prompts == 0 {
         return Err(WorkerError::MaxPrompts);
     }
-    let device = parse_device(&args.device)?;
+    // A bad flag fails at start-up; without one each job's model.device decides.
+    let device = args.device.as_deref().map(parse_device).transpose()?;
     let options = JoinOptions {
         coordinator: args.coordinator.clone(),
         auth_token_file: args.auth_token_file.clone(),

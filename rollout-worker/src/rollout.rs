@@ -1,6 +1,7 @@
 //! Turning one lease into rollout groups: load each prompt's modalities, encode the prompts,
 //! repeat each G times in place, sample one completion per row, decode, and reward every
 //! completion against its prompt's reference answer (Jaccard over the disease sets + format).
+//! Each group carries the caller's trace context (`traceparent`) to the learner.
 
 use medtvt_data::QaSample;
 use medtvt_eval::{DiagnosisReward, RewardBreakdown};
@@ -63,6 +64,8 @@ pub fn roll_out<P: Policy>(
         return Err(RolloutError::Rows { got: sampled.tokens.len(), expected });
     }
     let texts: Vec<String> = sampled.tokens.iter().map(|t| policy.decode(t)).collect();
+    // The caller's span, when traced: the learner that trains a group joins its trace.
+    let traceparent = medtvt_telemetry::propagation::current_traceparent().unwrap_or_default();
     let groups = lease
         .prompts
         .iter()
@@ -81,6 +84,7 @@ pub fn roll_out<P: Policy>(
                 prompt_token_ids: Vec::new(),
                 completions: rows.zip(scores).map(|(row, score)| completion(&sampled, &texts, row, score)).collect(),
                 prompt: None,
+                traceparent: traceparent.clone(),
             }
         })
         .collect();

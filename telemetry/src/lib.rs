@@ -14,13 +14,24 @@
 //! everything down when dropped or on `guard.shutdown().await`.
 //!
 //! The W3C TraceContext propagator is installed globally, and [`propagation`] carries the current
-//! span across gRPC calls (client interceptor, server `trace_fn`), so one GRPO step reads as one
-//! trace from the coordinator through rollout workers to the learner.
+//! span across gRPC calls (client interceptor, server `trace_fn`) and inside messages. How one
+//! GRPO step hangs together as traces:
+//! - a rollout worker rolls out each lease in a `rollout` span (the root of a trace); the
+//!   coordinator's spans for its `FetchWeights` and `SubmitGroups` calls are children of it;
+//! - each `RolloutGroup` carries the `rollout` span's `traceparent`
+//!   ([`propagation::current_traceparent`]); the coordinator stores it untouched;
+//! - the learner trains each group of a step in a `train_group` span whose parent is that
+//!   `traceparent` ([`propagation::set_parent_from_traceparent`]), so sampling, submission and
+//!   training of a group are one trace across the worker, the coordinator and the learner;
+//! - the learner's `train_step` span (parent of the coordinator's `PullTrainingBatch`,
+//!   `PublishWeights` and `ReportStep` spans) is a trace of its own, since a step trains groups of
+//!   many leases; it and its `train_group` spans are linked both ways (span links).
 //!
 //! Exported metric names are `medtvt.*` (table in [`metrics`]): `medtvt.reward.mean`,
 //! `medtvt.reward.std`, `medtvt.train.loss`, `medtvt.train.kl`, `medtvt.train.clip_fraction`,
-//! `medtvt.train.tokens_per_second`, `medtvt.train.step.duration`, `medtvt.train.metric`,
-//! `medtvt.coordinator.queue_depth`, `medtvt.coordinator.leased_prompts`, `medtvt.policy.lag`.
+//! `medtvt.train.tokens_per_second`, `medtvt.train.step.duration`, `medtvt.train.metric` (learner
+//! rank 0, per step); `medtvt.coordinator.prompts_waiting`, `medtvt.coordinator.leased_prompts`,
+//! `medtvt.coordinator.queue_depth`, `medtvt.policy.lag` (the coordinator, every reaper tick).
 //! Spans and metrics use the instrumentation scope `medtvt`.
 //!
 //! To look at them, run any OTLP collector with a gRPC receiver on port 4317 (the OpenTelemetry

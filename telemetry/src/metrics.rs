@@ -10,12 +10,21 @@
 //! | `tokens_per_s`           | `medtvt.train.tokens_per_second`   | gauge f64     | `{token}/s` |
 //! | `step_time_s`            | `medtvt.train.step.duration`       | histogram f64 | `s`         |
 //! | any other key, e.g. `reward/jaccard` | `medtvt.train.metric` with attribute `medtvt.metric` = key | gauge f64 | `1` |
-//! | `set_queue_depth`        | `medtvt.coordinator.queue_depth`   | gauge u64     | `{item}`    |
+//! | `set_queue_depth`        | `medtvt.coordinator.queue_depth`   | gauge u64     | `{group}`   |
 //! | `set_leased_prompts`     | `medtvt.coordinator.leased_prompts`| gauge u64     | `{prompt}`  |
+//! | `set_prompts_waiting`    | `medtvt.coordinator.prompts_waiting`| gauge u64    | `{prompt}`  |
 //! | `set_policy_lag`         | `medtvt.policy.lag`                | gauge u64     | `{version}` |
 //!
 //! Per-step scalars are gauges (the last value per export period; a backend plots them over
 //! time) except the step time, a histogram so its distribution survives aggregation.
+//!
+//! The coordinator records its four gauges for the running GRPO job (all 0 when none runs), so
+//! they read as the stages of the rollout pipeline: `prompts_waiting` (leasable now, no worker
+//! has taken them) -> `leased_prompts` (out with rollout workers) -> `queue_depth` (their groups
+//! accepted, waiting for the learners). Prompts waiting mean the workers are the bottleneck (the
+//! signal to add workers); a deep queue means the learners are. `policy.lag` is the staleness of
+//! the last training batch: the policy version it was assembled at minus the oldest version that
+//! sampled one of its groups.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -129,6 +138,7 @@ struct Instruments {
     other: Gauge<f64>,
     queue_depth: Gauge<u64>,
     leased_prompts: Gauge<u64>,
+    prompts_waiting: Gauge<u64>,
     policy_lag: Gauge<u64>,
 }
 
@@ -171,18 +181,23 @@ impl Instruments {
                 .build(),
             queue_depth: u64_gauge(
                 "medtvt.coordinator.queue_depth",
-                "{item}",
-                "Work items waiting in the coordinator",
+                "{group}",
+                "Rollout groups accepted and waiting for the learners",
             ),
             leased_prompts: u64_gauge(
                 "medtvt.coordinator.leased_prompts",
                 "{prompt}",
                 "Prompts leased to rollout workers and not yet returned",
             ),
+            prompts_waiting: u64_gauge(
+                "medtvt.coordinator.prompts_waiting",
+                "{prompt}",
+                "Prompts the coordinator would lease now but no rollout worker has taken",
+            ),
             policy_lag: u64_gauge(
                 "medtvt.policy.lag",
                 "{version}",
-                "Policy versions between the one generating rollouts and the one training",
+                "Policy versions between the one that trained the last batch and the oldest one that sampled it",
             ),
         }
     }
@@ -262,7 +277,7 @@ impl RunMetrics {
         }
     }
 
-    /// Work items waiting in the coordinator.
+    /// Rollout groups accepted by the coordinator and waiting for the learners.
     pub fn set_queue_depth(&self, depth: u64) {
         if let Some(instruments) = &self.instruments {
             instruments.queue_depth.record(depth, &[]);
@@ -273,6 +288,13 @@ impl RunMetrics {
     pub fn set_leased_prompts(&self, leased: u64) {
         if let Some(instruments) = &self.instruments {
             instruments.leased_prompts.record(leased, &[]);
+        }
+    }
+
+    /// Prompts the coordinator would lease right now but no rollout worker has taken.
+    pub fn set_prompts_waiting(&self, waiting: u64) {
+        if let Some(instruments) = &self.instruments {
+            instruments.prompts_waiting.record(waiting, &[]);
         }
     }
 
@@ -338,6 +360,7 @@ mod tests {
             &[],
         );
         metrics.set_queue_depth(7);
+        metrics.set_prompts_waiting(5);
         metrics.set_policy_lag(2);
         if let Err(error) = provider.force_flush() {
             panic!("flush failed: {error}");
@@ -373,6 +396,10 @@ mod tests {
         assert_eq!(
             gauge_u64(&exported, "medtvt.coordinator.queue_depth"),
             vec![7]
+        );
+        assert_eq!(
+            gauge_u64(&exported, "medtvt.coordinator.prompts_waiting"),
+            vec![5]
         );
         assert_eq!(gauge_u64(&exported, "medtvt.policy.lag"), vec![2]);
         assert!(gauge_u64(&exported, "medtvt.coordinator.leased_prompts").is_empty());

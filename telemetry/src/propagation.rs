@@ -8,9 +8,18 @@
 //! every request runs in a span parented to the caller's, or call [`set_parent`] on a span of your
 //! own with the request's metadata before entering it.
 //!
+//! Inside messages: a trace can also outlive the call that carried it. A rollout group is sampled
+//! under a worker's span, stored by the coordinator and trained by a learner later, in another
+//! call. [`current_traceparent`] gives the current span's W3C `traceparent` string to put in such
+//! a message, and [`set_parent_from_traceparent`] / [`add_link_to_traceparent`] turn it back into
+//! a parent or a span link on the receiving side; [`add_link_to_span`] links two local spans of
+//! different traces (a learner's step span and its per-group spans).
+//!
 //! All of this uses the global propagator [`crate::init`] installs and the OTel context that
 //! `tracing-opentelemetry` keeps per span; in a process without an OTLP endpoint there is no such
 //! context, so nothing is injected and no parent is set (calls still work, untraced).
+
+use std::collections::HashMap;
 
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TraceContextExt as _;
@@ -21,6 +30,9 @@ use tonic::service::Interceptor;
 use tonic::{Request, Status};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+/// The W3C Trace Context field naming the parent span.
+const TRACEPARENT: &str = "traceparent";
 
 /// Writes the current `tracing` span's OTel context into outgoing gRPC metadata.
 pub fn inject_current_context(metadata: &mut MetadataMap) {
@@ -45,6 +57,50 @@ pub fn extract_parent(metadata: &MetadataMap) -> Context {
 /// when the span had already started (the last is logged as a warning, being a bug).
 pub fn set_parent(span: &Span, metadata: &MetadataMap) -> bool {
     set_parent_context(span, extract_parent(metadata))
+}
+
+/// The current `tracing` span's W3C `traceparent` value (`00-<trace id>-<span id>-<flags>`), to
+/// carry the trace inside a message; `None` when there is no valid span context (no OTLP export).
+pub fn current_traceparent() -> Option<String> {
+    let mut fields = HashMap::new();
+    global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&Span::current().context(), &mut fields)
+    });
+    fields.remove(TRACEPARENT)
+}
+
+/// Adds to `span` a link to the span a `traceparent` value names (for work that depends on an
+/// item of another trace without being its child). Returns whether a link was added.
+pub fn add_link_to_traceparent(span: &Span, traceparent: &str) -> bool {
+    add_link_to_context(span, &context_from_traceparent(traceparent))
+}
+
+/// Adds to `span` a link to the local span `to` (which starts if it had not). Returns whether a
+/// link was added (`false` without an OTel layer).
+pub fn add_link_to_span(span: &Span, to: &Span) -> bool {
+    add_link_to_context(span, &to.context())
+}
+
+fn add_link_to_context(span: &Span, context: &Context) -> bool {
+    let target = context.span();
+    let span_context = target.span_context();
+    if !span_context.is_valid() {
+        return false;
+    }
+    span.add_link(span_context.clone());
+    true
+}
+
+/// Makes the span named by a `traceparent` value (see [`current_traceparent`]) the parent of
+/// `span`; like [`set_parent`], before `span` is first entered. Returns whether a parent was
+/// attached (`false` for an empty or malformed value, or without an OTel layer).
+pub fn set_parent_from_traceparent(span: &Span, traceparent: &str) -> bool {
+    set_parent_context(span, context_from_traceparent(traceparent))
+}
+
+fn context_from_traceparent(traceparent: &str) -> Context {
+    let fields = HashMap::from([(TRACEPARENT.to_owned(), traceparent.to_owned())]);
+    global::get_text_map_propagator(|propagator| propagator.extract(&fields))
 }
 
 /// A span for one incoming gRPC request, parented to the caller's span; for
@@ -251,6 +307,75 @@ mod tests {
         assert_eq!(span.span_context.trace_id().to_string(), remote_trace);
         assert_eq!(span.parent_span_id.to_string(), remote_span);
         assert!(span.parent_span_is_remote);
+    }
+
+    #[test]
+    fn a_traceparent_carried_in_a_message_parents_and_links_later_spans() {
+        let mut carried = None;
+        let mut attached = (false, false, false);
+        let spans = with_recorded_spans(|| {
+            let worker = tracing::info_span!("worker");
+            carried = worker.in_scope(current_traceparent);
+            drop(worker);
+            let Some(traceparent) = carried.as_deref() else {
+                return;
+            };
+            let step = tracing::info_span!("step");
+            let group = tracing::info_span!(parent: None, "group");
+            attached = (
+                set_parent_from_traceparent(&group, traceparent),
+                add_link_to_traceparent(&step, traceparent),
+                add_link_to_span(&group, &step),
+            );
+            group.in_scope(|| {});
+            step.in_scope(|| {});
+        });
+        assert_eq!(attached, (true, true, true));
+        let [worker, step, group] = ["worker", "step", "group"].map(|name| {
+            spans
+                .iter()
+                .find(|s| s.name == name)
+                .unwrap_or_else(|| panic!("no {name} span"))
+        });
+        let worker_id = worker.span_context.span_id();
+        assert_eq!(
+            carried,
+            Some(format!(
+                "00-{}-{worker_id}-01",
+                worker.span_context.trace_id()
+            ))
+        );
+        // The group span is the worker span's child, in its trace ...
+        assert_eq!(
+            group.span_context.trace_id(),
+            worker.span_context.trace_id()
+        );
+        assert_eq!(group.parent_span_id, worker_id);
+        // ... and linked to the step span, a trace of its own that links back to the worker.
+        assert_ne!(step.span_context.trace_id(), worker.span_context.trace_id());
+        let linked = |span: &SpanData| -> Vec<SpanId> {
+            span.links
+                .iter()
+                .map(|link| link.span_context.span_id())
+                .collect()
+        };
+        assert_eq!(linked(group), vec![step.span_context.span_id()]);
+        assert_eq!(linked(step), vec![worker_id]);
+    }
+
+    #[test]
+    fn an_empty_or_malformed_traceparent_attaches_nothing() {
+        let mut outcome = None;
+        with_recorded_spans(|| {
+            let span = tracing::info_span!("learner");
+            outcome = Some((
+                current_traceparent(),
+                set_parent_from_traceparent(&span, ""),
+                set_parent_from_traceparent(&span, "00-zz-yy-01"),
+                add_link_to_traceparent(&span, "not a traceparent"),
+            ));
+        });
+        assert_eq!(outcome, Some((None, false, false, false)));
     }
 
     #[test]

@@ -136,6 +136,7 @@ pub fn group_for(lease: &pb::Lease, worker_id: u64, prompt: &pb::Prompt, version
             })
             .collect(),
         prompt: None,
+        traceparent: String::new(),
     }
 }
 
