@@ -399,6 +399,7 @@ pub fn weights_digest(tensors: &[(String, Tensor)]) -> String {
 mod tests {
     use super::*;
     use crate::collective::{SingleRank, TcpCollective};
+    use crate::policy::RolloutSampling;
     use crate::test_policy::BytePolicy;
     use medtvt_proto::v1::{Completion, Prompt};
     use std::net::TcpListener;
@@ -529,6 +530,47 @@ mod tests {
         }
         let after = margin(t.policy());
         assert!(after > before + 0.5, "log-prob margin of the rewarded completion {before} -> {after}");
+    }
+
+    /// On-policy GRPO on a reward the policy can learn: sample G completions per prompt from the
+    /// current policy, reward each by the share of its bytes below 128 (about one half at
+    /// initialisation), train, repeat. The mean sampled reward must rise well above its start.
+    #[test]
+    fn on_policy_grpo_raises_the_mean_sampled_reward() {
+        let g = 8;
+        let opts = GrpoStepOptions { loss: GrpoOptions { beta: 0.0, ..GrpoOptions::default() }, group_size: g, temperature: 1.0, filter_tied_groups: false };
+        let mut t = trainer(5, Box::new(SingleRank), Some(opts));
+        let questions = ["<lab> which?", "<ecg> rhythm?", "<cxr> lungs?", "<lab> kidneys?"];
+        let sample = br#"{"id":"s","split":"train","kind":"disease","encounter_id":"e","ecg":null,"cxr":null,"lab":null,"question":"q","answer":"<answer>x</answer>","labels":[]}"#;
+        let mut means = Vec::new();
+        for step in 0..40u64 {
+            let prompts: Vec<PromptInput> = questions.iter().map(|q| (q.to_string(), ModalityInputs::default())).collect();
+            let encoded = t.policy().encode_prompts(&prompts, 64).unwrap();
+            let repeated = t.policy().repeat_prompts(&encoded, g as i64);
+            let sampling = RolloutSampling { max_new_tokens: 6, temperature: 1.0, top_p: 1.0, top_k: 0, seed: 1000 + step };
+            let sampled = t.policy().sample(&repeated, &sampling).unwrap();
+            let mut total = 0.0;
+            let groups: Vec<RolloutGroup> = (0..questions.len())
+                .map(|i| RolloutGroup {
+                    prompt_id: i as u64,
+                    completions: (i * g..(i + 1) * g)
+                        .map(|row| {
+                            let ids = &sampled.tokens[row];
+                            let reward = ids.iter().filter(|&&id| id < 128).count() as f32 / ids.len().max(1) as f32;
+                            total += f64::from(reward);
+                            Completion { token_ids: ids.clone(), logprobs: sampled.logprobs[row].clone(), reward, ..Default::default() }
+                        })
+                        .collect(),
+                    prompt: Some(Prompt { prompt_id: i as u64, epoch: 0, sample_json: sample.to_vec().into() }),
+                    ..Default::default()
+                })
+                .collect();
+            means.push(total / (questions.len() * g) as f64);
+            t.step(&StepData::Grpo { groups, prompts }).unwrap();
+        }
+        let first: f64 = means[..5].iter().sum::<f64>() / 5.0;
+        let last: f64 = means[35..].iter().sum::<f64>() / 5.0;
+        assert!(first < 0.7 && last > first + 0.2, "mean sampled reward {first:.3} (first 5 steps) -> {last:.3} (last 5): {means:?}");
     }
 
     #[test]
