@@ -1,12 +1,18 @@
 //! `medtvt eval`: runs a checkpoint over one split of a MedTVT-QA set with greedy decoding and
 //! reports disease-level precision / recall / F1 (per disease, macro, micro), sample-wise
 //! Jaccard, exact-set accuracy and the valid-format rate, plus BLEU-4 and ROUGE-L for the
-//! physiological QA, as a Markdown table and as JSON. `evaluate` is reused by `medtvt demo`.
+//! physiological QA, and the mean CAO gate per modality, as Markdown tables and as JSON (which
+//! also lists every answer with its sample id and CAO gates). `evaluate` is reused by
+//! `medtvt demo`.
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use medtvt_data::{load_inputs, read_jsonl, LabPercentiles, QaKind, QaSample, Split};
-use medtvt_eval::{DiagnosisReward, DiseaseEvaluator, DiseaseVocabulary, EvalReport, NameMatching, RewardWeights, TextEvaluator};
+use medtvt_eval::{
+    AnswerRecord, DiagnosisReward, DiseaseEvaluator, DiseaseVocabulary, EvalReport, ModalityGates, NameMatching, RewardWeights,
+    TextEvaluator,
+};
+use medtvt_model::perception::SampleGates;
 use medtvt_model::{MedTvt, SamplingParams};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -60,7 +66,8 @@ fn parse_split(s: &str) -> anyhow::Result<Split> {
         .ok_or_else(|| anyhow::anyhow!("--split {s:?}: expected train, val or test"))
 }
 
-/// Generates an answer for every sample of the split and scores it.
+/// Generates an answer for every sample of the split and scores it; the report keeps each answer
+/// with its CAO gates.
 pub fn evaluate(args: &EvalArgs) -> anyhow::Result<EvalReport> {
     let split = parse_split(&args.split)?;
     let device = match args.device.as_str() {
@@ -78,6 +85,7 @@ pub fn evaluate(args: &EvalArgs) -> anyhow::Result<EvalReport> {
     let vocabulary = DiseaseVocabulary::from_names(&names, matching)?;
     let reward = DiagnosisReward::new(vocabulary, RewardWeights::default());
     let mut report = EvalReport::default();
+    let mut records = Vec::new();
     for kind in [QaKind::Disease, QaKind::Physiological] {
         let chosen: Vec<&QaSample> = samples
             .iter()
@@ -87,7 +95,14 @@ pub fn evaluate(args: &EvalArgs) -> anyhow::Result<EvalReport> {
         if chosen.is_empty() {
             continue;
         }
-        let answers = generate_answers(&model, &args.data, &percentiles, &chosen, args, kind)?;
+        let generated = generate_answers(&model, &args.data, &percentiles, &chosen, args, kind)?;
+        let answers: Vec<String> = generated.iter().map(|(text, _)| text.clone()).collect();
+        records.extend(chosen.iter().zip(&generated).map(|(s, (text, gates))| AnswerRecord {
+            id: s.id.clone(),
+            kind: kind.to_string(),
+            answer: text.clone(),
+            cao_gates: ModalityGates::from_ordered(*gates),
+        }));
         match kind {
             QaKind::Disease => {
                 let mut e = DiseaseEvaluator::new(reward.clone());
@@ -105,6 +120,7 @@ pub fn evaluate(args: &EvalArgs) -> anyhow::Result<EvalReport> {
             }
         }
     }
+    report.set_answers(records);
     Ok(report)
 }
 
@@ -115,7 +131,7 @@ fn generate_answers(
     samples: &[&QaSample],
     args: &EvalArgs,
     kind: QaKind,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<Vec<(String, SampleGates)>> {
     let bar = ProgressBar::new(samples.len() as u64).with_message(format!("eval {kind}"));
     bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
     if bar.is_hidden() {
@@ -129,9 +145,9 @@ fn generate_answers(
             .map(|s| Ok((s.question.clone(), load_inputs(data, s, percentiles, model.image_size() as u32)?)))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let batch = model.encode_prompts(&prompts, args.max_prompt_tokens)?;
-        let (generation, _gates) = model.generate(&batch, &params)?;
-        for tokens in &generation.tokens {
-            answers.push(model.decode(tokens)?);
+        let (generation, gates) = model.generate(&batch, &params)?;
+        for (tokens, gates) in generation.tokens.iter().zip(gates) {
+            answers.push((model.decode(tokens)?, gates));
         }
         bar.inc(chunk.len() as u64);
     }
@@ -139,7 +155,8 @@ fn generate_answers(
     Ok(answers)
 }
 
-/// The report's headline numbers as metrics.jsonl values (`eval/...`), per-disease F1 included.
+/// The report's headline numbers as metrics.jsonl values (`eval/...`), per-disease F1 and the
+/// mean CAO gates included.
 pub fn report_metrics(report: &EvalReport) -> BTreeMap<String, f64> {
     let mut m = BTreeMap::new();
     if let Some(d) = &report.disease {
@@ -155,6 +172,11 @@ pub fn report_metrics(report: &EvalReport) -> BTreeMap<String, f64> {
     if let Some(t) = &report.text {
         m.insert("eval/bleu4".into(), t.bleu4);
         m.insert("eval/rouge_l".into(), t.rouge_l_f);
+    }
+    for row in report.cao_gates.iter().flat_map(|g| &g.per_modality) {
+        if let Some(mean) = row.mean {
+            m.insert(format!("eval/cao_gate/{}", row.modality), mean);
+        }
     }
     m
 }

@@ -142,6 +142,23 @@ mod tests {
     }
 
     #[test]
+    fn encoder_weight_files_must_exist() {
+        let tmp = tempfile::tempdir().unwrap();
+        let weights = tmp.path().join("ecg.safetensors");
+        std::fs::write(&weights, b"not checked here").unwrap();
+        let with = |key: &str, path: &Path| MINIMAL.replace("[model]\n", &format!("[model]\n{key} = \"{}\"\n", path.display()));
+        let cfg = load_text(&with("ecg_encoder_weights", &weights)).unwrap();
+        assert_eq!(cfg.model.encoder_weights(), vec![("model.ecg_encoder_weights", weights.as_path())]);
+        let missing = tmp.path().join("cxr.safetensors");
+        let err = load_text(&with("cxr_encoder_weights", &missing)).unwrap_err().to_string();
+        assert_eq!(err, format!("my.toml: `model.cxr_encoder_weights` = \"{}\": no such file", missing.display()));
+        let wrong_kind = tmp.path().join("lab.bin");
+        std::fs::write(&wrong_kind, b"x").unwrap();
+        let err = load_text(&with("lab_encoder_weights", &wrong_kind)).unwrap_err().to_string();
+        assert!(err.contains("`model.lab_encoder_weights`") && err.contains("expected a .safetensors file"), "{err}");
+    }
+
+    #[test]
     fn grpo_table_must_match_the_stage() {
         let err = load_text(&MINIMAL.replace("\"sft\"", "\"grpo\"")).unwrap_err().to_string();
         assert!(err.contains("`grpo` is required"), "{err}");

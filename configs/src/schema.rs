@@ -104,6 +104,31 @@ pub struct ModelSection {
     /// nothing is pretrained, as for the tiny CPU default.
     #[serde(default)]
     pub train_all: bool,
+    /// Pretrained ECG encoder (xresnet1d + GRU) weights, a `.safetensors` file whose tensor names
+    /// are the encoder's own (docs/model.md lists them). Loaded into a freshly initialised
+    /// modality side: the tiny model, or the paper's encoders beside a bare HF Llama checkpoint.
+    #[serde(default)]
+    pub ecg_encoder_weights: Option<PathBuf>,
+    /// Pretrained chest X-ray encoder (ViT) weights; as `ecg_encoder_weights`.
+    #[serde(default)]
+    pub cxr_encoder_weights: Option<PathBuf>,
+    /// Pretrained lab encoder (MLP) weights; as `ecg_encoder_weights`.
+    #[serde(default)]
+    pub lab_encoder_weights: Option<PathBuf>,
+}
+
+impl ModelSection {
+    /// The encoder weight files that are set, with their config keys, in (ECG, CXR, lab) order.
+    pub fn encoder_weights(&self) -> Vec<(&'static str, &Path)> {
+        [
+            ("model.ecg_encoder_weights", &self.ecg_encoder_weights),
+            ("model.cxr_encoder_weights", &self.cxr_encoder_weights),
+            ("model.lab_encoder_weights", &self.lab_encoder_weights),
+        ]
+        .into_iter()
+        .filter_map(|(key, path)| path.as_deref().map(|p| (key, p)))
+        .collect()
+    }
 }
 
 /// Sizes of the CPU default model trained from scratch.
@@ -319,6 +344,9 @@ impl RunConfig {
         if let Some(ckpt) = &self.model.checkpoint {
             require_dir(file, "model.checkpoint", ckpt)?;
         }
+        for (key, weights) in self.model.encoder_weights() {
+            require_safetensors_file(file, key, weights)?;
+        }
         self.model.tiny.validate(file)?;
         self.train.validate(file)?;
         match (self.run.stage, &self.grpo) {
@@ -444,4 +472,15 @@ fn require_dir(file: &Path, key: &str, dir: &Path) -> Result<(), ConfigError> {
     } else {
         Err(ConfigError::invalid(file, key, format!("= \"{}\": no such directory", dir.display())))
     }
+}
+
+fn require_safetensors_file(file: &Path, key: &str, path: &Path) -> Result<(), ConfigError> {
+    let shown = path.display();
+    if !path.is_file() {
+        return Err(ConfigError::invalid(file, key, format!("= \"{shown}\": no such file")));
+    }
+    if path.extension().is_none_or(|e| e != "safetensors") {
+        return Err(ConfigError::invalid(file, key, format!("= \"{shown}\": expected a .safetensors file")));
+    }
+    Ok(())
 }

@@ -8,11 +8,13 @@
 //! - [`multilabel`]: per-disease P/R/F1, macro/micro averages, sample Jaccard, subset accuracy
 //!   (scikit-learn semantics, zero_division = 0);
 //! - [`bleu`], [`rouge`]: corpus BLEU-4 (nltk) and ROUGE-L (rouge-score) for physiological QA;
+//! - [`gates`]: the CAO gates of each evaluated answer and their mean per modality;
 //! - [`report`]: the accumulators and [`EvalReport`] (JSON and Markdown).
 
 pub mod answer;
 pub mod bleu;
 pub mod error;
+pub mod gates;
 pub mod multilabel;
 pub mod report;
 pub mod reward;
@@ -21,6 +23,7 @@ pub mod vocabulary;
 
 pub use answer::{is_well_formatted, ParsedAnswer};
 pub use error::EvalError;
+pub use gates::{AnswerRecord, GateMean, GateSummary, ModalityGates, GATE_MODALITIES};
 pub use multilabel::{MultilabelTally, PrfScores};
 pub use report::{DiseaseEvaluator, DiseaseReport, DiseaseScores, EvalReport, TextEvaluator, TextReport};
 pub use reward::{format_reward, jaccard_reward, DiagnosisReward, RewardBreakdown, RewardWeights};

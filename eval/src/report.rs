@@ -4,6 +4,7 @@
 use crate::answer::ParsedAnswer;
 use crate::bleu::{BleuTally, BLEU_ORDER};
 use crate::error::EvalError;
+use crate::gates::{AnswerRecord, GateSummary};
 use crate::multilabel::{LabelCounts, MultilabelTally, PrfScores};
 use crate::reward::{DiagnosisReward, RewardBreakdown};
 use crate::rouge::rouge_l_f;
@@ -63,6 +64,12 @@ pub struct TextReport {
 pub struct EvalReport {
     pub disease: Option<DiseaseReport>,
     pub text: Option<TextReport>,
+    /// Mean CAO gate per modality over `answers` (absent when no answer carries gates).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cao_gates: Option<GateSummary>,
+    /// Every evaluated answer with its sample id and CAO gates.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub answers: Vec<AnswerRecord>,
 }
 
 /// Accumulates disease-level completions.
@@ -196,7 +203,14 @@ impl EvalReport {
         Ok(serde_json::to_string_pretty(self)?)
     }
 
-    /// Markdown tables: per-disease rows, then the averages, then the overall rates and text scores.
+    /// Records the evaluated answers and summarises their gates into `cao_gates`.
+    pub fn set_answers(&mut self, answers: Vec<AnswerRecord>) {
+        self.cao_gates = (!answers.is_empty()).then(|| GateSummary::from_gates(answers.iter().map(|a| &a.cao_gates)));
+        self.answers = answers;
+    }
+
+    /// Markdown tables: per-disease rows, then the averages, then the overall rates and text
+    /// scores, then the mean CAO gates.
     pub fn to_markdown(&self) -> String {
         let mut out = String::new();
         if let Some(disease) = &self.disease {
@@ -204,6 +218,9 @@ impl EvalReport {
         }
         if let Some(text) = &self.text {
             text_markdown(&mut out, text);
+        }
+        if let Some(gates) = &self.cao_gates {
+            out.push_str(&gates.to_markdown());
         }
         if out.is_empty() {
             out.push_str("No samples were evaluated.\n");
@@ -258,6 +275,7 @@ fn text_markdown(out: &mut String, report: &TextReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gates::ModalityGates;
     use crate::reward::RewardWeights;
     use crate::vocabulary::{DiseaseId, DiseaseVocabulary, NameMatching};
 
@@ -293,7 +311,7 @@ mod tests {
         eval.add_with_reference("<think>a</think><answer>sepsis</answer>", "<answer>sepsis</answer>");
         let mut text = TextEvaluator::default();
         text.add("sinus rhythm", "sinus rhythm");
-        let report = EvalReport { disease: Some(eval.finish()), text: Some(text.finish()) };
+        let report = EvalReport { disease: Some(eval.finish()), text: Some(text.finish()), ..EvalReport::default() };
         let markdown = report.to_markdown();
         assert!(markdown.contains("| sepsis | 1.0000 | 1.0000 | 1.0000 | 1 | 1 |"), "{markdown}");
         assert!(markdown.contains("| pneumonia | 0.0000 | 0.0000 | 0.0000 | 0 | 0 |"));
@@ -309,10 +327,22 @@ mod tests {
     fn json_round_trips_the_numbers() {
         let mut text = TextEvaluator::default();
         text.add("the cat on mat", "the cat sat on the mat");
-        let report = EvalReport { disease: None, text: Some(text.finish()) };
+        let mut report = EvalReport { disease: None, text: Some(text.finish()), ..EvalReport::default() };
         let value: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
         assert_eq!(value["disease"], serde_json::Value::Null);
         assert!((value["text"]["rouge_l_f"].as_f64().unwrap() - 0.8).abs() < 1e-15);
         assert_eq!(value["text"]["samples"], 1);
+        assert!(value.get("answers").is_none() && value.get("cao_gates").is_none(), "no answers, no gate keys");
+        report.set_answers(vec![AnswerRecord {
+            id: "s1".into(),
+            kind: "physiological".into(),
+            answer: "the cat on mat".into(),
+            cao_gates: ModalityGates::from_ordered([Some(0.5), None, Some(0.25)]),
+        }]);
+        let value: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
+        assert_eq!(value["answers"][0]["id"], "s1");
+        assert_eq!(value["answers"][0]["cao_gates"]["cxr"], serde_json::Value::Null);
+        assert_eq!(value["cao_gates"]["per_modality"][2]["mean"], 0.25);
+        assert!(report.to_markdown().contains("| lab | 0.2500 | 1 | 0 |"));
     }
 }

@@ -39,6 +39,12 @@ pub fn answer_nll(logp: &Tensor, mask: &Tensor) -> Tensor {
     -crate::grpo::masked_mean(logp, mask)
 }
 
+/// The numerator of [`answer_nll`], - sum_{i,t} m_{i,t} log p(y_{i,t} | ...): the trainer divides
+/// the sum over a step's micro-batches and ranks by their total answer-token count.
+pub fn answer_nll_sum(logp: &Tensor, mask: &Tensor) -> Tensor {
+    -(logp * mask.to_kind(logp.kind())).sum(logp.kind())
+}
+
 /// Group `groups.len()` items into at most `parts` contiguous, near-equal, non-empty ranges
 /// (the micro-batches of gradient accumulation).
 pub fn micro_batches(len: usize, parts: usize) -> Vec<Range<usize>> {
@@ -193,6 +199,14 @@ mod tests {
         let mask = Tensor::from_slice(&[1.0f32, 1.0, 0.0, 1.0, 0.0, 0.0]).view([2, 3]);
         let loss = f64::try_from(answer_nll(&logp, &mask)).unwrap();
         assert!((loss - 2.0).abs() < 1e-6, "loss {loss}");
+    }
+
+    #[test]
+    fn answer_nll_sum_is_the_mean_times_the_tokens() {
+        let logp = Tensor::from_slice(&[-1.0f32, -3.0, -1000.0, -2.0, -1000.0, -1000.0]).view([2, 3]);
+        let mask = Tensor::from_slice(&[1.0f32, 1.0, 0.0, 1.0, 0.0, 0.0]).view([2, 3]);
+        let sum = f64::try_from(answer_nll_sum(&logp, &mask)).unwrap();
+        assert!((sum - 6.0).abs() < 1e-6, "sum {sum}");
     }
 
     #[test]

@@ -273,17 +273,42 @@ pub fn masked_mean(values: &Tensor, mask: &Tensor) -> Tensor {
 ///
 /// (The max(·, 1) guards, as in TRL, make an all-padding sequence count as 0.)
 pub fn aggregate_loss(per_token: &Tensor, mask: &Tensor, mode: LossAggregation, token_sum_divisor: f64) -> Tensor {
+    let numerator = aggregation_numerator(per_token, mask, mode, token_sum_divisor);
+    let tokens = mask.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
+    numerator / aggregation_denominator(mode, tokens, mask.size()[0] as f64).max(1.0)
+}
+
+/// The sum every aggregation mode divides, so that `aggregate_loss = numerator / denominator`:
+///
+///   token_mean:          sum_{i,t} m L                        (denominator: tokens)
+///   seq_mean_token_mean: sum_i [ sum_t m L / max(sum_t m, 1) ] (denominator: sequences)
+///   seq_mean_token_sum:  sum_i [ sum_t m L ] / divisor        (denominator: sequences)
+///
+/// Numerators add up over micro-batches and learner ranks; dividing their total by the step's
+/// total denominator gives exactly the loss of the whole step's batch on one learner, whatever
+/// the shards' token counts (a mean of per-shard means would weight a shard's tokens by
+/// 1 / its own token count instead).
+pub fn aggregation_numerator(per_token: &Tensor, mask: &Tensor, mode: LossAggregation, token_sum_divisor: f64) -> Tensor {
     let kind = per_token.kind();
     let mask = mask.to_kind(kind);
     let masked = per_token * &mask;
     match mode {
-        LossAggregation::TokenMean => masked_mean(per_token, &mask),
+        LossAggregation::TokenMean => masked.sum(kind),
         LossAggregation::SeqMeanTokenMean => {
             let sums = masked.sum_dim_intlist(1, false, kind); // [b]
             let counts = mask.sum_dim_intlist(1, false, kind).clamp_min(1.0);
-            (sums / counts).mean(kind)
+            (sums / counts).sum(kind)
         }
-        LossAggregation::SeqMeanTokenSum => masked.sum_dim_intlist(1, false, kind).mean(kind) / token_sum_divisor,
+        LossAggregation::SeqMeanTokenSum => masked.sum(kind) / token_sum_divisor,
+    }
+}
+
+/// What a mode divides its numerator by: the real tokens for `token_mean`, the sequences
+/// otherwise. Known before any forward pass (from the completions' lengths).
+pub fn aggregation_denominator(mode: LossAggregation, tokens: f64, sequences: f64) -> f64 {
+    match mode {
+        LossAggregation::TokenMean => tokens,
+        LossAggregation::SeqMeanTokenMean | LossAggregation::SeqMeanTokenSum => sequences,
     }
 }
 
@@ -333,8 +358,13 @@ pub struct GrpoMetrics {
 /// The loss to backpropagate and its metrics.
 #[derive(Debug)]
 pub struct GrpoLoss {
-    /// Scalar, with grad through `logp`.
+    /// Scalar, with grad through `logp`: `numerator / max(denominator, 1)`.
     pub loss: Tensor,
+    /// Scalar, with grad: the aggregation's [`aggregation_numerator`] of the total per-token
+    /// loss, for a caller that normalises by a denominator summed over several batches.
+    pub numerator: Tensor,
+    /// This batch's [`aggregation_denominator`].
+    pub denominator: f64,
     pub metrics: GrpoMetrics,
 }
 
@@ -360,7 +390,10 @@ pub fn grpo_loss(batch: GrpoBatch<'_>, options: &GrpoOptions) -> Result<GrpoLoss
     };
     let divisor = options.token_sum_divisor.unwrap_or(batch.mask.size()[1] as f64);
     let aggregate = |values: &Tensor| aggregate_loss(values, batch.mask, options.loss_aggregation, divisor);
-    let loss = aggregate(&per_token);
+    let numerator = aggregation_numerator(&per_token, batch.mask, options.loss_aggregation, divisor);
+    let tokens = scalar(&batch.mask.to_kind(Kind::Double).sum(Kind::Double))?;
+    let denominator = aggregation_denominator(options.loss_aggregation, tokens, batch.mask.size()[0] as f64);
+    let loss = &numerator / denominator.max(1.0);
     let metrics = GrpoMetrics {
         loss: scalar(&loss)?,
         policy_loss: scalar(&aggregate(&surrogate.per_token_loss))?,
@@ -373,9 +406,9 @@ pub fn grpo_loss(batch: GrpoBatch<'_>, options: &GrpoOptions) -> Result<GrpoLoss
         advantage_std: advantage_std(batch.advantages)?,
         advantage_min: scalar(&batch.advantages.min())?,
         advantage_max: scalar(&batch.advantages.max())?,
-        tokens: scalar(&batch.mask.to_kind(Kind::Double).sum(Kind::Double))?,
+        tokens,
     };
-    Ok(GrpoLoss { loss, metrics })
+    Ok(GrpoLoss { loss, numerator, denominator, metrics })
 }
 
 /// The per-token KL, or `None` when beta = 0 (the reference is then never touched).
@@ -553,6 +586,29 @@ mod tests {
         assert!((get(LossAggregation::SeqMeanTokenMean) - 2.75).abs() < 1e-12);
         // ((1 + 2) + 4) / 2 sequences / 3 = 7 / 6.
         assert!((get(LossAggregation::SeqMeanTokenSum) - 7.0 / 6.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn numerators_and_denominators_of_shards_add_up_to_the_whole_batch() {
+        // Two shards of unequal token counts: summing numerators and denominators over shards
+        // gives the whole batch's loss in every mode, which a mean of the shards' losses does not.
+        let (loss, mask) = padded_batch();
+        for mode in [LossAggregation::TokenMean, LossAggregation::SeqMeanTokenMean, LossAggregation::SeqMeanTokenSum] {
+            let whole = values(&aggregate_loss(&loss, &mask, mode, 3.0))[0];
+            let (mut num, mut den) = (0.0, 0.0);
+            for row in 0..2 {
+                let (l, m) = (loss.narrow(0, row, 1), mask.narrow(0, row, 1));
+                num += values(&aggregation_numerator(&l, &m, mode, 3.0))[0];
+                den += aggregation_denominator(mode, values(&m.sum(Kind::Double))[0], 1.0);
+            }
+            assert!((num / den - whole).abs() < 1e-12, "{mode:?}: {} vs {whole}", num / den);
+        }
+        // Token mean of shard means: (1.5 + 4) / 2 = 2.75, not the batch's 7 / 3.
+        let shard_means: f64 = (0..2)
+            .map(|r| values(&aggregate_loss(&loss.narrow(0, r, 1), &mask.narrow(0, r, 1), LossAggregation::TokenMean, 3.0))[0])
+            .sum::<f64>()
+            / 2.0;
+        assert!((shard_means - 2.75).abs() < 1e-12);
     }
 
     #[test]

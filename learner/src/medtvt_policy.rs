@@ -96,3 +96,88 @@ impl Policy for MedTvtPolicy {
         self.0.save(dir).map_err(model_error)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::SingleRank;
+    use crate::inputs::{InputLoader, LAB_PERCENTILES_FILE};
+    use crate::optim::{AdamWConfig, LrSchedule};
+    use crate::trainer::{StepData, Trainer, TrainerOptions};
+    use medtvt_data::{LabPercentiles, QaKind, QaSample};
+    use medtvt_eval::{DiagnosisReward, DiseaseVocabulary, NameMatching, RewardWeights};
+
+    /// A tiny MedTVT run config for SFT; `[model.tiny]` decides the model.
+    fn sft_config(data: &Path) -> RunConfig {
+        let text = format!(
+            "[run]\nname = \"overfit\"\nstage = \"sft\"\nout_dir = \"{out}\"\nseed = 1\n\n[data]\ndir = \"{data}\"\n\n\
+[model]\ndevice = \"cpu\"\ntrain_all = true\n\n[model.tiny]\nvocab_size = 512\nhidden_size = 64\nintermediate_size = 128\n\
+num_layers = 2\nnum_heads = 4\nnum_kv_heads = 2\nimage_size = 32\nvit_patch_size = 16\nvit_depth = 1\necg_resnet_blocks = 1\n\n\
+[train]\nsteps = 1\nlearning_rate = 0.003\n",
+            out = data.display(),
+            data = data.display(),
+        );
+        medtvt_config::parse_run_config(&text, Path::new("overfit.toml"), &[]).unwrap()
+    }
+
+    /// Issue #4: the tiny model overfits a handful of disease-level samples in SFT: the answer
+    /// loss falls near zero and greedy decoding gives back each sample's reference answer, whose
+    /// parsed disease set equals the sample's labels.
+    #[test]
+    fn tiny_model_overfits_a_handful_of_samples_in_sft() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let mut synth = medtvt_data::synth::SynthConfig::new(6, 11);
+        synth.image_size = 32;
+        medtvt_data::synth::synthesize(&data, &synth).unwrap();
+        let samples: Vec<QaSample> =
+            medtvt_data::read_jsonl(&data.join("qa.jsonl")).unwrap().into_iter().filter(|s| s.kind == QaKind::Disease).take(4).collect();
+        assert_eq!(samples.len(), 4);
+
+        let texts: Vec<String> = samples.iter().flat_map(|s| [s.question.clone(), s.answer.clone()]).collect();
+        let tokenizer_path = tmp.path().join("tokenizer.json");
+        MedTvtPolicy::train_tokenizer(&texts, 512, &tokenizer_path).unwrap();
+        let cfg = sft_config(&data);
+        let mut policy = MedTvtPolicy::load(&cfg, Device::Cpu, Some(tokenizer_path.as_path())).unwrap();
+        policy.set_trainable(Stage::Sft, true);
+        let percentiles = LabPercentiles::load(&data.join(LAB_PERCENTILES_FILE)).unwrap();
+        let prompts = InputLoader::new(data.clone(), percentiles, 32).prompts(&samples).unwrap();
+        let answers: Vec<String> = samples.iter().map(|s| s.answer.clone()).collect();
+
+        let options = TrainerOptions {
+            stage: Stage::Sft,
+            max_prompt_tokens: 256,
+            max_answer_tokens: 256,
+            grad_accumulation: 1,
+            grad_clip: 1.0,
+            schedule: LrSchedule { peak: 1e-2, warmup: 0, total: 1_000, min_ratio: 1.0 },
+            adamw: AdamWConfig::default(),
+            grpo: None,
+        };
+        let mut trainer = Trainer::new(policy, None, Box::new(SingleRank), options);
+        let step_data = StepData::Supervised { prompts: prompts.clone(), answers: answers.clone() };
+        let first = trainer.step(&step_data).unwrap().metrics["loss"];
+        let mut loss = first;
+        let mut steps = 1;
+        while loss > 0.02 && steps < 400 {
+            loss = trainer.step(&step_data).unwrap().metrics["loss"];
+            steps += 1;
+        }
+        assert!(loss < 0.02, "answer loss {first} -> {loss} after {steps} steps");
+
+        let model = &trainer.policy().0;
+        let batch = model.encode_prompts(&prompts, 256).unwrap();
+        let longest = answers.iter().map(|a| model.tokenizer().encode(a, false).unwrap().len()).max().unwrap();
+        let params = SamplingParams { max_new_tokens: longest + 4, greedy: true, ..SamplingParams::default() };
+        let (generation, _) = model.generate(&batch, &params).unwrap();
+        let vocabulary = DiseaseVocabulary::paper_default(NameMatching::Synonyms);
+        let reward = DiagnosisReward::new(vocabulary.clone(), RewardWeights::default());
+        for ((sample, tokens), reference) in samples.iter().zip(&generation.tokens).zip(&answers) {
+            let text = model.decode(tokens).unwrap();
+            assert_eq!(&text, reference, "{}: greedy answer differs from the reference", sample.id);
+            let predicted = reward.parse(&text).map(|a| a.diseases()).unwrap_or_default();
+            let labels: medtvt_eval::DiseaseSet = sample.labels.iter().map(|l| vocabulary.lookup(l).unwrap()).collect();
+            assert_eq!(predicted, labels, "{}: {text}", sample.id);
+        }
+    }
+}

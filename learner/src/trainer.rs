@@ -4,6 +4,16 @@
 //! AdamW update. Every rank runs the same step on its own shard; because the collective hands
 //! every rank the very same averaged bytes, the ranks' weights stay bit-identical.
 //!
+//! Loss normalisation: W learners on shards of one batch equal one learner on the whole batch
+//! (up to float summation order). The step's loss is sum(numerators) / sum(denominators) over
+//! every micro-batch of every rank (PT/SFT: answer-token NLL sums over answer tokens; GRPO: see
+//! `grpo::aggregation_numerator`, tokens for `token_mean`, sequences for the `seq_mean_*` modes).
+//! The denominators are all-reduced before the forward passes, each micro-batch backpropagates
+//! numerator * W / total, and the mean all-reduce of the gradients divides the W back out. A mean
+//! of per-rank (or per-micro-batch) means would instead over-weight the tokens of short shards.
+//! Dr. GRPO's divisor is the constant `grpo.max_new_tokens`, not a batch's longest completion,
+//! for the same reason.
+//!
 //! The trainer knows nothing of the network: the job runner ([`crate::job`]) pulls batches, loads
 //! their modality inputs and hands them over as [`StepData`].
 
@@ -15,7 +25,7 @@ use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::policy::{Policy, PolicyError};
 use medtvt_config::{RunConfig, Stage};
 use medtvt_data::ModalityInputs;
-use medtvt_proto::v1::RolloutGroup;
+use medtvt_proto::v1::{Completion, RolloutGroup};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -213,21 +223,44 @@ impl<P: Policy> Trainer<P> {
         Ok(StepOutcome { metrics: self.metrics(&totals, grad_norm, lr, elapsed, skipped), skipped })
     }
 
+    /// The next-token loss of the step is the mean over every answer token of every rank's
+    /// shard: each micro-batch backpropagates its NLL sum divided by the step's global token
+    /// count (all-reduced first), so shards of different token counts and any number of ranks or
+    /// micro-batches give the gradient of one learner on the whole batch.
     fn supervised_backward(&mut self, prompts: &[PromptInput], answers: &[String]) -> Result<Sums, TrainError> {
         let mut sums = Sums::default();
         let parts = batch::micro_batches(prompts.len(), self.options.grad_accumulation);
-        let n_parts = parts.len() as f64;
-        for range in parts {
-            let encoded = self.policy.encode_prompts(&prompts[range.clone()], self.options.max_prompt_tokens)?;
+        let mut encoded_answers = Vec::with_capacity(parts.len());
+        let mut local_tokens = 0.0;
+        for range in &parts {
             let (ids, mask) = self.policy.encode_answers(&answers[range.clone()], self.options.max_answer_tokens)?;
+            local_tokens += f64::try_from(mask.to_kind(Kind::Double).sum(Kind::Double))?;
+            encoded_answers.push((ids, mask));
+        }
+        let normaliser = self.global_normaliser(local_tokens)?;
+        for (range, (ids, mask)) in parts.into_iter().zip(encoded_answers) {
+            let encoded = self.policy.encode_prompts(&prompts[range.clone()], self.options.max_prompt_tokens)?;
             let logp = self.policy.score(&encoded, &ids, &mask, 1.0, true); // [b, tc]
-            let loss = batch::answer_nll(&logp, &mask);
+            let nll_sum = batch::answer_nll_sum(&logp, &mask);
             let tokens = f64::try_from(mask.to_kind(Kind::Double).sum(Kind::Double))?;
-            let value = f64::try_from(loss.detach().to_kind(Kind::Double))?;
+            let value = f64::try_from(nll_sum.detach().to_kind(Kind::Double))? / tokens.max(1.0);
             sums.samples += range.len() as f64;
-            self.backward(&loss, value, tokens, n_parts, &mut sums);
+            self.backward(&(nll_sum * normaliser), value, tokens, &mut sums);
         }
         Ok(sums)
+    }
+
+    /// The factor that turns this rank's loss numerators into its share of the step's loss:
+    /// world size / (the denominators summed over all ranks). The collective then averages the
+    /// ranks' gradients, which cancels the world size and leaves sum(numerators) / sum(denominators).
+    /// Every rank calls this once per step (one extra all-reduce of one number).
+    fn global_normaliser(&mut self, local_denominator: f64) -> Result<f64, TrainError> {
+        let world = self.collective.world_size() as f64;
+        let t = Tensor::from_slice(&[local_denominator as f32]);
+        self.collective.all_reduce_mean(std::slice::from_ref(&t))?;
+        // Denominators are counts: rounding undoes the f32 mean's error.
+        let total = (f64::try_from(t.to_kind(Kind::Double))? * world).round();
+        Ok(world / total.max(1.0))
     }
 
     fn grpo_backward(&mut self, groups: &[RolloutGroup], prompts: &[PromptInput]) -> Result<Sums, TrainError> {
@@ -242,13 +275,17 @@ impl<P: Policy> Trainer<P> {
         let kept_groups: Vec<RolloutGroup> = keep.iter().map(|&i| groups[i].clone()).collect();
         let kept_prompts: Vec<PromptInput> = keep.iter().map(|&i| prompts[i].clone()).collect();
         sums.groups_trained = kept_groups.len() as f64;
+        let completions: Vec<&Completion> = kept_groups.iter().flat_map(|g| g.completions.iter()).collect();
+        let tokens: usize = completions.iter().map(|c| c.token_ids.len()).sum();
+        let local = grpo::aggregation_denominator(opts.loss.loss_aggregation, tokens as f64, completions.len() as f64);
+        let normaliser = self.global_normaliser(local)?;
         let parts = batch::micro_batches(kept_groups.len(), self.options.grad_accumulation);
-        let n_parts = parts.len() as f64;
         for range in parts {
-            let (loss, metrics) = self.grpo_micro_loss(&kept_groups[range.clone()], &kept_prompts[range], &opts)?;
+            let loss = self.grpo_micro_loss(&kept_groups[range.clone()], &kept_prompts[range], &opts)?;
+            let metrics = loss.metrics;
             sums.kl_x_tokens += metrics.kl_mean.unwrap_or(0.0) * metrics.tokens;
             sums.clip_x_tokens += metrics.clip_fraction * metrics.tokens;
-            self.backward(&loss, metrics.loss, metrics.tokens, n_parts, &mut sums);
+            self.backward(&(loss.numerator * normaliser), metrics.loss, metrics.tokens, &mut sums);
         }
         sums.samples = kept_groups.len() as f64;
         Ok(sums)
@@ -261,7 +298,7 @@ impl<P: Policy> Trainer<P> {
         groups: &[RolloutGroup],
         prompts: &[PromptInput],
         opts: &GrpoStepOptions,
-    ) -> Result<(Tensor, grpo::GrpoMetrics), TrainError> {
+    ) -> Result<grpo::GrpoLoss, TrainError> {
         let device = self.policy.device();
         let encoded = self.policy.encode_prompts(prompts, self.options.max_prompt_tokens)?;
         let repeated = self.policy.repeat_prompts(&encoded, opts.group_size as i64); // b = n * G rows
@@ -272,19 +309,19 @@ impl<P: Policy> Trainer<P> {
             (Some(reference), true) => Some(tch::no_grad(|| reference.score(&repeated, &t.ids, &t.mask, opts.temperature, false))),
             _ => None,
         };
-        let loss = grpo::grpo_loss(
+        Ok(grpo::grpo_loss(
             GrpoBatch { logp: &logp, logp_old: Some(&t.logp_old), logp_ref: logp_ref.as_ref(), advantages: &advantages, mask: &t.mask },
             &opts.loss,
-        )?;
-        Ok((loss.loss, loss.metrics))
+        )?)
     }
 
-    /// Backpropagates `loss / n_parts` (gradient accumulation) unless it is not finite, in which
+    /// Backpropagates `share` (this micro-batch's share of the step's loss, see
+    /// [`Self::global_normaliser`]) unless the micro-batch's loss `value` is not finite, in which
     /// case the whole step will be skipped: a NaN gradient is planted so that every rank sees a
     /// non-finite reduced gradient and skips together.
-    fn backward(&mut self, loss: &Tensor, value: f64, tokens: f64, n_parts: f64, sums: &mut Sums) {
+    fn backward(&mut self, share: &Tensor, value: f64, tokens: f64, sums: &mut Sums) {
         if value.is_finite() {
-            (loss / n_parts).backward();
+            share.backward();
             sums.loss_x_tokens += value * tokens;
             sums.tokens += tokens;
         } else {
@@ -401,6 +438,7 @@ mod tests {
     use crate::collective::{SingleRank, TcpCollective};
     use crate::policy::RolloutSampling;
     use crate::test_policy::BytePolicy;
+    use crate::grpo::LossAggregation;
     use medtvt_proto::v1::{Completion, Prompt};
     use std::net::TcpListener;
     use std::time::Duration;
@@ -594,5 +632,100 @@ mod tests {
         assert_eq!(resumed.step_index(), 2);
         resumed.step(&data).unwrap();
         assert_eq!(resumed.weights_digest(), straight.weights_digest());
+    }
+
+    /// Trains `steps` steps of `shards[r]` on rank `r` of `shards.len()` ranks (threads, the TCP
+    /// collective when more than one), every rank starting from the same seed; returns each rank's
+    /// final weights.
+    fn train_shards(shards: Vec<StepData>, steps: usize, grpo: Option<GrpoStepOptions>) -> Vec<Vec<(String, Tensor)>> {
+        let world = shards.len();
+        let run = move |collective: Box<dyn GradientCollective>, data: StepData| {
+            let mut t = trainer(21, collective, grpo);
+            for _ in 0..steps {
+                assert!(!t.step(&data).unwrap().skipped);
+            }
+            t.policy().all_tensors()
+        };
+        if world == 1 {
+            return shards.into_iter().map(|data| run(Box::new(SingleRank), data)).collect();
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let root = listener.local_addr().unwrap();
+        let mut listener = Some(listener);
+        let handles: Vec<_> = shards
+            .into_iter()
+            .enumerate()
+            .map(|(rank, data)| {
+                let listener = if rank == 0 { listener.take() } else { None };
+                std::thread::spawn(move || {
+                    let c = TcpCollective::connect(rank, world, listener, root, Duration::from_secs(10)).unwrap();
+                    run(Box::new(c), data)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    /// Largest absolute difference between two sets of weights of the same names.
+    fn max_difference(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|((na, ta), (nb, tb))| {
+                assert_eq!(na, nb);
+                (ta - tb).abs().max().double_value(&[])
+            })
+            .fold(0.0, f64::max)
+    }
+
+    /// Issue #5: two learners each on half of a batch equal one learner on the whole batch, the
+    /// halves having different answer-token counts (9 and 7 here), with two micro-batches each.
+    #[test]
+    fn two_learners_equal_one_learner_with_twice_the_batch_in_sft() {
+        let one = train_shards(vec![supervised(&PAIRS)], 6, None);
+        let two = train_shards(vec![supervised(&PAIRS[..2]), supervised(&PAIRS[2..])], 6, None);
+        let init = BytePolicy::with_seed(16, 21).all_tensors();
+        assert!(max_difference(&one[0], &init) > 0.05, "training must move the weights for the comparison to mean anything");
+        assert_eq!(max_difference(&two[0], &two[1]), 0.0, "the two ranks hold identical weights");
+        let diff = max_difference(&one[0], &two[0]);
+        assert!(diff < 1e-5, "one learner and two learners differ by {diff}");
+    }
+
+    /// The same for a GRPO step, in every loss aggregation mode: each rank's loss numerator is
+    /// divided by the step's global denominator (tokens or sequences), so the split does not
+    /// matter. Dr. GRPO's token-sum divisor must be a constant (the trainer uses
+    /// grpo.max_new_tokens): the default, the batch's longest completion, differs between shards.
+    #[test]
+    fn two_learners_equal_one_learner_with_twice_the_batch_in_grpo() {
+        let policy = BytePolicy::with_seed(16, 21);
+        let q = "<lab> which?";
+        let sample = br#"{"id":"s","split":"train","kind":"disease","encounter_id":"e","ecg":null,"cxr":null,"lab":"l.csv","question":"<lab> which?","answer":"<answer>x</answer>","labels":[]}"#;
+        let group = |id: u64, texts: [&str; 2], rewards: [f32; 2]| RolloutGroup {
+            prompt_id: id,
+            completions: vec![completion(texts[0], rewards[0], &policy, q), completion(texts[1], rewards[1], &policy, q)],
+            prompt: Some(Prompt { prompt_id: id, epoch: 0, sample_json: sample.to_vec().into() }),
+            ..Default::default()
+        };
+        // Completion lengths differ within and between the ranks' shards (16 vs 35 tokens).
+        let groups = [
+            group(1, ["<answer>sepsis</answer>", "zz"], [1.0, 0.0]),
+            group(2, ["a", "<answer>pneumonia</answer>"], [0.2, 0.9]),
+            group(3, ["<think>lactate up</think><answer>sepsis</answer>", "no"], [0.7, 0.1]),
+            group(4, ["<answer>diabetes mellitus</answer>", "<answer>x</answer>"], [0.3, 0.6]),
+        ];
+        let data = |range: std::ops::Range<usize>| StepData::Grpo {
+            groups: groups[range.clone()].to_vec(),
+            prompts: vec![(q.to_string(), ModalityInputs::default()); range.len()],
+        };
+        for mode in [LossAggregation::TokenMean, LossAggregation::SeqMeanTokenMean, LossAggregation::SeqMeanTokenSum] {
+            let mut opts = grpo_options(false);
+            opts.loss.loss_aggregation = mode;
+            opts.loss.token_sum_divisor = Some(32.0);
+            let one = train_shards(vec![data(0..4)], 3, Some(opts));
+            let two = train_shards(vec![data(0..2), data(2..4)], 3, Some(opts));
+            assert!(max_difference(&one[0], &policy.all_tensors()) > 0.01, "{mode:?}: the weights must move");
+            assert_eq!(max_difference(&two[0], &two[1]), 0.0, "{mode:?}: ranks differ");
+            let diff = max_difference(&one[0], &two[0]);
+            assert!(diff < 1e-5, "{mode:?}: one learner and two learners differ by {diff}");
+        }
     }
 }

@@ -8,16 +8,18 @@
 //! `config.json` + `model.safetensors` (the decoder alone, HF layout: transformers reads it),
 //! `modality.safetensors` (everything else), `medtvt.json` (the modality side's shapes) and
 //! `tokenizer.json`. A bare HF Llama directory (no `medtvt.json`) loads too: the decoder from it,
-//! the modality side freshly initialised at the paper's sizes.
+//! the modality side freshly initialised at the paper's sizes; a fresh modality side takes
+//! pretrained encoder weights from the safetensors files the run config names (docs/model.md).
 //!
 //! Stages (spec): PT trains adapters, token embeddings and the decoder's norms, without the MPL;
 //! SFT adds the MPL; RFT (GRPO) trains MPL, embeddings and norms. A model trained from scratch
 //! (the tiny CPU default) trains everything in every stage.
 
 use crate::adapter::ModalityAdapter;
-use crate::encoders::{CxrEncoder, EcgEncoder, LabEncoder, LabEncoderConfig, VitConfig, XResNet1dConfig};
+use crate::encoders::pretrained::{encoder_tensors, load_encoder_weights};
+use crate::encoders::{CxrEncoder, EcgEncoder, Encoder, EncoderWeightsError, LabEncoder, LabEncoderConfig, VitConfig, XResNet1dConfig};
 use crate::llama::{self, GenerateError, Generation, Llama, LlamaConfig, SamplingParams, WeightsError};
-use crate::perception::{ModalityPerceptionLayer, MplConfig};
+use crate::perception::{gates_per_sample, ModalityPerceptionLayer, MplConfig, SampleGates};
 use crate::tokenizer::{MedTokenizer, TokenizerError};
 use medtvt_config::{DType, RunConfig, Stage};
 use medtvt_data::ModalityInputs;
@@ -37,6 +39,8 @@ pub const LAB_FEATURES: i64 = 100;
 pub const TINY_SPECIAL_TOKENS: [&str; 11] =
     ["<pad>", "<eos>", "<ecg>", "<cxr>", "<lab>", "<|user|>", "<|assistant|>", "<think>", "</think>", "<answer>", "</answer>"];
 const PLACEHOLDERS: [&str; 3] = ["<ecg>", "<cxr>", "<lab>"];
+/// The file that tells our checkpoint directory from a bare HF Llama one.
+const MEDTVT_JSON: &str = "medtvt.json";
 
 /// What the model asks the assistant to do (the spec's system prompt, in our words).
 pub const SYSTEM_PROMPT: &str = "A conversation between User and Assistant. The Assistant first reasons about the \
@@ -51,10 +55,14 @@ pub enum ModelError {
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Generate(#[from] GenerateError),
+    #[error(transparent)]
+    EncoderWeights(#[from] EncoderWeightsError),
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
+    #[error("reading tensors back: {0}")]
+    Torch(#[from] tch::TchError),
 }
 
 /// Shapes of the modality side, saved as `medtvt.json` beside the decoder.
@@ -251,10 +259,11 @@ impl MedTvt {
     /// then). Initialisation draws from libtorch's generator seeded with `run.seed`, so every
     /// process building the same config gets bit-identical weights.
     pub fn from_run_config(cfg: &RunConfig, device: Device, tokenizer: Option<MedTokenizer>) -> Result<MedTvt, ModelError> {
+        MedTvt::check_encoder_weights_apply(cfg)?;
         tch::manual_seed(cfg.run.seed as i64);
         let kind = kind_of(cfg.model.dtype);
-        match &cfg.model.checkpoint {
-            Some(dir) => MedTvt::load(dir, device, kind),
+        let model = match &cfg.model.checkpoint {
+            Some(dir) => MedTvt::load(dir, device, kind)?,
             None => {
                 let tokenizer = tokenizer.ok_or_else(|| {
                     ModelError::Invalid("model.checkpoint is not set, so the tiny model needs a tokenizer".into())
@@ -269,9 +278,43 @@ impl MedTvt {
                     t.num_heads as i64,
                     t.num_kv_heads as i64,
                 );
-                MedTvt::build(llm, ModalityConfig::tiny(t), tokenizer, device, kind)
+                MedTvt::build(llm, ModalityConfig::tiny(t), tokenizer, device, kind)?
+            }
+        };
+        model.load_pretrained_encoders(cfg)?;
+        Ok(model)
+    }
+
+    /// Loads the encoder weight files the config names (`model.{ecg,cxr,lab}_encoder_weights`)
+    /// into the freshly initialised encoders. A MedTVT checkpoint already holds trained encoders,
+    /// so naming weight files beside one is refused rather than silently overwriting them.
+    fn load_pretrained_encoders(&self, cfg: &RunConfig) -> Result<(), ModelError> {
+        for (encoder, path) in wanted_encoder_weights(cfg) {
+            load_encoder_weights(&self.vs, encoder.prefix(), encoder.config_key(), path)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses encoder weight files beside a MedTVT checkpoint (checked before loading it).
+    fn check_encoder_weights_apply(cfg: &RunConfig) -> Result<(), ModelError> {
+        if let (Some((first, _)), Some(dir)) = (wanted_encoder_weights(cfg).first(), &cfg.model.checkpoint) {
+            if dir.join(MEDTVT_JSON).is_file() {
+                return Err(ModelError::Invalid(format!(
+                    "{} cannot be combined with model.checkpoint = \"{}\": that MedTVT checkpoint already holds its trained encoders \
+(pretrained encoder weights apply to a fresh modality side: the tiny model or a bare HF Llama directory)",
+                    first.config_key(),
+                    dir.display()
+                )));
             }
         }
+        Ok(())
+    }
+
+    /// One encoder's parameters under the names its weights file uses (see
+    /// [`crate::encoders::pretrained`]): `Tensor::write_safetensors` of this is a file that
+    /// `model.*_encoder_weights` accepts.
+    pub fn encoder_tensors(&self, encoder: Encoder) -> Vec<(String, Tensor)> {
+        encoder_tensors(&self.vs, encoder.prefix())
     }
 
     /// A byte-level BPE for the tiny model, trained on `texts` with [`TINY_SPECIAL_TOKENS`].
@@ -347,7 +390,7 @@ impl MedTvt {
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<MedTvt, ModelError> {
         let llm_config = LlamaConfig::from_file(dir.join("config.json")).map_err(WeightsError::from)?;
         let mut tokenizer = MedTokenizer::from_file(dir.join("tokenizer.json"))?;
-        let medtvt_json = dir.join("medtvt.json");
+        let medtvt_json = dir.join(MEDTVT_JSON);
         let ours = medtvt_json.is_file();
         let modality: ModalityConfig = if ours {
             let text = std::fs::read_to_string(&medtvt_json)
@@ -381,7 +424,7 @@ impl MedTvt {
         let path = dir.join("modality.safetensors");
         let cpu: Vec<(String, Tensor)> = modality.into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu))).collect();
         Tensor::write_safetensors(&cpu, &path).map_err(|e| ModelError::File { path: path.clone(), message: e.to_string() })?;
-        let json = dir.join("medtvt.json");
+        let json = dir.join(MEDTVT_JSON);
         let text = serde_json::to_string_pretty(&self.modality).map_err(|e| ModelError::Invalid(e.to_string()))?;
         std::fs::write(&json, text).map_err(|e| ModelError::File { path: json.clone(), message: e.to_string() })?;
         self.tokenizer.save(dir.join("tokenizer.json"))?;
@@ -568,8 +611,9 @@ impl MedTvt {
     }
 
     /// Samples completions (no grad, eval mode); EOS ids default to the tokenizer's. Returns the
-    /// generation and the CAO gates `[b, 3]`.
-    pub fn generate(&self, batch: &PromptBatch, params: &SamplingParams) -> Result<(Generation, Tensor), ModelError> {
+    /// generation and each sample's CAO gates (`None` for an absent modality; in PT, where the
+    /// MPL is bypassed, 1 for every present one).
+    pub fn generate(&self, batch: &PromptBatch, params: &SamplingParams) -> Result<(Generation, Vec<SampleGates>), ModelError> {
         let _guard = tch::no_grad_guard();
         let (embeds, gates) = self.prompt_embeddings(batch, false);
         let mut params = params.clone();
@@ -577,7 +621,7 @@ impl MedTvt {
             params.eos_token_ids = self.eos_ids.clone();
         }
         let generation = llama::generate_from_embeds(&self.llm, &embeds, &batch.mask, &params)?;
-        Ok((generation, gates))
+        Ok((generation, gates_per_sample(&gates, &batch.present)?))
     }
 
     /// Teacher-forced log-probs `[b, tc]` of completion ids under the model at `temperature`
@@ -593,6 +637,11 @@ impl MedTvt {
         let kept: Vec<i64> = ids.iter().copied().filter(|id| *id != self.pad_id && !self.eos_ids.contains(id)).collect();
         Ok(self.tokenizer.decode(&kept, false)?)
     }
+}
+
+/// The encoders whose weight files the run config names, with the files.
+fn wanted_encoder_weights(cfg: &RunConfig) -> Vec<(Encoder, &Path)> {
+    Encoder::ALL.iter().filter_map(|&e| e.weights_in(&cfg.model).map(|p| (e, p))).collect()
 }
 
 fn modality_tensor(values: &Option<Vec<f32>>, shape: &[i64], what: &str) -> Result<Tensor, ModelError> {
@@ -621,6 +670,11 @@ mod tests {
     use super::*;
 
     fn tiny_config() -> RunConfig {
+        tiny_config_with("")
+    }
+
+    /// The tiny test config with `model_keys` (TOML lines) added to its `[model]` table.
+    fn tiny_config_with(model_keys: &str) -> RunConfig {
         let text = r#"
             [run]
             name = "t"
@@ -643,8 +697,9 @@ mod tests {
             [train]
             steps = 1
             learning_rate = 1e-3
-        "#;
-        medtvt_config::parse_run_config(text, Path::new("test.toml"), &[]).expect("test config parses")
+        "#
+        .replace("device = \"cpu\"\n", &format!("device = \"cpu\"\n{model_keys}\n"));
+        medtvt_config::parse_run_config(&text, Path::new("test.toml"), &[]).expect("test config parses")
     }
 
     fn corpus() -> Vec<String> {
@@ -654,8 +709,80 @@ mod tests {
     }
 
     fn model() -> MedTvt {
+        model_from(&tiny_config())
+    }
+
+    fn model_from(cfg: &RunConfig) -> MedTvt {
         let tok = MedTvt::train_tiny_tokenizer(&corpus(), 300).expect("tokenizer trains");
-        MedTvt::from_run_config(&tiny_config(), Device::Cpu, Some(tok)).expect("tiny model builds")
+        MedTvt::from_run_config(cfg, Device::Cpu, Some(tok)).expect("tiny model builds")
+    }
+
+    /// `key = "path"` for a `[model]` table.
+    fn key_line(encoder: Encoder, path: &Path) -> String {
+        format!("{} = \"{}\"", encoder.config_key().trim_start_matches("model."), path.display())
+    }
+
+    #[test]
+    fn pretrained_encoder_weights_replace_the_fresh_initialisation() {
+        let dir = tempfile::tempdir().unwrap();
+        // The "pretrained" encoders: those of a model initialised from another seed.
+        let mut donor_config = tiny_config();
+        donor_config.run.seed = 7;
+        let donor = model_from(&donor_config);
+        let mut lines = Vec::new();
+        for encoder in [Encoder::Ecg, Encoder::Cxr] {
+            let path = dir.path().join(format!("{encoder:?}.safetensors"));
+            Tensor::write_safetensors(&donor.encoder_tensors(encoder), &path).unwrap();
+            lines.push(key_line(encoder, &path));
+        }
+        let fresh = model();
+        let loaded = model_from(&tiny_config_with(&lines.join("\n")));
+        for encoder in [Encoder::Ecg, Encoder::Cxr] {
+            let path = dir.path().join(format!("{encoder:?}.safetensors"));
+            let file: std::collections::BTreeMap<String, Tensor> = Tensor::read_safetensors(&path).unwrap().into_iter().collect();
+            let params = loaded.encoder_tensors(encoder);
+            assert_eq!(params.len(), file.len());
+            for (name, value) in &params {
+                assert!(value.equal(&file[name]), "{encoder:?} {name} differs from the file");
+            }
+            let differs = fresh.encoder_tensors(encoder).iter().zip(&params).any(|((_, a), (_, b))| !a.equal(b));
+            assert!(differs, "{encoder:?}: the file must differ from the fresh initialisation for this test to mean anything");
+        }
+        // The lab encoder was not named: it keeps the seed's initialisation.
+        for ((name, a), (_, b)) in fresh.encoder_tensors(Encoder::Lab).iter().zip(loaded.encoder_tensors(Encoder::Lab)) {
+            assert!(a.equal(&b), "lab {name}");
+        }
+    }
+
+    #[test]
+    fn encoder_weights_of_the_wrong_shape_are_an_error_naming_file_tensor_and_shapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lab.safetensors");
+        let mut named = model().encoder_tensors(Encoder::Lab);
+        let at = named.iter().position(|(n, _)| n == "layers.0.weight").unwrap();
+        let (name, value) = named.remove(at);
+        let wrong = value.narrow(1, 0, 50).contiguous(); // [32, 50] instead of [32, 100]
+        named.push((name, wrong));
+        Tensor::write_safetensors(&named, &path).unwrap();
+        let tok = MedTvt::train_tiny_tokenizer(&corpus(), 300).unwrap();
+        let err = MedTvt::from_run_config(&tiny_config_with(&key_line(Encoder::Lab, &path)), Device::Cpu, Some(tok))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with(&format!("model.lab_encoder_weights = \"{}\":", path.display())), "{err}");
+        assert!(err.contains("tensor `layers.0.weight` has shape [32, 50], the encoder expects [32, 100]"), "{err}");
+    }
+
+    #[test]
+    fn encoder_weights_beside_a_medtvt_checkpoint_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("ckpt");
+        let m = model();
+        m.save(&ckpt).unwrap();
+        let path = dir.path().join("ecg.safetensors");
+        Tensor::write_safetensors(&m.encoder_tensors(Encoder::Ecg), &path).unwrap();
+        let keys = format!("checkpoint = \"{}\"\n{}", ckpt.display(), key_line(Encoder::Ecg, &path));
+        let err = MedTvt::from_run_config(&tiny_config_with(&keys), Device::Cpu, None).unwrap_err().to_string();
+        assert!(err.contains("model.ecg_encoder_weights cannot be combined with model.checkpoint"), "{err}");
     }
 
     fn inputs(with_cxr: bool) -> ModalityInputs {
@@ -723,7 +850,12 @@ mod tests {
         let m = model();
         let batch = m.encode_prompts(&[("<ecg> <cxr> <lab> a?".into(), inputs(true)), ("<ecg> <lab> b longer question?".into(), inputs(false))], 64).unwrap();
         let params = SamplingParams { max_new_tokens: 6, temperature: 0.9, seed: 3, ..SamplingParams::default() };
-        let (generation, _) = m.generate(&batch, &params).unwrap();
+        let (generation, gates) = m.generate(&batch, &params).unwrap();
+        // One gate triple per prompt; the second prompt has no X-ray.
+        assert_eq!(gates.len(), 2);
+        assert!(gates[0].iter().all(|g| g.is_some_and(|g| g > 0.0 && g < 1.0)), "{gates:?}");
+        assert_eq!(gates[1][1], None, "{gates:?}");
+        assert!(gates[1][0].is_some() && gates[1][2].is_some());
         let (ids, mask) = m.pad_completions(&generation.tokens);
         let scored = m.score(&batch, &ids, &mask, 0.9, false);
         for (row, lps) in generation.logprobs.iter().enumerate() {

@@ -23,6 +23,21 @@ pub const MODALITIES: [&str; 3] = ["ecg", "cxr", "lab"];
 /// (query, key, value) modality indices of the three cyclic attentions.
 const CYCLE: [(usize, usize, usize); 3] = [(0, 1, 2), (1, 2, 0), (2, 0, 1)];
 
+/// One sample's CAO gates in [`MODALITIES`] order; `None` where the modality is absent.
+pub type SampleGates = [Option<f32>; 3];
+
+/// Splits `[batch, 3]` gates into one [`SampleGates`] per sample, using `present` (`[batch, 3]`
+/// bool) to mark absent modalities (whose gate is exactly 0) as `None`.
+pub fn gates_per_sample(gates: &Tensor, present: &Tensor) -> Result<Vec<SampleGates>, tch::TchError> {
+    let values = Vec::<f32>::try_from(gates.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous().view([-1]))?;
+    let present = Vec::<bool>::try_from(present.to_kind(Kind::Bool).to_device(tch::Device::Cpu).contiguous().view([-1]))?;
+    Ok(values
+        .chunks_exact(3)
+        .zip(present.chunks_exact(3))
+        .map(|(g, p)| [0, 1, 2].map(|i| p[i].then_some(g[i])))
+        .collect())
+}
+
 #[derive(Debug, Clone)]
 pub struct MplConfig {
     pub dim: i64,
@@ -153,6 +168,26 @@ mod tests {
         let out2 = mpl.forward_t(&x2, &present, false);
         assert!(out.modalities.equal(&out2.modalities));
         assert!(out.gates.equal(&out2.gates));
+    }
+
+    #[test]
+    fn per_sample_gates_mark_absent_modalities() {
+        let (_vs, mpl) = layer(16);
+        let x = Tensor::randn([2, 3, 16], (Kind::Float, Device::Cpu));
+        let present = Tensor::from_slice(&[true, false, true, true, true, false]).view([2, 3]);
+        let out = mpl.forward_t(&x, &present, false);
+        let per_sample = gates_per_sample(&out.gates, &present).unwrap();
+        assert_eq!(per_sample.len(), 2);
+        assert_eq!(per_sample[0][1], None);
+        assert_eq!(per_sample[1][2], None);
+        for (row, gates) in per_sample.iter().enumerate() {
+            for (m, gate) in gates.iter().enumerate() {
+                if let Some(g) = gate {
+                    assert!(*g > 0.0 && *g < 1.0, "sample {row} modality {m}: {g}");
+                    assert_eq!(*g as f64, out.gates.double_value(&[row as i64, m as i64]) as f32 as f64);
+                }
+            }
+        }
     }
 
     #[test]
