@@ -23,7 +23,8 @@ if ! have_torch; then
   "$PY" -m pip install --progress-bar off "torch==$TORCH_VERSION"
 fi
 
-torch_dir=$("$PY" -c 'import os, importlib.util as u; print(os.path.dirname(u.find_spec("torch").origin))')
+# realpath: a .venv reached through a symlink (a git worktree sharing it) must not leak its path.
+torch_dir=$("$PY" -c 'import os, importlib.util as u; print(os.path.realpath(os.path.dirname(u.find_spec("torch").origin)))')
 ln -sfn "$torch_dir" "$VENV/libtorch"
 
 for req in "$@"; do
