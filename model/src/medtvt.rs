@@ -136,6 +136,9 @@ pub struct PromptBatch {
     pub lab: Tensor,
     /// [b, 3] bool in (ecg, cxr, lab) order.
     pub present: Tensor,
+    /// Rows come in runs of this many copies of the same prompt (1 unless
+    /// [`PromptBatch::repeat_interleave`] made the batch): the encoders then run once per run.
+    pub repeats: i64,
 }
 
 impl PromptBatch {
@@ -158,6 +161,7 @@ impl PromptBatch {
             cxr: r(&self.cxr),
             lab: r(&self.lab),
             present: r(&self.present),
+            repeats: self.repeats * g,
         }
     }
 }
@@ -558,6 +562,7 @@ impl MedTvt {
             cxr: Tensor::stack(&cxr, 0).to_device(device),
             lab: Tensor::stack(&lab, 0).to_device(device),
             present: Tensor::from_slice(&present).view([b, 3]).to_device(device),
+            repeats: 1,
         })
     }
 
@@ -582,17 +587,42 @@ impl MedTvt {
 
     /// The modality vectors `[b, 3, d]` entering the decoder and the CAO gates `[b, 3]` (all ones
     /// for present modalities when the MPL is bypassed in PT).
+    ///
+    /// Two shortcuts, both exact because the MPL (and the PT bypass) multiply every absent
+    /// modality's vector by 0 before using it: a GRPO batch (`repeats` = G copies of each prompt)
+    /// runs the encoders, adapters and MPL once per prompt and repeats the result, and a modality
+    /// absent from every row of the batch skips its encoder (zeros stand in).
     pub fn modality_embeddings(&self, batch: &PromptBatch, train: bool) -> (Tensor, Tensor) {
-        let ecg = self.adapters[0].forward(&self.ecg_encoder.forward_t(&batch.ecg, train));
-        let cxr = self.adapters[1].forward(&self.cxr_encoder.forward(&batch.cxr));
-        let lab = self.adapters[2].forward(&self.lab_encoder.forward(&batch.lab));
-        let stacked = Tensor::stack(&[ecg, cxr, lab], 1); // [b, 3, d]
-        if self.use_mpl {
-            let out = self.mpl.forward_t(&stacked, &batch.present, train);
+        let repeats = batch.repeats.max(1);
+        let unique = |t: &Tensor| {
+            if repeats == 1 {
+                t.shallow_clone()
+            } else {
+                let n = t.size()[0];
+                t.index_select(0, &Tensor::arange_start_step(0, n, repeats, (Kind::Int64, t.device())))
+            }
+        };
+        let present = unique(&batch.present); // [n, 3]
+        let any: Vec<bool> = Vec::<bool>::try_from(present.any_dim(0, false)).unwrap_or_else(|_| vec![true; 3]);
+        let n = present.size()[0];
+        let d = self.llm.config().hidden_size;
+        let absent = || Tensor::zeros([n, d], (self.vs.kind(), present.device()));
+        let ecg = if any[0] { self.adapters[0].forward(&self.ecg_encoder.forward_t(&unique(&batch.ecg), train)) } else { absent() };
+        let cxr = if any[1] { self.adapters[1].forward(&self.cxr_encoder.forward(&unique(&batch.cxr))) } else { absent() };
+        let lab = if any[2] { self.adapters[2].forward(&self.lab_encoder.forward(&unique(&batch.lab))) } else { absent() };
+        let stacked = Tensor::stack(&[ecg, cxr, lab], 1); // [n, 3, d]
+        let (modalities, gates) = if self.use_mpl {
+            let out = self.mpl.forward_t(&stacked, &present, train);
             (out.modalities, out.gates)
         } else {
-            let present = batch.present.to_kind(stacked.kind());
+            let present = present.to_kind(stacked.kind());
             (stacked * present.unsqueeze(-1), present)
+        };
+        if repeats == 1 {
+            (modalities, gates)
+        } else {
+            let r = |t: &Tensor| t.repeat_interleave_self_int(repeats, 0, None::<i64>);
+            (r(&modalities), r(&gates))
         }
     }
 
@@ -808,6 +838,41 @@ mod tests {
         let g: Vec<f32> = Vec::try_from(gates.view([-1])).unwrap();
         assert_eq!(g[1], 0.0);
         assert!(g[0] > 0.0 && g[0] < 1.0 && g[2] > 0.0 && g[2] < 1.0, "gates {g:?}");
+    }
+
+    /// The GRPO shortcut (encoders once per prompt, then repeated) gives what running them on
+    /// every repeated row gives, gradients included; a modality absent everywhere contributes
+    /// zeros and a zero gate.
+    #[test]
+    fn repeated_prompts_encode_once_with_the_same_result() {
+        let mut m = model();
+        m.set_trainable(Stage::Sft, true);
+        let batch = m
+            .encode_prompts(&[("<ecg> <lab> which?".into(), inputs(false)), ("<ecg> <cxr> <lab> and?".into(), inputs(true))], 64)
+            .unwrap();
+        let shortcut = batch.repeat_interleave(3);
+        assert_eq!(shortcut.repeats, 3);
+        let every_row = PromptBatch { repeats: 1, ..shortcut.repeat_interleave(1) };
+        let (a, ga) = m.modality_embeddings(&shortcut, false);
+        let (b, gb) = m.modality_embeddings(&every_row, false);
+        assert_eq!(a.size(), vec![6, 3, 32]);
+        let (da, dg) = ((&a - &b).abs().max().double_value(&[]), (&ga - &gb).abs().max().double_value(&[]));
+        assert!(da < 1e-5 && dg < 1e-5, "modalities differ by {da}, gates by {dg}");
+        let grad_of = |batch: &PromptBatch| {
+            for (_, mut v) in m.named_variables() {
+                v.zero_grad();
+            }
+            m.modality_embeddings(batch, false).0.square().sum(Kind::Float).backward();
+            let w = m.named_variables().into_iter().find(|(n, _)| n.starts_with("lab_encoder")).unwrap().1;
+            w.grad().copy()
+        };
+        let (da, db) = (grad_of(&shortcut), grad_of(&every_row));
+        assert!((&da - &db).abs().max().double_value(&[]) < 1e-4 * (1.0 + db.abs().max().double_value(&[])));
+
+        let text_only = m.encode_prompts(&[("which?".into(), ModalityInputs::default())], 64).unwrap().repeat_interleave(2);
+        let (mods, gates) = m.modality_embeddings(&text_only, false);
+        assert_eq!(mods.abs().max().double_value(&[]), 0.0);
+        assert_eq!(gates.abs().max().double_value(&[]), 0.0);
     }
 
     #[test]
