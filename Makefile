@@ -1,6 +1,6 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv/ (torch 2.11.0,
 # whose libtorch the Rust crates link) on first use.
-.PHONY: setup build demo test validate-deploy fixtures bench bench-grpo fuzz clean-venv
+.PHONY: setup build demo test chaos validate-deploy fixtures bench bench-grpo fuzz clean-venv
 
 CARGO ?= cargo
 VENV := .venv
@@ -21,6 +21,12 @@ test: setup
 	@scripts/setup_venv.sh scripts/requirements-fixtures.txt scripts/requirements-deploy.txt
 	$(CARGO) test --workspace --no-fail-fast
 	scripts/validate_deploy.sh
+
+# Fault injection with real processes (kill -9 a worker, a learner, the coordinator; a wrong
+# token; a corrupt checkpoint; a dataset with broken files), printed as a Markdown table.
+# The same tests also run in `make test`; docs/reliability.md keeps a copy of the table.
+chaos: setup
+	@scripts/chaos.sh
 
 # Offline checks of deploy/ (Kubernetes manifests, Slurm script, Dockerfile); see the script.
 validate-deploy: setup

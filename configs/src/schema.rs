@@ -64,6 +64,11 @@ pub struct DataSection {
     /// Prompts longer than this (in tokens, modality placeholders included) are truncated.
     #[serde(default = "default_max_prompt_tokens")]
     pub max_prompt_tokens: usize,
+    /// When a job is submitted, every sample's modality files are read once. By default a sample
+    /// whose files cannot be read is reported (by id, file and problem) and skipped, and the job
+    /// counts it; `strict = true` refuses the job at the first such sample instead.
+    #[serde(default)]
+    pub strict: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -150,8 +150,8 @@ impl Coordinator {
 
     /// Submits a job as the SubmitJob RPC would.
     pub fn submit_job(&self, config_toml: &str, overrides: &[String]) -> Result<JobId, CoordinatorError> {
-        let (config, samples) = state::load_job(config_toml, overrides)?;
-        Ok(self.shared.with_state(|st| st.enqueue(config, samples))?)
+        let loaded = state::load_job(config_toml, overrides)?;
+        Ok(self.shared.with_state(|st| st.enqueue_loaded(loaded))?)
     }
 
     /// Serves until `shutdown` resolves or a requested shutdown has drained; then stops the

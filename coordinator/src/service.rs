@@ -285,8 +285,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let loaded = tokio::task::spawn_blocking(move || state::load_job(&req.config_toml, &req.overrides))
             .await
             .map_err(|e| Status::internal(format!("loading the job panicked: {e}")))?;
-        let (config, samples) = loaded.map_err(to_status)?;
-        let id = self.shared.with_state(|st| st.enqueue(config, samples)).map_err(to_status)?;
+        let loaded = loaded.map_err(to_status)?;
+        let id = self.shared.with_state(|st| st.enqueue_loaded(loaded)).map_err(to_status)?;
         tracing::Span::current().record("job_id", id.0);
         Ok(Response::new(pb::SubmitJobResponse { job_id: id.0 }))
     }
@@ -352,6 +352,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     late_groups_ignored: j.counters.late_groups_ignored,
                     unknown_lease_groups: j.counters.unknown_lease_groups,
                     leases_expired: j.counters.leases_expired,
+                    samples_skipped: j.counters.samples_skipped,
                 })
                 .collect();
             let workers = st

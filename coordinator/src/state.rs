@@ -17,7 +17,7 @@
 //! the id counters. Leases, accepted groups not yet in a step, workers and rendezvous rounds are
 //! not: on resume every prompt handed out but not in a sealed step goes back to the queue.
 
-use crate::dataset::{self, EpochOrder};
+use crate::dataset::{self, EpochOrder, SkippedSample};
 use crate::ids::{JobId, JobState, LeaseId, PromptKey, Role, WorkerId};
 use medtvt_config::{RunConfig, Stage};
 use medtvt_proto::v1::RolloutGroup;
@@ -52,14 +52,24 @@ pub enum StateError {
     ShuttingDown,
 }
 
-/// Parses and validates a submitted config (overrides applied) and reads its dataset. Does file
-/// I/O: call it outside the state lock. Errors name the file and line or the config key.
-pub fn load_job(config_toml: &str, overrides: &[String]) -> Result<(RunConfig, Vec<Bytes>), StateError> {
+/// A submitted job with its config checked and its dataset read.
+#[derive(Debug, Clone)]
+pub struct LoadedJob {
+    pub config: RunConfig,
+    pub samples: Vec<Bytes>,
+    /// Samples left out because a modality file they name is broken (see `dataset.rs`).
+    pub skipped: Vec<SkippedSample>,
+}
+
+/// Parses and validates a submitted config (overrides applied) and reads its dataset, checking
+/// every sample's modality files (`data.strict` refuses the job at the first broken one). Does
+/// file I/O: call it outside the state lock. Errors name the file and line or the config key.
+pub fn load_job(config_toml: &str, overrides: &[String]) -> Result<LoadedJob, StateError> {
     let config = medtvt_config::parse_run_config(config_toml, Path::new("submitted config"), overrides)
         .map_err(|e| StateError::InvalidJob(e.to_string()))?;
-    let samples =
-        dataset::load_samples(&config.data.dir, config.run.stage).map_err(|e| StateError::InvalidJob(e.to_string()))?;
-    Ok((config, samples))
+    let loaded = dataset::load_samples(&config.data.dir, config.run.stage, config.data.strict)
+        .map_err(|e| StateError::InvalidJob(e.to_string()))?;
+    Ok(LoadedJob { config, samples: loaded.samples, skipped: loaded.skipped })
 }
 
 /// Timing defaults that apply when no job is running.
@@ -87,6 +97,8 @@ pub enum Event {
     WorkerDead { worker_id: WorkerId },
     WorkerLeft { worker_id: WorkerId },
     LeaseExpired { job_id: JobId, lease_id: LeaseId, prompts_returned: usize },
+    /// A sample left out at submission: `problem` names the broken file and what is wrong.
+    SampleSkipped { job_id: JobId, line: usize, sample: String, problem: String },
     GroupDroppedStale { job_id: JobId, prompt_id: u64, epoch: u64, sampled_at: u64, policy_version: u64 },
     ShutdownRequested { drain: bool },
 }
@@ -161,6 +173,9 @@ pub struct JobCounters {
     pub late_groups_ignored: u64,
     pub unknown_lease_groups: u64,
     pub leases_expired: u64,
+    /// Samples of the dataset left out at submission for broken modality files.
+    #[serde(default)]
+    pub samples_skipped: u64,
 }
 
 /// A change to record so that a killed coordinator can resume (see the module doc).
@@ -603,6 +618,20 @@ impl RunState {
         self.jobs.insert(id, job);
         self.queue.push_back(id);
         self.start_next();
+        Ok(id)
+    }
+
+    /// [`RunState::enqueue`] for a job from [`load_job`]: also records the skipped samples (one
+    /// event each, and the job's `samples_skipped` counter).
+    pub fn enqueue_loaded(&mut self, loaded: LoadedJob) -> Result<JobId, StateError> {
+        let LoadedJob { config, samples, skipped } = loaded;
+        let id = self.enqueue(config, samples)?;
+        if let Some(job) = self.jobs.get_mut(&id) {
+            job.counters.samples_skipped = skipped.len() as u64;
+        }
+        for SkippedSample { line, sample, problem } in skipped {
+            self.events.push(Event::SampleSkipped { job_id: id, line, sample, problem });
+        }
         Ok(id)
     }
 
@@ -1652,5 +1681,19 @@ mod tests {
         assert_eq!(all, Some(vec![Bytes::from("a"), Bytes::from("b")]));
         assert!(st.rendezvous(JobId(1), "k", 0, 3, Bytes::new()).is_err());
         assert_eq!(st.rendezvous(JobId(1), "k", 1, 2, Bytes::from("changed")).unwrap(), all, "completed keys are frozen");
+    }
+
+    #[test]
+    fn skipped_samples_are_counted_and_each_logged_as_an_event() {
+        let mut st = RunState::new(StateOptions::default());
+        let problem = "ecg/enc-3.dat: WFDB signal data: too short".to_string();
+        let skipped = vec![SkippedSample { line: 3, sample: "enc-3-dx".into(), problem: problem.clone() }];
+        let id = st.enqueue_loaded(LoadedJob { config: config("pt", ""), samples: samples(4), skipped }).unwrap();
+        assert_eq!(st.snapshot(Some(id)).unwrap()[0].counters.samples_skipped, 1);
+        let events = st.drain_events();
+        assert!(events.contains(&Event::SampleSkipped { job_id: id, line: 3, sample: "enc-3-dx".into(), problem }), "{events:?}");
+        // The counter is part of the durable job record, so a resumed coordinator still shows it.
+        let records = st.drain_journal();
+        assert!(records.iter().any(|r| matches!(r, Durable::Job(rec) if rec.progress.counters.samples_skipped == 1)));
     }
 }

@@ -59,6 +59,9 @@ pub fn render(status: &pb::RunStatus) -> String {
     for j in status.jobs.iter().filter(|j| !j.message.is_empty()) {
         let _ = writeln!(out, "job {}: {}", j.job_id, j.message);
     }
+    for j in status.jobs.iter().filter(|j| j.samples_skipped > 0) {
+        let _ = writeln!(out, "job {}: {} samples skipped for broken modality files (listed in events.jsonl)", j.job_id, j.samples_skipped);
+    }
     for j in status.jobs.iter().filter(|j| !j.latest_metrics.is_empty()) {
         let mut metrics: Vec<_> = j.latest_metrics.iter().collect();
         metrics.sort_by(|a, b| a.0.cmp(b.0));
@@ -113,6 +116,7 @@ mod tests {
                 groups_trained: 8,
                 message: "learner rank 1 lost".into(),
                 latest_metrics: [("loss".to_string(), 0.5)].into(),
+                samples_skipped: 4,
                 ..Default::default()
             }],
             workers: vec![pb::WorkerInfo {
@@ -131,6 +135,7 @@ mod tests {
         assert!(lines[1].starts_with("3    tiny-grpo  grpo   FAILED  2/30"), "{text}");
         assert!(text.contains("job 3: learner rank 1 lost"));
         assert!(text.contains("job 3 metrics: loss=0.5000"));
+        assert!(text.contains("job 3: 4 samples skipped for broken modality files"), "{text}");
         assert!(text.contains("9       host-a  rollout  0     DEAD   31.5s ago"), "{text}");
     }
 }

@@ -1,6 +1,9 @@
 //! The contract between the data and the model: [`ModalityInputs`] holds one sample's three
 //! modality arrays as plain row-major `f32`s, and [`load_inputs`] reads them from the files a
 //! [`QaSample`] names. The model, learner and rollout code depend on these names and shapes.
+//! [`check_files`] reads the same files with the same readers without building arrays: the check
+//! a job's loader runs on every sample before training, so that a broken file is reported and its
+//! sample skipped up front instead of failing a step later.
 
 use crate::error::DataError;
 use crate::labs::{lab_vector, read_lab_csv, LabPercentiles};
@@ -50,6 +53,38 @@ pub fn load_inputs(
     Ok(ModalityInputs { ecg, cxr, lab })
 }
 
+/// The modality files one sample names, relative to the dataset directory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ModalityFiles<'a> {
+    /// WFDB record stem (no extension).
+    pub ecg: Option<&'a str>,
+    pub cxr: Option<&'a str>,
+    pub lab: Option<&'a str>,
+}
+
+impl<'a> From<&'a QaSample> for ModalityFiles<'a> {
+    fn from(s: &'a QaSample) -> Self {
+        ModalityFiles { ecg: s.ecg.as_deref(), cxr: s.cxr.as_deref(), lab: s.lab.as_deref() }
+    }
+}
+
+/// Reads every file in `files` as [`load_inputs`] would: the WFDB header and signal (and the
+/// 12-lead model input built from them), the X-ray decoded, every lab CSV row parsed. The first
+/// failure is returned; its message names the file and, where it applies, the line or field.
+pub fn check_files(dataset_dir: &Path, files: ModalityFiles<'_>) -> Result<(), DataError> {
+    if let Some(rel) = files.ecg {
+        let stem = dataset_dir.join(rel);
+        ecg_model_input(&read_record(&stem)?, &stem)?;
+    }
+    if let Some(rel) = files.cxr {
+        crate::image::open_image(&dataset_dir.join(rel))?;
+    }
+    if let Some(rel) = files.lab {
+        read_lab_csv(&dataset_dir.join(rel))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,5 +115,41 @@ mod tests {
         s.ecg = Some("ecg/nothere".into());
         let e = load_inputs(dir.path(), &s, &p, 8).unwrap_err().to_string();
         assert!(e.contains("enc-9-dx") && e.contains("nothere.hea"), "{e}");
+        let e = check_files(dir.path(), ModalityFiles::from(&s)).unwrap_err().to_string();
+        assert!(e.contains("nothere.hea"), "{e}");
+    }
+
+    #[test]
+    fn check_files_accepts_a_synthetic_sample_and_names_each_broken_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::synth::SynthConfig { image_size: 16, ..crate::synth::SynthConfig::new(4, 3) };
+        crate::synth::synthesize(dir.path(), &cfg).unwrap();
+        let samples = crate::sample::read_jsonl(&dir.path().join("qa.jsonl")).unwrap();
+        let full = samples.iter().find(|s| s.ecg.is_some() && s.cxr.is_some() && s.lab.is_some()).expect("a sample with all three");
+        check_files(dir.path(), full.into()).unwrap();
+        let path = |rel: &str| dir.path().join(rel);
+
+        let lab = path(full.lab.as_deref().unwrap());
+        let text = std::fs::read_to_string(&lab).unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let fields = lines[0].split(',').count();
+        lines.insert(1, vec!["oops"; fields].join(","));
+        std::fs::write(&lab, lines.join("\n") + "\n").unwrap();
+        let e = check_files(dir.path(), full.into()).unwrap_err().to_string();
+        assert!(e.contains(lab.to_str().unwrap()) && e.contains("column"), "{e}");
+        std::fs::write(&lab, text).unwrap();
+
+        let png = path(full.cxr.as_deref().unwrap());
+        let bytes = std::fs::read(&png).unwrap();
+        std::fs::write(&png, &bytes[..bytes.len() / 2]).unwrap();
+        let e = check_files(dir.path(), full.into()).unwrap_err().to_string();
+        assert!(e.contains(png.to_str().unwrap()) && e.contains("image"), "{e}");
+        std::fs::write(&png, bytes).unwrap();
+
+        let dat = path(&format!("{}.dat", full.ecg.as_deref().unwrap()));
+        let bytes = std::fs::read(&dat).unwrap();
+        std::fs::write(&dat, &bytes[..bytes.len() / 3]).unwrap();
+        let e = check_files(dir.path(), full.into()).unwrap_err().to_string();
+        assert!(e.contains(".dat") && e.contains("WFDB signal"), "{e}");
     }
 }

@@ -23,5 +23,5 @@ pub mod wfdb;
 pub use dataset::Dataset;
 pub use error::DataError;
 pub use sample::{read_jsonl, write_jsonl, QaKind, QaSample, Split};
-pub use inputs::{load_inputs, ModalityInputs};
+pub use inputs::{check_files, load_inputs, ModalityFiles, ModalityInputs};
 pub use labs::{lab_vector, LabEvent, LabPercentiles};

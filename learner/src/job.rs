@@ -280,14 +280,23 @@ fn step_data(loader: &InputLoader, batch: TrainingBatch) -> Result<StepData, Job
     Ok(StepData::Grpo { prompts: loader.prompts(&samples)?, groups: batch.groups })
 }
 
-/// Streams one policy version (the trainable tensors) to the coordinator.
+/// Streams one policy version (the trainable tensors) to the coordinator. A learner resumed
+/// from a checkpoint re-trains steps whose versions the coordinator already holds: that refusal
+/// is expected and not an error.
 fn publish_weights(link: &CoordinatorLink, job_id: u64, version: u64, tensors: &[(String, tch::Tensor)]) -> Result<(), JobError> {
     let chunks = weight_chunks(job_id, version, tensors);
-    link.call("PublishWeights", |mut c| {
+    let published = link.call("PublishWeights", |mut c| {
         let chunks = chunks.clone();
         async move { c.publish_weights(tokio_stream::iter(chunks)).await }
-    })?;
-    Ok(())
+    });
+    match published {
+        Ok(_) => Ok(()),
+        Err(RpcError::Status { status, .. }) if medtvt_proto::client::is_already_published(&status) => {
+            tracing::info!(version, "the coordinator already holds this policy version (re-trained after a resume)");
+            Ok(())
+        }
+        Err(err) => Err(err.into()),
+    }
 }
 
 /// The job's learner ranks meeting at the coordinator.

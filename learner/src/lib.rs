@@ -4,7 +4,7 @@
 //!
 //! Map: [`process`] (the `medtvt learner` process) -> [`job`] (one job on one rank) ->
 //! [`trainer`] (one step: [`batch`] loss inputs, [`grpo`] math, [`optim`], [`collective`]) ->
-//! [`checkpoint`], [`metrics_log`], [`weights`]. The network side is [`membership`] and [`rpc`];
+//! [`checkpoint`], [`metrics_log`], [`weights`]. The network side is [`membership`], [`registration`] and [`rpc`];
 //! the model is reached through [`policy::Policy`].
 
 pub mod batch;
@@ -21,6 +21,7 @@ pub mod nccl_collective;
 pub mod optim;
 pub mod policy;
 pub mod process;
+pub mod registration;
 pub mod rpc;
 pub mod trainer;
 pub mod weights;

@@ -2,11 +2,15 @@
 //! Register, keep a heartbeat task going, long-poll WaitForJob for the next job, and leave
 //! (Deregister, stop the heartbeat and await it). The heartbeat and Ctrl-C / SIGTERM raise the
 //! process's [`StopFlag`] when the coordinator is shutting down or the process is asked to stop.
+//! After a coordinator restart the heartbeat, WaitForJob and every job call register the process
+//! again on their own (see [`crate::registration`]).
 
+use crate::registration::Registration;
 use crate::rpc::{is_transient, CoordinatorLink, StopFlag};
-use medtvt_proto::client::{self, Client, ClientError};
+use medtvt_proto::client::{self, is_unknown_worker, Client, ClientError};
 use medtvt_proto::v1::{DeregisterRequest, HeartbeatRequest, JobAssignment, RegisterRequest, Role, WaitForJobRequest};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -15,12 +19,21 @@ use tokio::task::JoinHandle;
 pub enum MembershipError {
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("registering with the coordinator: {0}")]
+    #[error("registering with the coordinator: {}", refusal(.0))]
     Register(tonic::Status),
     #[error("waiting for a job: the coordinator stayed unreachable for {waited:?}: {status}")]
     Unreachable { waited: Duration, status: tonic::Status },
     #[error("waiting for a job: {0}")]
     WaitForJob(tonic::Status),
+}
+
+/// Says plainly when the coordinator refused the caller's credentials.
+fn refusal(status: &tonic::Status) -> String {
+    match status.code() {
+        tonic::Code::Unauthenticated => format!("refused by the coordinator (UNAUTHENTICATED: check --auth-token-file): {}", status.message()),
+        tonic::Code::PermissionDenied => format!("refused by the coordinator (PERMISSION_DENIED): {}", status.message()),
+        _ => status.to_string(),
+    }
 }
 
 /// Who registers and where.
@@ -37,7 +50,7 @@ pub struct JoinOptions {
 /// A registered process.
 pub struct Membership {
     client: Client,
-    pub worker_id: u64,
+    registration: Arc<Registration>,
     stop: StopFlag,
     stop_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -54,21 +67,21 @@ pub fn default_name(role: &str) -> String {
 impl Membership {
     pub async fn join(options: &JoinOptions) -> Result<Membership, MembershipError> {
         let token = options.auth_token_file.as_deref().map(client::read_token_file).transpose()?;
-        let mut client = client::connect(&options.coordinator, token.as_deref()).await?;
-        let registered = client
-            .register(RegisterRequest { role: options.role as i32, name: options.name.clone(), rank: options.rank, world_size: options.world_size })
-            .await
-            .map_err(MembershipError::Register)?
-            .into_inner();
-        tracing::info!(worker_id = registered.worker_id, name = %options.name, "registered with the coordinator");
+        let client = client::connect(&options.coordinator, token.as_deref()).await?;
+        let request = RegisterRequest { role: options.role as i32, name: options.name.clone(), rank: options.rank, world_size: options.world_size };
+        let registration = Registration::register(client.clone(), request).await.map_err(MembershipError::Register)?;
         let stop = StopFlag::default();
         let (stop_tx, stop_rx) = watch::channel(false);
-        let interval = Duration::from_millis(registered.heartbeat_interval_ms.clamp(100, 60_000));
         let tasks = vec![
-            tokio::spawn(heartbeat(client.clone(), registered.worker_id, interval, stop.clone(), stop_rx.clone())),
+            tokio::spawn(heartbeat(client.clone(), registration.clone(), stop.clone(), stop_rx.clone())),
             tokio::spawn(watch_signals(stop.clone(), stop_tx.clone(), stop_rx)),
         ];
-        Ok(Membership { client, worker_id: registered.worker_id, stop, stop_tx, tasks, unreachable_limit: Duration::from_secs(300) })
+        Ok(Membership { client, registration, stop, stop_tx, tasks, unreachable_limit: Duration::from_secs(300) })
+    }
+
+    /// The worker id the process holds now.
+    pub fn worker_id(&self) -> u64 {
+        self.registration.worker_id()
     }
 
     pub fn stop_flag(&self) -> &StopFlag {
@@ -77,7 +90,7 @@ impl Membership {
 
     /// A link for blocking threads of this process.
     pub fn link(&self) -> CoordinatorLink {
-        CoordinatorLink::new(tokio::runtime::Handle::current(), self.client.clone(), self.worker_id, self.stop.clone())
+        CoordinatorLink::new(tokio::runtime::Handle::current(), self.client.clone(), self.registration.clone(), self.stop.clone())
     }
 
     pub fn client(&self) -> Client {
@@ -92,8 +105,18 @@ impl Membership {
             if self.stop.is_stopped() {
                 return Ok(None);
             }
-            let request = WaitForJobRequest { worker_id: self.worker_id, after_job_id, wait_ms: 2_000 };
-            match self.client.wait_for_job(request).await {
+            let worker_id = self.registration.worker_id();
+            let request = WaitForJobRequest { worker_id, after_job_id, wait_ms: 2_000 };
+            let answer = match self.client.wait_for_job(request).await {
+                // Registered again: ask at once with the new id.
+                Err(status) if is_unknown_worker(&status) => match self.registration.renew(self.client.clone(), worker_id).await {
+                    Ok(_) => continue,
+                    Err(status) if is_transient(status.code()) => Err(status),
+                    Err(status) => return Err(MembershipError::Register(status)),
+                },
+                other => other,
+            };
+            match answer {
                 Ok(response) => {
                     unreachable_since = None;
                     backoff = Duration::from_millis(100);
@@ -122,7 +145,7 @@ impl Membership {
 
     /// Leaves the run: Deregister (best effort), stop the background tasks and await them.
     pub async fn leave(mut self) {
-        let request = DeregisterRequest { worker_id: self.worker_id };
+        let request = DeregisterRequest { worker_id: self.registration.worker_id() };
         if let Err(status) = tokio::time::timeout(Duration::from_secs(2), self.client.deregister(request)).await.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("deregister"))) {
             tracing::debug!(%status, "deregister failed (the coordinator may be gone)");
         }
@@ -134,14 +157,16 @@ impl Membership {
     }
 }
 
-/// Sends a heartbeat every `interval` until stopped; raises the stop flag when the coordinator
-/// says it is shutting down.
-async fn heartbeat(mut client: Client, worker_id: u64, interval: Duration, stop: StopFlag, mut stop_rx: watch::Receiver<bool>) {
+/// Sends a heartbeat every interval until stopped; raises the stop flag when the coordinator
+/// says it is shutting down; registers again when the coordinator no longer knows the process.
+async fn heartbeat(mut client: Client, registration: Arc<Registration>, stop: StopFlag, mut stop_rx: watch::Receiver<bool>) {
+    let interval = registration.heartbeat_interval();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = stop_rx.changed() => return,
         }
+        let worker_id = registration.worker_id();
         match client.heartbeat(HeartbeatRequest { worker_id }).await {
             Ok(response) if response.get_ref().shutdown => {
                 tracing::info!("the coordinator is shutting down");
@@ -149,6 +174,11 @@ async fn heartbeat(mut client: Client, worker_id: u64, interval: Duration, stop:
                 return;
             }
             Ok(_) => {}
+            Err(status) if is_unknown_worker(&status) => {
+                if let Err(status) = registration.renew(client.clone(), worker_id).await {
+                    tracing::warn!(%status, "registering again failed; retrying at the next heartbeat");
+                }
+            }
             Err(status) => tracing::debug!(%status, "heartbeat failed"),
         }
     }

@@ -3,10 +3,13 @@
 //! A learner's step loop and a worker's rollout loop run on a dedicated thread (never on the
 //! async executor); [`CoordinatorLink`] lets them make a gRPC call by blocking on the process's
 //! one tokio runtime through its [`Handle`]. Transient failures (the coordinator restarting or
-//! briefly unreachable) are retried with exponential backoff for up to [`RetryPolicy::window`];
-//! anything else is returned at once.
+//! briefly unreachable) are retried with exponential backoff for up to [`RetryPolicy::window`].
+//! A call rejected because the coordinator no longer knows this process's worker id (it was
+//! restarted) registers the process again through its shared [`Registration`] and is retried
+//! with the new id. Anything else is returned at once.
 
-use medtvt_proto::client::Client;
+use crate::registration::Registration;
+use medtvt_proto::client::{is_unknown_worker, Client};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,7 +25,13 @@ pub enum RpcError {
     GaveUp { call: &'static str, waited: Duration, status: tonic::Status },
     #[error("coordinator call {call} abandoned: this process is shutting down")]
     ShuttingDown { call: &'static str },
+    #[error("coordinator call {call}: registering again after the coordinator forgot this process failed: {status}")]
+    Reregister { call: &'static str, status: tonic::Status },
 }
+
+/// How many times one call registers the process again before giving up (each renewal needs
+/// the coordinator to forget the new id too, i.e. another restart, during the same call).
+const MAX_RENEWALS_PER_CALL: u32 = 5;
 
 /// How long and how often a transient failure is retried.
 #[derive(Debug, Clone, Copy)]
@@ -62,14 +71,25 @@ impl StopFlag {
 pub struct CoordinatorLink {
     handle: Handle,
     client: Client,
-    pub worker_id: u64,
+    registration: Arc<Registration>,
     stop: StopFlag,
     retry: RetryPolicy,
 }
 
 impl CoordinatorLink {
-    pub fn new(handle: Handle, client: Client, worker_id: u64, stop: StopFlag) -> Self {
-        CoordinatorLink { handle, client, worker_id, stop, retry: RetryPolicy::default() }
+    pub fn new(handle: Handle, client: Client, registration: Arc<Registration>, stop: StopFlag) -> Self {
+        CoordinatorLink { handle, client, registration, stop, retry: RetryPolicy::default() }
+    }
+
+    /// This link with another retry policy (tests use short windows).
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The worker id calls carry now (it changes when the process registers again).
+    pub fn worker_id(&self) -> u64 {
+        self.registration.worker_id()
     }
 
     pub fn stop_flag(&self) -> &StopFlag {
@@ -83,19 +103,41 @@ impl CoordinatorLink {
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.call_as_worker(call, |client, _| f(client))
+    }
+
+    /// Like [`CoordinatorLink::call`] for requests that carry the worker id: `f(client, id)` is
+    /// given the current id on every attempt, and when the coordinator answers that it does not
+    /// know the id, the process registers again and `f` is retried with the new one.
+    pub fn call_as_worker<T, F, Fut>(&self, call: &'static str, mut f: F) -> Result<T, RpcError>
+    where
+        F: FnMut(Client, u64) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let started = Instant::now();
         let mut backoff = self.retry.initial_backoff;
+        let mut renewals = 0;
         loop {
-            match self.handle.block_on(f(self.client.clone())) {
+            let worker_id = self.registration.worker_id();
+            let status = match self.handle.block_on(f(self.client.clone(), worker_id)) {
                 Ok(response) => return Ok(response.into_inner()),
-                Err(status) if !is_transient(status.code()) => return Err(RpcError::Status { call, status }),
-                Err(status) if started.elapsed() >= self.retry.window => {
-                    return Err(RpcError::GaveUp { call, waited: started.elapsed(), status })
+                Err(status) if is_unknown_worker(&status) && renewals < MAX_RENEWALS_PER_CALL => {
+                    renewals += 1;
+                    match self.handle.block_on(self.registration.renew(self.client.clone(), worker_id)) {
+                        Ok(_) => continue,
+                        Err(status) if !is_transient(status.code()) => return Err(RpcError::Reregister { call, status }),
+                        Err(status) => status,
+                    }
                 }
-                Err(status) => {
-                    tracing::warn!(call, code = ?status.code(), message = status.message(), "transient coordinator error; retrying");
-                }
+                Err(status) => status,
+            };
+            if !is_transient(status.code()) {
+                return Err(RpcError::Status { call, status });
             }
+            if started.elapsed() >= self.retry.window {
+                return Err(RpcError::GaveUp { call, waited: started.elapsed(), status });
+            }
+            tracing::warn!(call, code = ?status.code(), message = status.message(), "transient coordinator error; retrying");
             if self.stop.is_stopped() {
                 return Err(RpcError::ShuttingDown { call });
             }

@@ -60,6 +60,13 @@ pub fn is_unknown_worker(status: &tonic::Status) -> bool {
     status.code() == tonic::Code::NotFound && status.message().starts_with("unknown worker id")
 }
 
+/// Whether `status` is the coordinator refusing a PublishWeights because it already holds that
+/// policy version (or a newer one) of the job: a learner that resumed from a checkpoint
+/// publishes versions again that it had published before it died.
+pub fn is_already_published(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition && status.message().contains("already has weights of version")
+}
+
 /// How [`connect_with`] dials.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
@@ -248,5 +255,7 @@ mod tests {
         let status = tonic::Status::not_found("unknown worker id 7: register again");
         assert!(is_unknown_worker(&status));
         assert!(!is_unknown_worker(&tonic::Status::not_found("unknown job id 7")));
+        assert!(is_already_published(&tonic::Status::failed_precondition("job 2 already has weights of version 3 or newer")));
+        assert!(!is_already_published(&tonic::Status::failed_precondition("job 2 is Succeeded, not running")));
     }
 }

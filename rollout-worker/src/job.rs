@@ -80,8 +80,10 @@ pub fn run_rollout_job<P: Policy>(link: &CoordinatorLink, job: &JobAssignment, d
     };
     let mut tally = RolloutTally::default();
     while !link.stop_flag().is_stopped() {
-        let request = LeaseRequest { worker_id: link.worker_id, job_id: job.job_id, max_prompts };
-        let lease = link.call("LeasePrompts", |mut c| async move { c.lease_prompts(request).await })?;
+        let lease = link.call_as_worker("LeasePrompts", |mut c, worker_id| {
+            let request = LeaseRequest { worker_id, job_id: job.job_id, max_prompts };
+            async move { c.lease_prompts(request).await }
+        })?;
         if lease.job_done {
             break;
         }
@@ -97,15 +99,17 @@ pub fn run_rollout_job<P: Policy>(link: &CoordinatorLink, job: &JobAssignment, d
             tally.policy_version = fetch_policy(link, job.job_id, tally.policy_version, &mut policy)?;
         }
         span.record("policy_version", tally.policy_version);
-        let groups = roll_out(&policy, &loader, &reward, &settings, &lease, link.worker_id, tally.policy_version)?;
+        let groups = roll_out(&policy, &loader, &reward, &settings, &lease, link.worker_id(), tally.policy_version)?;
         tally.leases += 1;
         tally.groups_submitted += groups.len() as u64;
-        let response = link.call("SubmitGroups", |mut c| {
-            let groups: Vec<RolloutGroup> = groups.clone();
+        // After a coordinator restart the lease is unknown there (its prompts went back to the
+        // queue): the groups are then counted as unknown-lease and the loop leases again.
+        let response = link.call_as_worker("SubmitGroups", |mut c, worker_id| {
+            let groups: Vec<RolloutGroup> = groups.iter().cloned().map(|g| RolloutGroup { worker_id, ..g }).collect();
             async move { c.submit_groups(tokio_stream::iter(groups)).await }
         })?;
         tally.groups_accepted += u64::from(response.accepted);
-        tracing::info!(lease = lease.lease_id, version = tally.policy_version, accepted = response.accepted, duplicates = response.duplicates, stale = response.stale, "lease rolled out");
+        tracing::info!(lease = lease.lease_id, version = tally.policy_version, accepted = response.accepted, duplicates = response.duplicates, stale = response.stale, unknown_lease = response.unknown_lease, "lease rolled out");
     }
     Ok(tally)
 }
@@ -120,8 +124,8 @@ pub fn diagnosis_reward(cfg: &RunConfig) -> Result<DiagnosisReward, medtvt_eval:
 
 /// Fetches the latest policy version newer than `have` and loads it; returns the version held.
 fn fetch_policy<P: Policy>(link: &CoordinatorLink, job_id: u64, have: u64, policy: &mut P) -> Result<u64, WorkerJobError> {
-    let request = FetchWeightsRequest { job_id, have_version: have, worker_id: link.worker_id };
-    let chunks: Vec<WeightChunk> = link.call("FetchWeights", |mut c| {
+    let chunks: Vec<WeightChunk> = link.call_as_worker("FetchWeights", |mut c, worker_id| {
+        let request = FetchWeightsRequest { job_id, have_version: have, worker_id };
         async move {
             let mut stream = c.fetch_weights(request).await?.into_inner();
             let mut chunks = Vec::new();
