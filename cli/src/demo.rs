@@ -9,7 +9,8 @@ use crate::eval_cmd::{evaluate, report_metrics, EvalArgs};
 use crate::train_cmd::{run_stage, shutdown, StageJob};
 use anyhow::Context;
 use medtvt_data::synth::{synthesize, SynthConfig};
-use medtvt_eval::EvalReport;
+use medtvt_eval::{DiagnosisReward, DiseaseVocabulary, EvalReport, NameMatching, RewardWeights};
+use std::collections::HashMap;
 use medtvt_learner::metrics_log::{self, MetricsRecord};
 use medtvt_proto::client;
 use std::path::{Path, PathBuf};
@@ -81,11 +82,13 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
 
     println!("\n[4/5] results on the test split ({} samples of each kind)\n", args.eval_samples);
     print!("{}", comparison_table(&rows));
-    let sft = rows.iter().find(|(l, _)| *l == "SFT").and_then(|(_, r)| r.disease.as_ref()).map(|d| d.sample_jaccard);
-    let grpo = rows.iter().find(|(l, _)| *l == "GRPO").and_then(|(_, r)| r.disease.as_ref()).map(|d| d.sample_jaccard);
-    match (sft, grpo) {
-        (Some(s), Some(g)) if g > s => println!("\nGRPO improved the sample-wise Jaccard over SFT: {s:.4} -> {g:.4}."),
-        (Some(s), Some(g)) => println!("\nGRPO did NOT improve the sample-wise Jaccard over SFT this time: {s:.4} -> {g:.4}."),
+    let report_of = |label: &str| rows.iter().find(|(l, _)| *l == label).map(|(_, r)| r);
+    match (report_of("SFT"), report_of("GRPO")) {
+        (Some(sft), Some(grpo)) if sft.disease.is_some() && grpo.disease.is_some() => {
+            let references = medtvt_data::read_jsonl(&data_dir.join("qa.jsonl"))?;
+            let (diff, se, n) = paired_jaccard_difference(sft, grpo, &references);
+            println!("\n{}", grpo_verdict(diff, se, n));
+        }
         _ => println!("\nNo disease-level samples were evaluated, so SFT and GRPO cannot be compared."),
     }
     if let Some((_, last)) = rows.last() {
@@ -122,6 +125,48 @@ fn eval_args(checkpoint: &Path, data: &Path, limit: usize) -> EvalArgs {
     }
 }
 
+/// Per-sample Jaccard of GRPO minus SFT over the disease samples both answered: the mean
+/// difference, its standard error (paired: the same samples on both sides) and the count.
+fn paired_jaccard_difference(sft: &EvalReport, grpo: &EvalReport, references: &[medtvt_data::QaSample]) -> (f64, f64, usize) {
+    let reward = DiagnosisReward::new(DiseaseVocabulary::paper_default(NameMatching::Synonyms), RewardWeights::default());
+    let by_id: HashMap<&str, &str> = references.iter().map(|s| (s.id.as_str(), s.answer.as_str())).collect();
+    let jaccards = |r: &EvalReport| -> HashMap<String, f64> {
+        r.answers
+            .iter()
+            .filter(|a| a.kind == "disease")
+            .filter_map(|a| by_id.get(a.id.as_str()).map(|reference| (a.id.clone(), reward.score(&a.answer, reference).jaccard)))
+            .collect()
+    };
+    let (s, g) = (jaccards(sft), jaccards(grpo));
+    let diffs: Vec<f64> = g.iter().filter_map(|(id, gj)| s.get(id).map(|sj| gj - sj)).collect();
+    let (mean, se) = mean_and_standard_error(&diffs);
+    (mean, se, diffs.len())
+}
+
+/// Mean and standard error of the mean (sample standard deviation / sqrt(n)).
+fn mean_and_standard_error(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    if n < 2.0 {
+        return (values.first().copied().unwrap_or(0.0), f64::NAN);
+    }
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, (var / n).sqrt())
+}
+
+/// The demo's one-line answer to "did GRPO beat SFT?": only a difference beyond two standard
+/// errors counts as a change.
+fn grpo_verdict(diff: f64, se: f64, n: usize) -> String {
+    let measured = format!("GRPO - SFT sample-wise Jaccard on {n} test samples: {diff:+.4} (paired standard error {se:.4})");
+    if diff > 2.0 * se {
+        format!("GRPO improved the sample-wise Jaccard over SFT. {measured}.")
+    } else if diff < -2.0 * se {
+        format!("GRPO did NOT improve over SFT: it made the sample-wise Jaccard worse. {measured}.")
+    } else {
+        format!("GRPO did NOT measurably improve over SFT: the change is within two standard errors. {measured}. See docs/results.md.")
+    }
+}
+
 /// One row per stage: the disease-level headline numbers and the text overlap.
 fn comparison_table(rows: &[(&str, EvalReport)]) -> String {
     let mut out = String::from("| Stage | Jaccard | Macro F1 | Micro F1 | Exact set | Valid format | BLEU-4 | ROUGE-L |\n");
@@ -142,4 +187,26 @@ fn comparison_table(rows: &[(&str, EvalReport)]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standard_error_matches_the_textbook_formula() {
+        let (mean, se) = mean_and_standard_error(&[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(mean, 2.5);
+        // sample variance 5/3, se = sqrt(5/3 / 4)
+        assert!((se - (5.0f64 / 12.0).sqrt()).abs() < 1e-12);
+        assert!(mean_and_standard_error(&[0.3]).1.is_nan());
+    }
+
+    #[test]
+    fn only_a_change_beyond_two_standard_errors_counts() {
+        assert!(grpo_verdict(0.10, 0.03, 60).starts_with("GRPO improved"));
+        assert!(grpo_verdict(0.0125, 0.02, 60).starts_with("GRPO did NOT measurably improve"));
+        assert!(grpo_verdict(-0.07, 0.02, 60).contains("made the sample-wise Jaccard worse"));
+        assert!(grpo_verdict(0.0125, 0.02, 60).contains("+0.0125"));
+    }
 }
