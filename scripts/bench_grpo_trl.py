@@ -66,6 +66,8 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--out", default="/tmp/bench_grpo_trl")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     a = ap.parse_args()
 
     torch.set_num_threads(a.threads)
@@ -80,7 +82,10 @@ def main():
     pad = config.get("pad_token_id")
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad if pad is not None else eos)
-    model = LlamaForCausalLM.from_pretrained(a.checkpoint, dtype=torch.float32)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]
+    model = LlamaForCausalLM.from_pretrained(a.checkpoint, dtype=dtype)
+    if a.device.startswith("cuda"):
+        model = model.to(a.device)
 
     with open(a.prompts) as f:
         rows = json.load(f)
@@ -103,8 +108,8 @@ def main():
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
-        bf16=False,
+        use_cpu=not a.device.startswith("cuda"),
+        bf16=a.dtype == "bf16",
         seed=0,
         shuffle_dataset=False,
         dataloader_num_workers=0,

@@ -29,6 +29,7 @@ use medtvt_learner::collective::SingleRank;
 use medtvt_learner::inputs::InputLoader;
 use medtvt_learner::medtvt_policy::MedTvtPolicy;
 use medtvt_learner::policy::{Policy, RolloutSampling};
+use medtvt_learner::process::parse_device;
 use medtvt_learner::trainer::{StepData, Trainer, TrainerOptions};
 use medtvt_proto::v1::{Lease, Prompt};
 use medtvt_rollout_worker::rollout::{roll_out, RolloutSettings};
@@ -65,6 +66,12 @@ struct Args {
     /// Skip the multimodal row.
     #[arg(long)]
     no_multimodal: bool,
+    /// cpu, cuda or cuda:N (both sides).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Weights dtype: f32, bf16 or f16 (both sides).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 /// One side's timings over the timed steps.
@@ -96,6 +103,7 @@ fn grpo_config(data: &Path, checkpoint: &Path, out: &Path, a: &Args) -> Result<R
         format!("grpo.max_new_tokens={}", a.max_new),
         format!("grpo.beta={}", a.beta),
         "grpo.temperature=1.0".into(),
+        format!("model.dtype=\"{}\"", a.dtype),
         "grpo.loss_aggregation=\"token_mean\"".into(),
     ];
     let shipped = include_str!("../../configs/tiny-grpo.toml");
@@ -133,9 +141,10 @@ fn text_only(s: &QaSample) -> QaSample {
 }
 
 fn ours(a: &Args, cfg: &RunConfig, samples: &[QaSample], label: &str) -> Result<Row> {
-    let mut policy = MedTvtPolicy::load(cfg, Device::Cpu, None)?;
+    let device = parse_device(&a.device)?;
+    let mut policy = MedTvtPolicy::load(cfg, device, None)?;
     policy.set_trainable(cfg.run.stage, true);
-    let mut reference = MedTvtPolicy::load(cfg, Device::Cpu, None)?;
+    let mut reference = MedTvtPolicy::load(cfg, device, None)?;
     reference.set_trainable(cfg.run.stage, true);
     let loader = InputLoader::from_config(cfg, policy.image_size())?;
     let mut trainer = Trainer::new(policy, Some(reference), Box::new(SingleRank), TrainerOptions::from_config(cfg));
@@ -204,6 +213,7 @@ fn trl(a: &Args, cfg: &RunConfig, samples: &[QaSample], work: &Path) -> Result<R
         .args(["--group", &a.group.to_string(), "--prompts-per-step", &a.prompts_per_step.to_string()])
         .args(["--max-new", &a.max_new.to_string(), "--steps", &a.steps.to_string(), "--threads", &a.threads.to_string()])
         .args(["--lr", &a.lr.to_string(), "--beta", &a.beta.to_string(), "--out", &work.join("trl").display().to_string()])
+        .args(["--device", &a.device, "--dtype", &a.dtype])
         .output()
         .with_context(|| format!("running {} scripts/bench_grpo_trl.py (make bench-grpo installs trl)", python.display()))?;
     if !output.status.success() {
