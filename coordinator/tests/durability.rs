@@ -8,60 +8,23 @@
 mod common;
 
 use common::*;
-use medtvt_coordinator::{Coordinator, ServerOptions};
+use medtvt_coordinator::in_process::InProcessCoordinator;
+use medtvt_coordinator::ServerOptions;
 use medtvt_proto::client::{self, Client, ConnectOptions};
 use medtvt_proto::v1 as pb;
 use std::collections::HashSet;
 use std::path::Path;
-use tokio::sync::oneshot;
 use tonic::Code;
 
-/// One coordinator process.
-struct Incarnation {
-    runtime: Option<tokio::runtime::Runtime>,
-    url: String,
-    resumed: bool,
+/// A coordinator "process" on `run_dir` (see [`InProcessCoordinator`]), with a client.
+async fn start(run_dir: &Path) -> InProcessCoordinator {
+    let options = ServerOptions { run_dir: Some(run_dir.to_path_buf()), ..options() };
+    InProcessCoordinator::start("127.0.0.1:0".parse().unwrap(), options).await.expect("the coordinator starts")
 }
 
-impl Incarnation {
-    async fn start(run_dir: &Path) -> Incarnation {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let options = ServerOptions { run_dir: Some(run_dir.to_path_buf()), ..options() };
-        let (tx, rx) = oneshot::channel();
-        runtime.spawn(async move {
-            match Coordinator::bind("127.0.0.1:0".parse().unwrap(), options).await {
-                Ok(coordinator) => {
-                    let _ = tx.send(Ok((coordinator.local_addr(), coordinator.resumed())));
-                    let _ = coordinator.serve(std::future::pending()).await;
-                }
-                Err(err) => {
-                    let _ = tx.send(Err(err.to_string()));
-                }
-            }
-        });
-        let (addr, resumed) = rx.await.unwrap().expect("the coordinator starts");
-        Incarnation { runtime: Some(runtime), url: format!("http://{addr}"), resumed }
-    }
-
-    async fn client(&self) -> Client {
-        let options = ConnectOptions { attempts: 3, ..ConnectOptions::default() };
-        client::connect_with(&self.url, None, &options).await.unwrap()
-    }
-
-    /// SIGKILL: every task of this coordinator is dropped where it stands.
-    fn kill(mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
-impl Drop for Incarnation {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
+async fn client_of(coordinator: &InProcessCoordinator) -> Client {
+    let options = ConnectOptions { attempts: 3, ..ConnectOptions::default() };
+    client::connect_with(&coordinator.url(), None, &options).await.unwrap()
 }
 
 fn keys(groups: &[pb::RolloutGroup]) -> Vec<(u64, u64)> {
@@ -104,9 +67,9 @@ async fn a_killed_coordinator_resumes_pt_and_grpo_jobs_from_its_run_dir() {
     let run_dir = tempfile::tempdir().unwrap();
 
     // ── First coordinator: PT job 1 at step 1 (rank 0 reported it, rank 1 not yet). ──
-    let first = Incarnation::start(run_dir.path()).await;
-    assert!(!first.resumed);
-    let mut c = first.client().await;
+    let first = start(run_dir.path()).await;
+    assert!(!first.resumed());
+    let mut c = client_of(&first).await;
     let pt = submit(&mut c, config_text(data.path(), "pt", ""), &[]).await;
     let grpo = submit(&mut c, config_text(data.path(), "grpo", ""), &["train.steps=4"]).await;
     let mut pt_samples = Vec::new();
@@ -122,9 +85,9 @@ async fn a_killed_coordinator_resumes_pt_and_grpo_jobs_from_its_run_dir() {
     first.kill();
 
     // ── Second coordinator: PT resumes and finishes; GRPO job 2 runs until a kill mid-step. ──
-    let second = Incarnation::start(run_dir.path()).await;
-    assert!(second.resumed);
-    let mut c = second.client().await;
+    let second = start(run_dir.path()).await;
+    assert!(second.resumed());
+    let mut c = client_of(&second).await;
     let after = c.get_status(pb::StatusRequest::default()).await.unwrap().into_inner();
     assert_eq!(after.jobs.iter().map(summary).collect::<Vec<_>>(), before.jobs.iter().map(summary).collect::<Vec<_>>());
     assert_eq!(summary(&after.jobs[0]), (pt, "test-pt".into(), pb::JobState::Running as i32, 1, 2));
@@ -171,8 +134,8 @@ async fn a_killed_coordinator_resumes_pt_and_grpo_jobs_from_its_run_dir() {
     second.kill();
 
     // ── Third coordinator: GRPO resumes at step 1 and finishes. ──
-    let third = Incarnation::start(run_dir.path()).await;
-    let mut c = third.client().await;
+    let third = start(run_dir.path()).await;
+    let mut c = client_of(&third).await;
     let after = job_status(&mut c, grpo).await;
     assert_eq!(summary(&after), summary(&before));
     assert_eq!(job_status(&mut c, pt).await.state, pb::JobState::Succeeded as i32);
@@ -239,14 +202,14 @@ async fn a_resumed_coordinator_does_not_reuse_job_ids_and_keeps_ended_jobs() {
     let data = tempfile::tempdir().unwrap();
     write_dataset(data.path(), 12);
     let run_dir = tempfile::tempdir().unwrap();
-    let first = Incarnation::start(run_dir.path()).await;
-    let mut c = first.client().await;
+    let first = start(run_dir.path()).await;
+    let mut c = client_of(&first).await;
     let cancelled = submit(&mut c, config_text(data.path(), "sft", ""), &[]).await;
     c.cancel_job(pb::CancelJobRequest { job_id: cancelled }).await.unwrap();
     first.kill();
 
-    let second = Incarnation::start(run_dir.path()).await;
-    let mut c = second.client().await;
+    let second = start(run_dir.path()).await;
+    let mut c = client_of(&second).await;
     let status = job_status(&mut c, cancelled).await;
     assert_eq!(status.state, pb::JobState::Cancelled as i32);
     let next = submit(&mut c, config_text(data.path(), "pt", ""), &[]).await;

@@ -7,7 +7,8 @@
 //! task of a [`Membership`], and concurrent renewals that must register only once.
 
 use medtvt_coordinator::state::StateOptions;
-use medtvt_coordinator::{Coordinator, ServerOptions};
+use medtvt_coordinator::in_process::InProcessCoordinator;
+use medtvt_coordinator::ServerOptions;
 use medtvt_learner::membership::{JoinOptions, Membership};
 use medtvt_learner::registration::Registration;
 use medtvt_learner::rpc::{CoordinatorLink, RetryPolicy, StopFlag};
@@ -16,71 +17,18 @@ use medtvt_proto::v1 as pb;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
 
-/// One coordinator "process".
-struct Incarnation {
-    runtime: Option<tokio::runtime::Runtime>,
-    addr: SocketAddr,
-    resumed: bool,
-}
-
-impl Incarnation {
-    /// Starts a coordinator on `addr` (retrying the bind while a killed predecessor's socket is
-    /// still being torn down).
-    async fn start(run_dir: &Path, addr: SocketAddr) -> Incarnation {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-            let options = ServerOptions {
-                run_dir: Some(run_dir.to_path_buf()),
-                reap_interval: Duration::from_millis(20),
-                shutdown_grace: Duration::ZERO,
-                state: StateOptions { heartbeat_timeout: Duration::from_secs(30), heartbeat_interval: Duration::from_millis(100) },
-                ..ServerOptions::default()
-            };
-            let (tx, rx) = oneshot::channel();
-            runtime.spawn(async move {
-                match Coordinator::bind(addr, options).await {
-                    Ok(coordinator) => {
-                        let _ = tx.send(Ok((coordinator.local_addr(), coordinator.resumed())));
-                        let _ = coordinator.serve(std::future::pending()).await;
-                    }
-                    Err(err) => {
-                        let _ = tx.send(Err(err.to_string()));
-                    }
-                }
-            });
-            match rx.await.unwrap() {
-                Ok((addr, resumed)) => return Incarnation { runtime: Some(runtime), addr, resumed },
-                Err(err) if Instant::now() < deadline => {
-                    runtime.shutdown_background();
-                    eprintln!("bind failed ({err}); retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(err) => panic!("the coordinator does not start: {err}"),
-            }
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// SIGKILL: every task of this coordinator is dropped where it stands.
-    fn kill(mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
-impl Drop for Incarnation {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
+/// A coordinator "process" on `addr` (see [`InProcessCoordinator`]) with quick reaping and no
+/// shutdown grace.
+async fn start(run_dir: &Path, addr: SocketAddr) -> InProcessCoordinator {
+    let options = ServerOptions {
+        run_dir: Some(run_dir.to_path_buf()),
+        reap_interval: Duration::from_millis(20),
+        shutdown_grace: Duration::ZERO,
+        state: StateOptions { heartbeat_timeout: Duration::from_secs(30), heartbeat_interval: Duration::from_millis(100) },
+        ..ServerOptions::default()
+    };
+    InProcessCoordinator::start(addr, options).await.unwrap_or_else(|err| panic!("the coordinator does not start: {err}"))
 }
 
 /// A data directory with `n` disease prompts, and a GRPO job config over it.
@@ -132,8 +80,8 @@ async fn lease(link: &CoordinatorLink, job_id: u64) -> pb::Lease {
 async fn a_blocking_call_registers_again_after_a_restart_and_leases_the_returned_prompts() {
     let data = tempfile::tempdir().unwrap();
     let run_dir = tempfile::tempdir().unwrap();
-    let first = Incarnation::start(run_dir.path(), "127.0.0.1:0".parse().unwrap()).await;
-    let (addr, url) = (first.addr, first.url());
+    let first = start(run_dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let (addr, url) = (first.addr(), first.url());
     let mut client = connect(&url).await;
     let job_id = client.submit_job(pb::SubmitJobRequest { config_toml: grpo_job(data.path(), 6), overrides: vec![] }).await.unwrap().into_inner().job_id;
     let registration = Registration::register(client.clone(), worker_request("worker-r")).await.unwrap();
@@ -144,8 +92,8 @@ async fn a_blocking_call_registers_again_after_a_restart_and_leases_the_returned
     assert_eq!(before.prompts.len(), 2);
 
     first.kill();
-    let second = Incarnation::start(run_dir.path(), addr).await;
-    assert!(second.resumed, "the restarted coordinator resumes the run");
+    let second = start(run_dir.path(), addr).await;
+    assert!(second.resumed(), "the restarted coordinator resumes the run");
     let after = lease(&link, job_id).await;
 
     let new_id = link.worker_id();
@@ -160,13 +108,13 @@ async fn a_blocking_call_registers_again_after_a_restart_and_leases_the_returned
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_renewals_of_the_same_stale_id_register_once() {
     let run_dir = tempfile::tempdir().unwrap();
-    let first = Incarnation::start(run_dir.path(), "127.0.0.1:0".parse().unwrap()).await;
-    let (addr, url) = (first.addr, first.url());
+    let first = start(run_dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let (addr, url) = (first.addr(), first.url());
     let client = connect(&url).await;
     let registration = Registration::register(client.clone(), worker_request("worker-c")).await.unwrap();
     let stale = registration.worker_id();
     first.kill();
-    let _second = Incarnation::start(run_dir.path(), addr).await;
+    let _second = start(run_dir.path(), addr).await;
     let renewals: Vec<_> = (0..4)
         .map(|_| {
             let (registration, client) = (registration.clone(), client.clone());
@@ -194,8 +142,8 @@ async fn concurrent_renewals_of_the_same_stale_id_register_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_membership_heartbeat_registers_again_on_its_own() {
     let run_dir = tempfile::tempdir().unwrap();
-    let first = Incarnation::start(run_dir.path(), "127.0.0.1:0".parse().unwrap()).await;
-    let (addr, url) = (first.addr, first.url());
+    let first = start(run_dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let (addr, url) = (first.addr(), first.url());
     let options = JoinOptions {
         coordinator: url.clone(),
         auth_token_file: None,
@@ -207,7 +155,7 @@ async fn a_membership_heartbeat_registers_again_on_its_own() {
     let membership = Membership::join(&options).await.unwrap();
     let old_id = membership.worker_id();
     first.kill();
-    let _second = Incarnation::start(run_dir.path(), addr).await;
+    let _second = start(run_dir.path(), addr).await;
     // No call is made here: only the heartbeat task (every 100 ms) can bring the process back.
     let deadline = Instant::now() + Duration::from_secs(15);
     let known = loop {
