@@ -32,10 +32,13 @@ chaos: setup
 validate-deploy: setup
 	scripts/validate_deploy.sh
 
-# Regenerates the committed test fixtures (needs transformers, wfdb, scikit-learn in .venv).
+# Regenerates the committed test fixtures (transformers, scikit-learn, nltk and TRL in .venv: the
+# peers our parity tests compare with).
 fixtures:
-	@scripts/setup_venv.sh scripts/requirements-fixtures.txt
+	@scripts/setup_venv.sh scripts/requirements-fixtures.txt scripts/requirements-bench.txt
 	$(VENV)/bin/python scripts/make_llama_fixtures.py
+	$(VENV)/bin/python scripts/make_metric_fixtures.py
+	$(VENV)/bin/python scripts/make_grpo_loss_fixtures.py
 
 bench: setup
 	@scripts/setup_venv.sh scripts/requirements-fixtures.txt

@@ -39,7 +39,7 @@ def jaccard(completion, reference):
 
 
 def reward(prompts, completions, reference, **_):
-    return [jaccard(c, r) + (1.0 if FORMAT.fullmatch(c.strip()) else 0.0) for c, r in zip(completions, reference)]
+    return [jaccard(c, r) + (1.0 if FORMAT.fullmatch(c.lstrip()) else 0.0) for c, r in zip(completions, reference)]
 
 
 class StepTimer(TrainerCallback):

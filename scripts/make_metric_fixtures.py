@@ -10,7 +10,8 @@ The values come from the packages our metrics promise to agree with:
     averaged over samples;
   - the reference reward semantics (exact-string mode): first <answer>(.*?)</answer> with DOTALL,
     split on ';', strip, drop empties, set Jaccard (0 on an empty union or a missing tag), and
-    re.fullmatch of the format pattern on the stripped completion.
+    re.fullmatch of the format pattern on the completion with leading whitespace stripped
+    (`lstrip`, as the reference does).
 
 Deterministic (fixed seed). Run from the repository root:
     .venv/bin/python scripts/make_metric_fixtures.py
@@ -186,7 +187,7 @@ def reference_jaccard(completion, reference):
 
 
 def reference_format(completion):
-    return 1.0 if FORMAT_RE.fullmatch(completion.strip()) else 0.0
+    return 1.0 if FORMAT_RE.fullmatch(completion.lstrip()) else 0.0
 
 
 FRAGMENTS = [

@@ -1,5 +1,6 @@
-//! `medtvt plot RUN_DIR`: PNG charts of a run's metrics.jsonl: reward, loss, KL and the
-//! per-disease F1 of the evaluations, over steps. One PNG per chart, written beside the log.
+//! `medtvt plot RUN_DIR`: PNG charts of a run's metrics.jsonl: reward, loss, KL, the sampler/learner
+//! log-prob agreement of GRPO steps, and the per-disease F1 of the evaluations, over steps. One
+//! PNG per chart, written beside the log.
 
 use anyhow::{Context, Result};
 use medtvt_learner::metrics_log::{read_all, MetricsRecord};
@@ -20,13 +21,27 @@ struct Chart {
     file: &'static str,
     title: &'static str,
     series: &'static [&'static str],
+    /// Plot log10 of the (positive) values: for quantities spanning many decades.
+    log10: bool,
 }
 
-const CHARTS: [Chart; 4] = [
-    Chart { file: "reward.png", title: "GRPO reward", series: &["reward_mean", "jaccard", "format"] },
-    Chart { file: "loss.png", title: "training loss", series: &["loss"] },
-    Chart { file: "kl.png", title: "KL to the reference policy", series: &["kl"] },
-    Chart { file: "f1.png", title: "per-disease F1 (evaluation)", series: &["eval/f1/"] },
+const CHARTS: [Chart; 6] = [
+    Chart { file: "reward.png", title: "GRPO reward", series: &["reward_mean", "jaccard", "format"], log10: false },
+    Chart { file: "loss.png", title: "training loss", series: &["loss"], log10: false },
+    Chart { file: "kl.png", title: "KL to the reference policy", series: &["kl"], log10: false },
+    Chart {
+        file: "mismatch.png",
+        title: "log10 |learner - sampler| log-prob, lag-0 tokens",
+        series: &["mismatch/logp_abs/"],
+        log10: true,
+    },
+    Chart {
+        file: "mismatch_clip.png",
+        title: "lag-0 tokens outside the clip range; importance weights corrected",
+        series: &["mismatch/outside_clip", "is/corrected_fraction"],
+        log10: false,
+    },
+    Chart { file: "f1.png", title: "per-disease F1 (evaluation)", series: &["eval/f1/"], log10: false },
 ];
 
 pub fn run(args: &PlotArgs) -> Result<()> {
@@ -36,7 +51,14 @@ pub fn run(args: &PlotArgs) -> Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut written = 0;
     for chart in &CHARTS {
-        let series = collect_series(&records, chart.series);
+        let mut series = collect_series(&records, chart.series);
+        if chart.log10 {
+            for (_, points) in &mut series {
+                points.retain(|&(_, y)| y > 0.0);
+                points.iter_mut().for_each(|(_, y)| *y = y.log10());
+            }
+            series.retain(|(_, points)| !points.is_empty());
+        }
         if series.is_empty() {
             continue;
         }
@@ -128,12 +150,14 @@ mod tests {
                     values.insert("reward_mean".to_string(), step as f64 * 0.1);
                     values.insert("kl".to_string(), 0.01 * step as f64);
                     values.insert("eval/f1/sepsis".to_string(), 0.5);
+                    values.insert("mismatch/logp_abs/p99".to_string(), 1e-7 * step as f64);
+                    values.insert("mismatch/outside_clip".to_string(), 0.0);
                 }
                 append(&log, &MetricsRecord { stage: stage.into(), step, values }).unwrap();
             }
         }
         run(&PlotArgs { run_dir: dir.path().to_path_buf(), out: None }).unwrap();
-        for f in ["reward.png", "loss.png", "kl.png", "f1.png"] {
+        for f in ["reward.png", "loss.png", "kl.png", "f1.png", "mismatch.png", "mismatch_clip.png"] {
             let bytes = std::fs::read(dir.path().join("plots").join(f)).unwrap();
             assert_eq!(&bytes[1..4], b"PNG", "{f} is a PNG");
         }

@@ -6,13 +6,15 @@
 //! (a) a PT job on two learners lowers the loss and leaves both ranks with bit-identical weights;
 //! (b) a GRPO job with two workers and two learners trains every accepted prompt group exactly once
 //!     and reports rewards; (c) a worker that joins mid-run receives leases; (d) both learner ranks
-//!     killed and restarted resume from the latest checkpoint. The process helpers are shared with
+//!     killed and restarted resume from the latest checkpoint; (e) a GRPO job submitted again
+//!     into the same run.out_dir, whose learners resume at the first job's last step, is refused
+//!     at once with the reason. The process helpers are shared with
 //!     the fault-injection tests (`chaos.rs`) in `common/mod.rs`.
 
 mod common;
 
 use common::*;
-use medtvt_proto::v1::SubmitJobRequest;
+use medtvt_proto::v1::{JobState, SubmitJobRequest};
 use std::time::Duration;
 
 #[test]
@@ -57,7 +59,7 @@ fn grpo_job_trains_every_group_once_and_a_late_worker_gets_work() {
     let grpo_text = grpo_config_text(root, &data, &root.join("pt").join("final"), steps);
     let job_id = rt.block_on(async {
         let mut client = medtvt_proto::client::connect(&url, None).await.unwrap();
-        client.submit_job(SubmitJobRequest { config_toml: grpo_text, overrides: vec![] }).await.unwrap().into_inner().job_id
+        client.submit_job(SubmitJobRequest { config_toml: grpo_text.clone(), overrides: vec![] }).await.unwrap().into_inner().job_id
     });
     wait_for(&rt, &url, job_id, root, Duration::from_secs(120), |s| s.step >= 1);
     // (c) A second worker joins mid-run.
@@ -77,6 +79,20 @@ fn grpo_job_trains_every_group_once_and_a_late_worker_gets_work() {
 
     let late_log = std::fs::read_to_string(root.join("worker-b.log")).unwrap();
     assert!(late_log.contains("lease rolled out"), "the late worker never got a lease:\n{late_log}");
+
+    // (e) The same GRPO config submitted again with more steps: the learners resume from the
+    // first job's checkpoint at step 6, which the new job cannot continue. It is refused at once
+    // (it used to wait forever for a step 6 it would never seal).
+    let again = grpo_text.replace(&format!("steps = {steps}\n"), "steps = 8\n");
+    let submitted = std::time::Instant::now();
+    let second = rt.block_on(async {
+        let mut client = medtvt_proto::client::connect(&url, None).await.unwrap();
+        client.submit_job(SubmitJobRequest { config_toml: again, overrides: vec![] }).await.unwrap().into_inner().job_id
+    });
+    let refused = wait_for(&rt, &url, second, root, Duration::from_secs(60), |s| s.state == JobState::Failed as i32);
+    assert!(refused.message.contains("cannot continue another job's steps"), "{refused:#?}");
+    assert_eq!(refused.step, 0);
+    assert!(submitted.elapsed() < Duration::from_secs(60));
     shutdown(&rt, &url, &mut procs);
 }
 

@@ -64,6 +64,10 @@ pub struct DataSection {
     /// Prompts longer than this (in tokens, modality placeholders included) are truncated.
     #[serde(default = "default_max_prompt_tokens")]
     pub max_prompt_tokens: usize,
+    /// PT/SFT reference answers longer than this (in tokens, the end token not counted) are cut
+    /// to it and get no end token, so the model is never taught to stop mid-answer.
+    #[serde(default = "default_max_answer_tokens")]
+    pub max_answer_tokens: usize,
     /// When a job is submitted, every sample's modality files are read once. By default a sample
     /// whose files cannot be read is reported (by id, file and problem) and skipped, and the job
     /// counts it; `strict = true` refuses the job at the first such sample instead.
@@ -231,6 +235,32 @@ pub enum LossAggregation {
     SeqMeanTokenSum,
 }
 
+/// Where the GRPO ratio's "old" log-probs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OldLogprobs {
+    /// The sampler's log-probs of the tokens it drew (KV-cache decode, the sampler's dtype).
+    #[default]
+    Sampler,
+    /// The learner's own log-probs under the weights it holds before the update: the ratio
+    /// starts at exactly 1, and sampler/learner numeric differences never reach the clip.
+    Learner,
+}
+
+/// Importance-sampling correction of the sampler/learner mismatch (TRL's
+/// `vllm_importance_sampling_correction`, verl's rollout correction), token level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportanceSampling {
+    /// No correction.
+    #[default]
+    None,
+    /// Weight each token's loss by min(w, cap) (truncated importance sampling).
+    Truncate,
+    /// Weight by w where w <= cap and drop the token (weight 0) where w > cap.
+    Mask,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrpoSection {
@@ -254,6 +284,22 @@ pub struct GrpoSection {
     pub eps_low: f64,
     #[serde(default = "default_eps")]
     pub eps_high: f64,
+    /// Dual-clip constant c > 1: a negative-advantage token's loss is capped at c * |A| (verl's
+    /// `clip_ratio_c`, 3.0 there); unset disables it (TRL).
+    #[serde(default)]
+    pub dual_clip: Option<f64>,
+    /// Which log-probs the ratio's denominator uses: the sampler's, as recorded when the
+    /// completions were generated, or the learner's own, recomputed before the update (TRL's and
+    /// verl's default). See docs/grpo.md for when to pick which.
+    #[serde(default)]
+    pub old_logprobs: OldLogprobs,
+    /// Correction for the sampler/learner mismatch (and policy lag) when `old_logprobs =
+    /// "learner"`: each token's loss is weighted by w = exp(logp_learner - logp_sampler),
+    /// truncated at `importance_sampling_cap` or masked above it.
+    #[serde(default)]
+    pub importance_sampling: ImportanceSampling,
+    #[serde(default = "default_importance_sampling_cap")]
+    pub importance_sampling_cap: f64,
     #[serde(default)]
     pub advantage: AdvantageEstimator,
     #[serde(default)]
@@ -313,6 +359,12 @@ fn default_diseases() -> Vec<String> {
 fn default_max_prompt_tokens() -> usize {
     256
 }
+fn default_max_answer_tokens() -> usize {
+    600
+}
+fn default_importance_sampling_cap() -> f64 {
+    3.0
+}
 fn default_batch_size() -> usize {
     8
 }
@@ -371,6 +423,9 @@ impl RunConfig {
         }
         if !(self.cluster.heartbeat_timeout_s > 0.0) {
             return bad("cluster.heartbeat_timeout_s", "must be > 0");
+        }
+        if self.data.max_answer_tokens == 0 {
+            return bad("data.max_answer_tokens", "must be at least 1");
         }
         if self.run.stage != Stage::Grpo && self.train.batch_size % self.cluster.learners as usize != 0 {
             return bad("train.batch_size", "must be a multiple of cluster.learners");
@@ -463,6 +518,20 @@ impl GrpoSection {
         }
         if !(self.eps_high > 0.0 && self.eps_high.is_finite()) {
             return bad("grpo.eps_high", "must be a finite number > 0");
+        }
+        if let Some(c) = self.dual_clip {
+            if !(c > 1.0 && c.is_finite()) {
+                return bad("grpo.dual_clip", "must be a finite number > 1 (it caps a negative advantage's loss at c * |A|)");
+            }
+        }
+        if !(self.importance_sampling_cap > 1.0 && self.importance_sampling_cap.is_finite()) {
+            return bad("grpo.importance_sampling_cap", "must be a finite number > 1");
+        }
+        if self.importance_sampling != ImportanceSampling::None && self.old_logprobs != OldLogprobs::Learner {
+            return bad(
+                "grpo.importance_sampling",
+                "needs grpo.old_logprobs = \"learner\" (with the sampler's log-probs in the ratio, the ratio already corrects for them)",
+            );
         }
         if !(self.reward.jaccard >= 0.0 && self.reward.format >= 0.0) {
             return bad("grpo.reward", "weights must be >= 0");

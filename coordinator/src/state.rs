@@ -1005,6 +1005,20 @@ impl RunState {
             let samples = (start..start + per_rank).map(|p| job.samples[job.order.at(p).0 as usize].clone()).collect();
             return Ok(BatchOutcome::Samples { samples, policy_version });
         };
+        // Steps are sealed in order and a learner only pulls step s after training s - 1, so a
+        // step beyond the next one to seal comes from learners that resumed from another job's
+        // checkpoint in the same run.out_dir: its rollouts would have to come from a policy
+        // version this job never published. Refused at once rather than pending forever.
+        if step > r.steps.len() as u64 {
+            let out = job.config.run.out_dir.display();
+            return Err(StateError::FailedPrecondition(format!(
+                "job {id}: learner rank {rank} resumed at GRPO step {step} from a checkpoint in {out}/checkpoints, but this job has \
+trained {} steps: the checkpoint was left by an earlier job with the same run.out_dir, and a GRPO job cannot continue \
+another job's steps (its rollouts would come from a policy version it never published); submit it with a new \
+run.out_dir, or remove {out}/checkpoints to start over",
+                job.steps_completed
+            )));
+        }
         if step as usize == r.steps.len() && job.steps_completed >= step {
             let mut dropped = Vec::new();
             while (r.assembling.len() as u64) < r.prompts_per_step {
@@ -1284,6 +1298,17 @@ mod tests {
 
     fn keys(grant: &LeaseGrant) -> Vec<PromptKey> {
         grant.prompts.iter().map(|(k, _)| *k).collect()
+    }
+
+    /// Issue #12: learners that resumed from an earlier job's checkpoint ask a fresh GRPO job
+    /// for a step it can never seal; the pull is refused with the reason instead of pending.
+    #[test]
+    fn a_grpo_step_beyond_the_next_one_to_seal_is_refused_with_the_reason() {
+        let (mut st, _, _, job) = grpo_state(8);
+        assert!(matches!(st.pull_batch(job, 0, 2, 0).unwrap(), BatchOutcome::Pending));
+        let err = st.pull_batch(job, 0, 2, 2).unwrap_err().to_string();
+        assert!(err.contains("resumed at GRPO step 2 from a checkpoint in o/checkpoints, but this job has trained 0 steps"), "{err}");
+        assert!(err.contains("new run.out_dir"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `medtvt status`: the run's state as a plain-text table, one row per job and per process.
 
 use medtvt_proto::v1 as pb;
+use medtvt_telemetry::metrics::StepMetric;
 use std::fmt::Write;
 
 fn state_name(state: i32) -> &'static str {
@@ -29,6 +30,31 @@ fn role_name(role: i32) -> &'static str {
         Ok(pb::Role::Learner) => "learner",
         _ => "?",
     }
+}
+
+/// Four decimals, or scientific notation for small magnitudes (a log-prob mismatch of 2e-7 is
+/// not 0.0000).
+fn number(v: f64) -> String {
+    if v != 0.0 && v.abs() < 1e-3 {
+        format!("{v:.2e}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+/// The sampler/learner agreement of the latest GRPO step in words, when it was measured.
+fn agreement_line(metrics: &std::collections::HashMap<String, f64>) -> Option<String> {
+    let get = |m: StepMetric| metrics.get(m.key()).copied();
+    let mean = get(StepMetric::SamplerMismatchMean)?;
+    let (p99, max) = (get(StepMetric::SamplerMismatchP99)?, get(StepMetric::SamplerMismatchMax)?);
+    let outside = get(StepMetric::SamplerMismatchOutsideClip)?;
+    Some(format!(
+        "sampler vs learner on lag-0 tokens: |logp diff| mean {} p99 {} max {}, ratio outside the clip range on {:.2}% of them",
+        number(mean),
+        number(p99),
+        number(max),
+        100.0 * outside
+    ))
 }
 
 /// Renders the status as aligned columns.
@@ -65,8 +91,11 @@ pub fn render(status: &pb::RunStatus) -> String {
     for j in status.jobs.iter().filter(|j| !j.latest_metrics.is_empty()) {
         let mut metrics: Vec<_> = j.latest_metrics.iter().collect();
         metrics.sort_by(|a, b| a.0.cmp(b.0));
-        let text: Vec<String> = metrics.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
+        let text: Vec<String> = metrics.iter().map(|(k, v)| format!("{k}={}", number(**v))).collect();
         let _ = writeln!(out, "job {} metrics: {}", j.job_id, text.join(" "));
+        if let Some(line) = agreement_line(&j.latest_metrics) {
+            let _ = writeln!(out, "job {} {line}", j.job_id);
+        }
     }
     out.push('\n');
     let mut rows = vec![["WORKER", "NAME", "ROLE", "RANK", "ALIVE", "LAST SEEN"].map(String::from).to_vec()];
@@ -115,7 +144,14 @@ mod tests {
                 total_steps: 30,
                 groups_trained: 8,
                 message: "learner rank 1 lost".into(),
-                latest_metrics: [("loss".to_string(), 0.5)].into(),
+                latest_metrics: [
+                    ("loss".to_string(), 0.5),
+                    ("mismatch/logp_abs/mean".to_string(), 2.5e-7),
+                    ("mismatch/logp_abs/p99".to_string(), 1e-6),
+                    ("mismatch/logp_abs/max".to_string(), 3e-6),
+                    ("mismatch/outside_clip".to_string(), 0.0),
+                ]
+                .into(),
                 samples_skipped: 4,
                 ..Default::default()
             }],
@@ -134,7 +170,11 @@ mod tests {
         assert!(lines[0].starts_with("JOB  NAME       STAGE  STATE"), "{text}");
         assert!(lines[1].starts_with("3    tiny-grpo  grpo   FAILED  2/30"), "{text}");
         assert!(text.contains("job 3: learner rank 1 lost"));
-        assert!(text.contains("job 3 metrics: loss=0.5000"));
+        assert!(text.contains("job 3 metrics: loss=0.5000 mismatch/logp_abs/max=3.00e-6"), "{text}");
+        assert!(
+            text.contains("job 3 sampler vs learner on lag-0 tokens: |logp diff| mean 2.50e-7 p99 1.00e-6 max 3.00e-6, ratio outside the clip range on 0.00%"),
+            "{text}"
+        );
         assert!(text.contains("job 3: 4 samples skipped for broken modality files"), "{text}");
         assert!(text.contains("9       host-a  rollout  0     DEAD   31.5s ago"), "{text}");
     }

@@ -2,11 +2,12 @@
 //! against the disease vocabulary, and whether the completion has the required
 //! `<think>…</think><answer>…</answer>` shape.
 //!
-//! Format rule (decided here, following the reference's `re.fullmatch(pattern, completion.strip(),
-//! re.DOTALL)`): the completion with leading *and trailing* whitespace stripped must match
+//! Format rule, the reference's `re.fullmatch(pattern, completion.lstrip(), re.DOTALL)`: the
+//! completion with its *leading* whitespace stripped must match
 //! `<think>.*?</think>\s*<answer>.*?</answer>` as a whole. Text before `<think>` or after the
-//! final `</answer>` fails the format; further tags inside the spans are allowed (the lazy `.*?`
-//! can still stretch to a later `</answer>` in a full match, as in Python).
+//! final `</answer>` fails the format, trailing whitespace included; further tags inside the
+//! spans are allowed (the lazy `.*?` can still stretch to a later `</answer>` in a full match,
+//! as in Python).
 
 use crate::vocabulary::{AnswerItem, DiseaseId, DiseaseSet, DiseaseVocabulary};
 use serde::Serialize;
@@ -77,9 +78,10 @@ pub fn split_answer_items(text: &str) -> Vec<String> {
     text.split(';').map(str::trim).filter(|item| !item.is_empty()).map(str::to_string).collect()
 }
 
-/// Whether the stripped completion is exactly `<think>…</think>` then `<answer>…</answer>`.
+/// Whether the completion, leading whitespace stripped, is exactly `<think>…</think>` then
+/// `<answer>…</answer>`.
 pub fn is_well_formatted(completion: &str) -> bool {
-    WELL_FORMATTED.is_match(completion.trim())
+    WELL_FORMATTED.is_match(completion.trim_start())
 }
 
 #[cfg(test)]
@@ -129,7 +131,10 @@ mod tests {
     #[test]
     fn format_requires_think_then_answer_and_nothing_around() {
         assert!(is_well_formatted("<think>a\nb</think><answer>x</answer>"));
-        assert!(is_well_formatted("  \n<think></think> \n <answer></answer>\n "));
+        assert!(is_well_formatted("  \n<think></think> \n <answer></answer>"));
+        // The reference strips leading whitespace only (`lstrip`): trailing whitespace fails.
+        assert!(!is_well_formatted("<think>a</think><answer>x</answer>\n"));
+        assert!(!is_well_formatted("<think>a</think><answer>x</answer> "));
         assert!(is_well_formatted("<think>a</think><answer>x</answer> y </answer>"));
         assert!(!is_well_formatted("<think>a</think><answer>x</answer> trailing"));
         assert!(!is_well_formatted("lead <think>a</think><answer>x</answer>"));

@@ -28,13 +28,16 @@ pub enum GrpoError {
     )]
     MissingReference { beta: f64 },
 
+    #[error("GRPO: the importance-sampling correction needs the sampler's log-probs, but none were given")]
+    MissingSamplerLogprobs,
+
     #[error("GRPO: reading a metric from a tensor failed: {0}")]
     Torch(#[from] tch::TchError),
 }
 
 // The options are the run config's own enums (advantage estimator, KL estimator, loss
 // aggregation), so a config value reaches the loss without a translation table.
-pub use medtvt_config::{AdvantageEstimator, KlEstimator, LossAggregation};
+pub use medtvt_config::{AdvantageEstimator, ImportanceSampling, KlEstimator, LossAggregation};
 
 /// Everything that selects and parameterises the GRPO loss.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -59,6 +62,11 @@ pub struct GrpoOptions {
     /// Dr. GRPO's constant divisor of token sums; `None` uses the completion axis length `t`,
     /// which equals TRL's `max_completion_length` when completions are padded to it.
     pub token_sum_divisor: Option<f64>,
+    /// Correction of the sampler/learner mismatch (see [`importance_weights`]); needs
+    /// [`GrpoBatch::logp_sampler`].
+    pub importance_sampling: ImportanceSampling,
+    /// The cap of the importance weights (TRL's `vllm_importance_sampling_clip_max`, 3.0).
+    pub importance_sampling_cap: f64,
 }
 
 impl Default for GrpoOptions {
@@ -73,6 +81,8 @@ impl Default for GrpoOptions {
             kl_estimator: KlEstimator::K3,
             loss_aggregation: LossAggregation::TokenMean,
             token_sum_divisor: None,
+            importance_sampling: ImportanceSampling::None,
+            importance_sampling_cap: 3.0,
         }
     }
 }
@@ -97,6 +107,9 @@ impl GrpoOptions {
             if !(c > 1.0) {
                 return bad("dual_clip", c, "must be > 1 (it caps the loss of negative advantages at c * |A|)");
             }
+        }
+        if !(self.importance_sampling_cap > 1.0) {
+            return bad("importance_sampling_cap", self.importance_sampling_cap, "must be > 1");
         }
         match self.token_sum_divisor {
             Some(d) if !(d > 0.0) => bad("token_sum_divisor", d, "must be > 0"),
@@ -256,6 +269,111 @@ pub fn kl_estimate(logp: &Tensor, logp_ref: &Tensor, estimator: KlEstimator) -> 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Sampler/learner mismatch
+// ---------------------------------------------------------------------------------------------
+
+/// Per-token importance weights of the learner's policy against the sampler's, and where the
+/// correction changed them (both `[b, t]`, no grad):
+///
+///   w = exp(logp - logp_sampler)
+///   truncate: w' = min(w, cap)                    (truncated importance sampling, TIS)
+///   mask:     w' = w if w <= cap else 0           (masked importance sampling, MIS)
+///
+/// With `old_logprobs = "learner"` the ratio starts at 1 and says nothing of how the sampler's
+/// distribution (other kernels, other dtype, an older version) differs from the learner's;
+/// multiplying the surrogate by w' corrects for it, the cap bounding the variance a rare
+/// token with a tiny sampler probability would add (TRL's vLLM correction, verl's rollout
+/// correction, both at token level).
+pub fn importance_weights(logp: &Tensor, logp_sampler: &Tensor, mode: ImportanceSampling, cap: f64) -> (Tensor, Tensor) {
+    let w = (logp.detach() - logp_sampler).exp();
+    let over = w.gt(cap);
+    let corrected = match mode {
+        ImportanceSampling::None => return (w.ones_like(), over.zeros_like()),
+        ImportanceSampling::Truncate => w.clamp_max(cap),
+        ImportanceSampling::Mask => w.masked_fill(&over, 0.0),
+    };
+    (corrected, over)
+}
+
+/// How far the sampler's log-probs are from the learner's on some tokens, as sums that add up
+/// over micro-batches and ranks. The percentile comes from a histogram of |delta| over
+/// [`MISMATCH_BINS`] log-spaced bins, [`MISMATCH_BINS_PER_DECADE`] to a decade from
+/// [`MISMATCH_FLOOR`] (smaller values count in the first bin, larger ones in the last).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MismatchSums {
+    /// Tokens compared.
+    pub tokens: f64,
+    /// sum |logp_learner - logp_sampler|.
+    pub abs_sum: f64,
+    /// max |logp_learner - logp_sampler| (0 with no tokens).
+    pub abs_max: f64,
+    /// Tokens whose ratio exp(logp_learner - logp_sampler) lies outside [1 - eps_low, 1 + eps_high].
+    pub outside_clip: f64,
+    /// Token counts per |delta| bin.
+    pub histogram: Vec<f64>,
+}
+
+pub const MISMATCH_BINS: usize = 240;
+pub const MISMATCH_BINS_PER_DECADE: f64 = 20.0;
+pub const MISMATCH_FLOOR: f64 = 1e-10;
+
+impl MismatchSums {
+    pub fn empty() -> MismatchSums {
+        MismatchSums { tokens: 0.0, abs_sum: 0.0, abs_max: 0.0, outside_clip: 0.0, histogram: vec![0.0; MISMATCH_BINS] }
+    }
+
+    pub fn add(&mut self, other: &MismatchSums) {
+        self.tokens += other.tokens;
+        self.abs_sum += other.abs_sum;
+        self.abs_max = self.abs_max.max(other.abs_max);
+        self.outside_clip += other.outside_clip;
+        for (a, b) in self.histogram.iter_mut().zip(&other.histogram) {
+            *a += b;
+        }
+    }
+
+    /// The upper edge of the histogram bin holding the `q` quantile (e.g. 0.99) of |delta|: an
+    /// upper bound within one bin width (a factor 10^(1/20), 12%) of the exact quantile.
+    pub fn quantile(&self, q: f64) -> f64 {
+        let wanted = q * self.tokens;
+        let mut seen = 0.0;
+        for (bin, count) in self.histogram.iter().enumerate() {
+            seen += count;
+            if seen >= wanted && seen > 0.0 {
+                return (MISMATCH_FLOOR * 10f64.powf((bin + 1) as f64 / MISMATCH_BINS_PER_DECADE)).min(self.abs_max);
+            }
+        }
+        self.abs_max
+    }
+}
+
+/// [`MismatchSums`] of the tokens where `mask` `[b, t]` is 1, for learner log-probs `logp` and
+/// sampler log-probs `logp_sampler` (both `[b, t]`) and the ratio clip range `clip`.
+pub fn sampler_mismatch(logp: &Tensor, logp_sampler: &Tensor, mask: &Tensor, clip: ClipRange) -> Result<MismatchSums, GrpoError> {
+    let on = mask.to_kind(Kind::Bool);
+    let delta = (logp.detach().to_kind(Kind::Double) - logp_sampler.to_kind(Kind::Double)).masked_select(&on); // [n]
+    let tokens = delta.numel() as f64;
+    if tokens == 0.0 {
+        return Ok(MismatchSums::empty());
+    }
+    let abs = delta.abs();
+    let ratio = delta.exp();
+    let outside = ratio.lt(1.0 - clip.eps_low).logical_or(&ratio.gt(1.0 + clip.eps_high));
+    let bins = ((abs.clamp_min(MISMATCH_FLOOR).log10() - MISMATCH_FLOOR.log10()) * MISMATCH_BINS_PER_DECADE)
+        .floor()
+        .clamp(0.0, (MISMATCH_BINS - 1) as f64)
+        .to_kind(Kind::Int64);
+    let histogram = Vec::<f64>::try_from(bins.bincount(None::<Tensor>, MISMATCH_BINS as i64).to_kind(Kind::Double))?;
+    Ok(MismatchSums {
+        tokens,
+        abs_sum: scalar(&abs.sum(Kind::Double))?,
+        abs_max: scalar(&abs.max())?,
+        outside_clip: scalar(&outside.sum(Kind::Double))?,
+        histogram,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // Aggregation
 // ---------------------------------------------------------------------------------------------
 
@@ -326,6 +444,9 @@ pub struct GrpoBatch<'a> {
     pub logp_old: Option<&'a Tensor>,
     /// `[b, t]` reference-policy log-probs; needed only when beta > 0.
     pub logp_ref: Option<&'a Tensor>,
+    /// `[b, t]` the sampler's log-probs of the tokens; needed only for the importance-sampling
+    /// correction (when `logp_old` is the learner's own).
+    pub logp_sampler: Option<&'a Tensor>,
     /// `[b]` one advantage per sequence.
     pub advantages: &'a Tensor,
     /// `[b, t]` 1 on completion tokens, 0 on padding.
@@ -346,6 +467,11 @@ pub struct GrpoMetrics {
     pub clip_low_fraction: f64,
     pub clip_high_fraction: f64,
     pub dual_clip_fraction: f64,
+    /// With an importance-sampling correction: the mean and max applied weight, and the fraction
+    /// of tokens the cap truncated or masked (`None` without one).
+    pub is_weight_mean: Option<f64>,
+    pub is_weight_max: Option<f64>,
+    pub is_corrected_fraction: Option<f64>,
     /// Over the `b` sequences.
     pub advantage_mean: f64,
     pub advantage_std: f64,
@@ -383,10 +509,15 @@ pub fn grpo_loss(batch: GrpoBatch<'_>, options: &GrpoOptions) -> Result<GrpoLoss
     let clip = ClipRange { eps_low: options.eps_low, eps_high: options.eps_high, dual_clip: options.dual_clip };
     let advantages = batch.advantages.to_kind(batch.logp.kind()).unsqueeze(1); // [b, 1]
     let surrogate = clipped_policy_loss(batch.logp, logp_old, &advantages, clip);
+    let correction = importance_term(&batch, options)?;
+    let policy_per_token = match &correction {
+        Some((weights, _)) => &surrogate.per_token_loss * weights,
+        None => surrogate.per_token_loss.shallow_clone(),
+    };
     let kl = kl_term(&batch, options)?;
     let per_token = match &kl {
-        Some(kl) => &surrogate.per_token_loss + kl * options.beta,
-        None => surrogate.per_token_loss.shallow_clone(),
+        Some(kl) => &policy_per_token + kl * options.beta,
+        None => policy_per_token.shallow_clone(),
     };
     let divisor = options.token_sum_divisor.unwrap_or(batch.mask.size()[1] as f64);
     let aggregate = |values: &Tensor| aggregate_loss(values, batch.mask, options.loss_aggregation, divisor);
@@ -396,12 +527,15 @@ pub fn grpo_loss(batch: GrpoBatch<'_>, options: &GrpoOptions) -> Result<GrpoLoss
     let loss = &numerator / denominator.max(1.0);
     let metrics = GrpoMetrics {
         loss: scalar(&loss)?,
-        policy_loss: scalar(&aggregate(&surrogate.per_token_loss))?,
+        policy_loss: scalar(&aggregate(&policy_per_token))?,
         kl_mean: kl.as_ref().map(|kl| scalar(&masked_mean(kl, batch.mask))).transpose()?,
         clip_fraction: fraction(&surrogate.low_clipped.logical_or(&surrogate.high_clipped), batch.mask)?,
         clip_low_fraction: fraction(&surrogate.low_clipped, batch.mask)?,
         clip_high_fraction: fraction(&surrogate.high_clipped, batch.mask)?,
         dual_clip_fraction: fraction(&surrogate.dual_clipped, batch.mask)?,
+        is_weight_mean: correction.as_ref().map(|(w, _)| scalar(&masked_mean(w, batch.mask))).transpose()?,
+        is_weight_max: correction.as_ref().map(|(w, _)| masked_max(w, batch.mask)).transpose()?,
+        is_corrected_fraction: correction.as_ref().map(|(_, over)| fraction(over, batch.mask)).transpose()?,
         advantage_mean: scalar(&batch.advantages.to_kind(Kind::Double).mean(Kind::Double))?,
         advantage_std: advantage_std(batch.advantages)?,
         advantage_min: scalar(&batch.advantages.min())?,
@@ -409,6 +543,25 @@ pub fn grpo_loss(batch: GrpoBatch<'_>, options: &GrpoOptions) -> Result<GrpoLoss
         tokens,
     };
     Ok(GrpoLoss { loss, numerator, denominator, metrics })
+}
+
+/// The importance weights and where the cap acted, or `None` without a correction.
+fn importance_term(batch: &GrpoBatch<'_>, options: &GrpoOptions) -> Result<Option<(Tensor, Tensor)>, GrpoError> {
+    if options.importance_sampling == ImportanceSampling::None {
+        return Ok(None);
+    }
+    let sampler = batch.logp_sampler.ok_or(GrpoError::MissingSamplerLogprobs)?;
+    let (weights, over) = importance_weights(batch.logp, sampler, options.importance_sampling, options.importance_sampling_cap);
+    Ok(Some((weights.to_kind(batch.logp.kind()), over)))
+}
+
+/// The largest value on real tokens (0 when there are none).
+fn masked_max(values: &Tensor, mask: &Tensor) -> Result<f64, GrpoError> {
+    let on = values.masked_select(&mask.to_kind(Kind::Bool));
+    if on.numel() == 0 {
+        return Ok(0.0);
+    }
+    scalar(&on.max())
 }
 
 /// The per-token KL, or `None` when beta = 0 (the reference is then never touched).
@@ -426,7 +579,7 @@ fn check_batch(batch: &GrpoBatch<'_>) -> Result<(), GrpoError> {
     if expected.len() != 2 {
         return shape_error("mask", expected, "[b, t]".into());
     }
-    let pairs = [("logp", Some(batch.logp)), ("logp_old", batch.logp_old), ("logp_ref", batch.logp_ref)];
+    let pairs = [("logp", Some(batch.logp)), ("logp_old", batch.logp_old), ("logp_ref", batch.logp_ref), ("logp_sampler", batch.logp_sampler)];
     for (what, tensor) in pairs {
         if let Some(tensor) = tensor {
             if tensor.size() != expected {
@@ -629,7 +782,7 @@ mod tests {
         let advantages = Tensor::from_slice(&[1.0f64, -2.0]);
         let options = GrpoOptions { beta: 0.1, ..GrpoOptions::default() };
         let batch =
-            GrpoBatch { logp: &logp, logp_old: None, logp_ref: Some(&reference), advantages: &advantages, mask: &mask };
+            GrpoBatch { logp: &logp, logp_old: None, logp_ref: Some(&reference), logp_sampler: None, advantages: &advantages, mask: &mask };
         let out = grpo_loss(batch, &options).unwrap();
         // On-policy: ratio 1, surrogate = -A per token: [-1, -1, 2]; token mean = 0 / 3 = 0.
         // k3 on token 2 of sequence 1 (ref - logp = ln 2): 2 - ln 2 - 1; others 0.
@@ -655,7 +808,7 @@ mod tests {
         let advantages = Tensor::from_slice(&[1.0f64]);
         let options = GrpoOptions { beta: 0.0, ..GrpoOptions::default() };
         let batch =
-            GrpoBatch { logp: &logp, logp_old: Some(&old), logp_ref: None, advantages: &advantages, mask: &mask };
+            GrpoBatch { logp: &logp, logp_old: Some(&old), logp_ref: None, logp_sampler: None, advantages: &advantages, mask: &mask };
         let m = grpo_loss(batch, &options).unwrap().metrics;
         // Token 1: ratio 1.5 clipped to 1.2 -> -1.2; token 2: ratio 1 -> -1. Mean -1.1.
         assert!((m.loss + 1.1).abs() < 1e-12);
@@ -668,7 +821,7 @@ mod tests {
         let logp = t2(&[&[0.0, 0.0]]);
         let mask = t2(&[&[1.0, 1.0]]);
         let advantages = Tensor::from_slice(&[1.0f64]);
-        let batch = GrpoBatch { logp: &logp, logp_old: None, logp_ref: None, advantages: &advantages, mask: &mask };
+        let batch = GrpoBatch { logp: &logp, logp_old: None, logp_ref: None, logp_sampler: None, advantages: &advantages, mask: &mask };
         let err = grpo_loss(batch, &GrpoOptions::default()).unwrap_err();
         assert!(matches!(err, GrpoError::MissingReference { .. }), "{err}");
         let wrong = Tensor::from_slice(&[1.0f64, 2.0]);
@@ -676,6 +829,60 @@ mod tests {
             grpo_loss(GrpoBatch { advantages: &wrong, ..batch }, &GrpoOptions { beta: 0.0, ..Default::default() })
                 .unwrap_err();
         assert!(err.to_string().contains("advantages has shape [2], expected [1] (one per sequence)"), "{err}");
+    }
+
+    #[test]
+    fn importance_weights_truncate_or_mask_above_the_cap() {
+        // Learner - sampler log-prob differences ln 0.5, 0, ln 3 (weights 0.5, 1, 3), cap 2.
+        let logp = t2(&[&[0.5f64.ln(), 0.0, 3.0f64.ln()]]);
+        let sampler = Tensor::zeros([1, 3], (Kind::Double, tch::Device::Cpu));
+        let (w, over) = importance_weights(&logp, &sampler, ImportanceSampling::Truncate, 2.0);
+        assert_all_close(&values(&w), &[0.5, 1.0, 2.0]);
+        assert_all_close(&values(&over), &[0.0, 0.0, 1.0]);
+        let (w, _) = importance_weights(&logp, &sampler, ImportanceSampling::Mask, 2.0);
+        assert_all_close(&values(&w), &[0.5, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn importance_correction_scales_the_surrogate_and_reports_its_weights() {
+        // On-policy ratio (old = None); the sampler saw token 2 three times less likely than the
+        // learner does: its weight 3 is truncated to 2.
+        let logp = t2(&[&[-1.0, -2.0]]).set_requires_grad(true);
+        let sampler = t2(&[&[-1.0, -2.0 - 3.0f64.ln()]]);
+        let mask = t2(&[&[1.0, 1.0]]);
+        let advantages = Tensor::from_slice(&[1.0f64]);
+        let options = GrpoOptions { beta: 0.0, importance_sampling: ImportanceSampling::Truncate, importance_sampling_cap: 2.0, ..Default::default() };
+        let batch = GrpoBatch { logp: &logp, logp_old: None, logp_ref: None, logp_sampler: Some(&sampler), advantages: &advantages, mask: &mask };
+        let out = grpo_loss(batch, &options).unwrap();
+        // Surrogate -A * ratio = -1 per token, weighted 1 and 2: token mean -1.5.
+        assert!((out.metrics.loss + 1.5).abs() < 1e-12, "{}", out.metrics.loss);
+        assert_eq!((out.metrics.is_weight_mean, out.metrics.is_weight_max, out.metrics.is_corrected_fraction), (Some(1.5), Some(2.0), Some(0.5)));
+        out.loss.backward();
+        assert_all_close(&values(&logp.grad()), &[-0.5, -1.0]);
+        let missing = GrpoBatch { logp_sampler: None, ..batch };
+        assert!(matches!(grpo_loss(missing, &options), Err(GrpoError::MissingSamplerLogprobs)));
+    }
+
+    #[test]
+    fn sampler_mismatch_counts_only_masked_tokens() {
+        let logp = t2(&[&[-1.0, -2.0, -3.0], &[-1.0, 0.0, 0.0]]);
+        let sampler = t2(&[&[-1.0 - 1e-6, -2.0 + 1e-3, -3.0 - 0.5], &[-1.0 - 0.7, 0.0, 9.0]]);
+        // Row 2 was not sampled by the version being trained: masked out entirely.
+        let mask = t2(&[&[1.0, 1.0, 1.0], &[0.0, 0.0, 0.0]]);
+        let m = sampler_mismatch(&logp, &sampler, &mask, CLIP).unwrap();
+        assert_eq!(m.tokens, 3.0);
+        assert!((m.abs_sum - (1e-6 + 1e-3 + 0.5)).abs() < 1e-12);
+        assert!((m.abs_max - 0.5).abs() < 1e-12);
+        // Ratios e^(1e-6), e^(-1e-3), e^0.5 = 1.65: one outside [0.8, 1.2].
+        assert_eq!(m.outside_clip, 1.0);
+        assert_eq!(m.histogram.iter().sum::<f64>(), 3.0);
+        // The 99th percentile is the largest of three: within one bin (12%) above 0.5, capped by the max.
+        assert!((m.quantile(0.99) - 0.5).abs() < 1e-12);
+        // The median is the 1e-3 token's bin: its upper edge is within 12% above it.
+        let median = m.quantile(0.5);
+        assert!((0.99e-3..=1.13e-3).contains(&median), "{median}");
+        let none = sampler_mismatch(&logp, &sampler, &mask.zeros_like(), CLIP).unwrap();
+        assert_eq!((none.tokens, none.abs_max), (0.0, 0.0));
     }
 
     #[test]

@@ -76,7 +76,9 @@ pub trait Policy: Sized {
     /// Each prompt row repeated `times` times in place: rows r, r, .., r+1, r+1, ...
     fn repeat_prompts(&self, prompts: &Self::Prompts, times: i64) -> Self::Prompts;
 
-    /// Reference answers -> right-padded ids `[b, tc]` with the end token appended, and the mask.
+    /// Reference answers -> right-padded ids `[b, tc]` and the mask: an answer of at most
+    /// `max_tokens` tokens gets the end token appended; a longer one is cut to `max_tokens`
+    /// and gets none (the model must not learn to stop where the cut fell).
     fn encode_answers(&self, texts: &[String], max_tokens: usize) -> Result<(Tensor, Tensor), PolicyError>;
 
     /// `[b, tc]` log-probabilities of `completion_ids` after each prompt at `temperature`;

@@ -77,7 +77,8 @@ fn bytes_to_ids(texts: &[String], max: usize, append_eos: bool) -> (Tensor, Tens
         .iter()
         .map(|t| {
             let mut ids: Vec<i64> = t.bytes().take(max).map(i64::from).collect();
-            if append_eos {
+            // A cut answer gets no end token (as MedTvt::encode_completions).
+            if append_eos && t.len() <= max {
                 ids.push(EOS);
             }
             ids

@@ -20,12 +20,13 @@
 use crate::batch::{self, BatchError};
 use crate::checkpoint::{self, CheckpointContent, CheckpointError, LoadedCheckpoint, TrainerState};
 use crate::collective::{CollectiveError, GradientCollective};
-use crate::grpo::{self, GrpoBatch, GrpoError, GrpoOptions};
+use crate::grpo::{self, ClipRange, GrpoBatch, GrpoError, GrpoOptions, MismatchSums};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::policy::{Policy, PolicyError};
-use medtvt_config::{RunConfig, Stage};
+use medtvt_config::{OldLogprobs, RunConfig, Stage};
 use medtvt_data::ModalityInputs;
 use medtvt_proto::v1::{Completion, RolloutGroup};
+use medtvt_telemetry::metrics::StepMetric;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -66,7 +67,7 @@ pub enum StepData {
 pub struct TrainerOptions {
     pub stage: Stage,
     pub max_prompt_tokens: usize,
-    /// Reference answers longer than this (in tokens) are truncated.
+    /// Reference answers longer than this (in tokens) are cut, without an end token.
     pub max_answer_tokens: usize,
     pub grad_accumulation: usize,
     pub grad_clip: f64,
@@ -82,6 +83,8 @@ pub struct GrpoStepOptions {
     /// The sampling temperature: log-probs are scored at the temperature they were sampled at.
     pub temperature: f64,
     pub filter_tied_groups: bool,
+    /// The sampler's log-probs or the learner's own as the ratio's "old" log-probs.
+    pub old_logprobs: OldLogprobs,
 }
 
 impl TrainerOptions {
@@ -95,18 +98,22 @@ impl TrainerOptions {
                 beta: g.beta,
                 kl_estimator: g.kl_estimator,
                 loss_aggregation: g.loss_aggregation,
+                dual_clip: g.dual_clip,
                 // Dr. GRPO divides token sums by the fixed completion budget, not the batch's longest.
                 token_sum_divisor: Some(f64::from(g.max_new_tokens)),
+                importance_sampling: g.importance_sampling,
+                importance_sampling_cap: g.importance_sampling_cap,
                 ..GrpoOptions::default()
             },
             group_size: g.group_size as usize,
             temperature: g.temperature,
             filter_tied_groups: g.filter_tied_groups,
+            old_logprobs: g.old_logprobs,
         });
         TrainerOptions {
             stage: cfg.run.stage,
             max_prompt_tokens: cfg.data.max_prompt_tokens,
-            max_answer_tokens: cfg.data.max_prompt_tokens,
+            max_answer_tokens: cfg.data.max_answer_tokens,
             grad_accumulation: t.grad_accumulation.max(1) as usize,
             grad_clip: t.grad_clip,
             schedule: LrSchedule { peak: t.learning_rate, warmup: t.warmup_steps, total: t.steps, min_ratio: t.min_lr_ratio },
@@ -125,7 +132,7 @@ pub struct StepOutcome {
 }
 
 /// Sums a step accumulates on one rank; added over ranks with the collective.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone)]
 struct Sums {
     loss_x_tokens: f64,
     tokens: f64,
@@ -136,23 +143,63 @@ struct Sums {
     tied_groups: f64,
     groups_trained: f64,
     non_finite_loss: f64,
+    /// Sampler vs learner log-probs on the tokens sampled by the version being trained (lag 0).
+    mismatch: MismatchSums,
+    /// Importance-sampling weight sums (with a correction): weight x tokens, corrected x tokens.
+    is_weight_x_tokens: f64,
+    is_corrected_x_tokens: f64,
+    is_weight_max: f64,
+}
+
+impl Default for Sums {
+    fn default() -> Self {
+        Sums {
+            loss_x_tokens: 0.0,
+            tokens: 0.0,
+            samples: 0.0,
+            rewards: batch::RewardSums::default(),
+            kl_x_tokens: 0.0,
+            clip_x_tokens: 0.0,
+            tied_groups: 0.0,
+            groups_trained: 0.0,
+            non_finite_loss: 0.0,
+            mismatch: MismatchSums::empty(),
+            is_weight_x_tokens: 0.0,
+            is_corrected_x_tokens: 0.0,
+            is_weight_max: 0.0,
+        }
+    }
 }
 
 impl Sums {
-    fn to_vec(self) -> Vec<f64> {
-        let r = self.rewards;
-        vec![
-            self.loss_x_tokens, self.tokens, self.samples, r.completions, r.reward, r.reward_sq, r.jaccard, r.format,
-            self.kl_x_tokens, self.clip_x_tokens, self.tied_groups, self.groups_trained, self.non_finite_loss,
-        ]
-    }
-
-    fn from_vec(v: &[f64]) -> Self {
-        let rewards = batch::RewardSums { completions: v[3], reward: v[4], reward_sq: v[5], jaccard: v[6], format: v[7] };
-        Sums {
-            loss_x_tokens: v[0], tokens: v[1], samples: v[2], rewards, kl_x_tokens: v[8], clip_x_tokens: v[9],
-            tied_groups: v[10], groups_trained: v[11], non_finite_loss: v[12],
-        }
+    /// Every value that adds up over ranks, each once (the maxima are reduced separately): the
+    /// one list both the all-reduce and its read-back go through, so no field can be sent in one
+    /// position and read from another.
+    fn additive(&mut self) -> Vec<&mut f64> {
+        let r = &mut self.rewards;
+        let m = &mut self.mismatch;
+        let mut fields = vec![
+            &mut self.loss_x_tokens,
+            &mut self.tokens,
+            &mut self.samples,
+            &mut r.completions,
+            &mut r.reward,
+            &mut r.reward_sq,
+            &mut r.jaccard,
+            &mut r.format,
+            &mut self.kl_x_tokens,
+            &mut self.clip_x_tokens,
+            &mut self.tied_groups,
+            &mut self.groups_trained,
+            &mut self.non_finite_loss,
+            &mut m.tokens,
+            &mut m.abs_sum,
+            &mut m.outside_clip,
+            &mut self.is_weight_x_tokens,
+            &mut self.is_corrected_x_tokens,
+        ];
+        fields.extend(m.histogram.iter_mut());
+        fields
     }
 }
 
@@ -194,6 +241,7 @@ impl<P: Policy> Trainer<P> {
     pub fn broadcast_weights(&mut self) -> Result<(), TrainError> {
         let all: Vec<Tensor> = self.policy.all_tensors().into_iter().map(|(_, t)| t).collect();
         self.collective.broadcast_from_root(&all)?;
+        self.optimizer.refresh_masters_from_params();
         Ok(())
     }
 
@@ -281,10 +329,14 @@ impl<P: Policy> Trainer<P> {
         let normaliser = self.global_normaliser(local)?;
         let parts = batch::micro_batches(kept_groups.len(), self.options.grad_accumulation);
         for range in parts {
-            let loss = self.grpo_micro_loss(&kept_groups[range.clone()], &kept_prompts[range], &opts)?;
+            let (loss, mismatch) = self.grpo_micro_loss(&kept_groups[range.clone()], &kept_prompts[range], &opts)?;
             let metrics = loss.metrics;
             sums.kl_x_tokens += metrics.kl_mean.unwrap_or(0.0) * metrics.tokens;
             sums.clip_x_tokens += metrics.clip_fraction * metrics.tokens;
+            sums.mismatch.add(&mismatch);
+            sums.is_weight_x_tokens += metrics.is_weight_mean.unwrap_or(0.0) * metrics.tokens;
+            sums.is_corrected_x_tokens += metrics.is_corrected_fraction.unwrap_or(0.0) * metrics.tokens;
+            sums.is_weight_max = sums.is_weight_max.max(metrics.is_weight_max.unwrap_or(0.0));
             self.backward(&(loss.numerator * normaliser), metrics.loss, metrics.tokens, &mut sums);
         }
         sums.samples = kept_groups.len() as f64;
@@ -292,13 +344,16 @@ impl<P: Policy> Trainer<P> {
     }
 
     /// The GRPO loss of some groups: prompts repeated G times in place, completions scored at the
-    /// sampling temperature against the behaviour (and, with beta > 0, reference) log-probs.
+    /// sampling temperature against the old (the sampler's or the learner's own) and, with
+    /// beta > 0, the reference log-probs; and how far the sampler's log-probs are from the
+    /// learner's on the groups the version being trained sampled (lag 0), where any difference
+    /// is numerical (kernels, dtype), not a policy change.
     fn grpo_micro_loss(
         &self,
         groups: &[RolloutGroup],
         prompts: &[PromptInput],
         opts: &GrpoStepOptions,
-    ) -> Result<grpo::GrpoLoss, TrainError> {
+    ) -> Result<(grpo::GrpoLoss, MismatchSums), TrainError> {
         let device = self.policy.device();
         let encoded = self.policy.encode_prompts(prompts, self.options.max_prompt_tokens)?;
         let repeated = self.policy.repeat_prompts(&encoded, opts.group_size as i64); // b = n * G rows
@@ -309,10 +364,28 @@ impl<P: Policy> Trainer<P> {
             (Some(reference), true) => Some(tch::no_grad(|| reference.score(&repeated, &t.ids, &t.mask, opts.temperature, false))),
             _ => None,
         };
-        Ok(grpo::grpo_loss(
-            GrpoBatch { logp: &logp, logp_old: Some(&t.logp_old), logp_ref: logp_ref.as_ref(), advantages: &advantages, mask: &t.mask },
-            &opts.loss,
-        )?)
+        let lag0: Vec<f32> = groups
+            .iter()
+            .flat_map(|g| std::iter::repeat_n(f32::from(u8::from(g.policy_version == self.step)), g.completions.len()))
+            .collect();
+        let lag0_mask = &t.mask * Tensor::from_slice(&lag0).to_device(device).unsqueeze(1); // [b, t]
+        let clip = ClipRange { eps_low: opts.loss.eps_low, eps_high: opts.loss.eps_high, dual_clip: opts.loss.dual_clip };
+        let mismatch = grpo::sampler_mismatch(&logp, &t.logp_old, &lag0_mask, clip)?;
+        let logp_old = match opts.old_logprobs {
+            OldLogprobs::Sampler => Some(&t.logp_old),
+            // The learner's own log-probs before the update: the detached `logp` (one
+            // optimisation step per batch, so the weights have not moved yet).
+            OldLogprobs::Learner => None,
+        };
+        let batch = GrpoBatch {
+            logp: &logp,
+            logp_old,
+            logp_ref: logp_ref.as_ref(),
+            logp_sampler: Some(&t.logp_old),
+            advantages: &advantages,
+            mask: &t.mask,
+        };
+        Ok((grpo::grpo_loss(batch, &opts.loss)?, mismatch))
     }
 
     /// Backpropagates `share` (this micro-batch's share of the step's loss, see
@@ -333,12 +406,38 @@ impl<P: Policy> Trainer<P> {
     }
 
     fn sum_over_ranks(&mut self, local: Sums) -> Result<Sums, TrainError> {
-        let values = local.to_vec();
+        let mut sums = local.clone();
+        let values: Vec<f64> = sums.additive().into_iter().map(|v| *v).collect();
         let world = self.collective.world_size() as f64;
         let t = Tensor::from_slice(&values).to_kind(Kind::Float);
         self.collective.all_reduce_mean(std::slice::from_ref(&t))?;
         let mean = Vec::<f64>::try_from(t.to_kind(Kind::Double))?;
-        Ok(Sums::from_vec(&mean.iter().map(|m| m * world).collect::<Vec<_>>()))
+        for (slot, m) in sums.additive().into_iter().zip(mean) {
+            *slot = m * world;
+        }
+        let [mismatch_max, is_max] = self.max_over_ranks([local.mismatch.abs_max, local.is_weight_max])?;
+        sums.mismatch.abs_max = mismatch_max;
+        sums.is_weight_max = is_max;
+        Ok(sums)
+    }
+
+    /// The maximum of each value over all ranks, with the mean all-reduce: every rank writes its
+    /// values into its own slot of a zero vector, so the mean times the world size is every
+    /// rank's values side by side.
+    fn max_over_ranks<const N: usize>(&mut self, local: [f64; N]) -> Result<[f64; N], TrainError> {
+        let world = self.collective.world_size();
+        let mut slots = vec![0f64; world * N];
+        slots[self.collective.rank() * N..][..N].copy_from_slice(&local);
+        let t = Tensor::from_slice(&slots);
+        self.collective.all_reduce_mean(std::slice::from_ref(&t))?;
+        let all = Vec::<f64>::try_from(t)?;
+        let mut out = [f64::NEG_INFINITY; N];
+        for rank in all.chunks(N) {
+            for (o, v) in out.iter_mut().zip(rank) {
+                *o = o.max(v * world as f64);
+            }
+        }
+        Ok(out)
     }
 
     fn metrics(&self, s: &Sums, grad_norm: f64, lr: f64, elapsed: f64, skipped: bool) -> BTreeMap<String, f64> {
@@ -368,13 +467,28 @@ impl<P: Policy> Trainer<P> {
             m.insert("clip_fraction".into(), per_token(s.clip_x_tokens));
             m.insert("tied_groups".into(), s.tied_groups);
             m.insert("groups_trained".into(), s.groups_trained);
+            let mm = &s.mismatch;
+            if mm.tokens > 0.0 {
+                // Over the tokens the version being trained sampled itself (lag 0); see docs/grpo.md.
+                m.insert("mismatch/tokens".into(), mm.tokens);
+                m.insert(StepMetric::SamplerMismatchMean.key().into(), mm.abs_sum / mm.tokens);
+                m.insert(StepMetric::SamplerMismatchP99.key().into(), mm.quantile(0.99));
+                m.insert(StepMetric::SamplerMismatchMax.key().into(), mm.abs_max);
+                m.insert(StepMetric::SamplerMismatchOutsideClip.key().into(), mm.outside_clip / mm.tokens);
+            }
+            if self.options.grpo.is_some_and(|g| g.loss.importance_sampling != grpo::ImportanceSampling::None) {
+                m.insert("is/weight_mean".into(), per_token(s.is_weight_x_tokens));
+                m.insert("is/weight_max".into(), s.is_weight_max);
+                m.insert("is/corrected_fraction".into(), per_token(s.is_corrected_x_tokens));
+            }
         }
         m
     }
 
     /// Writes a checkpoint of the trainable weights and optimizer state under `root`.
     pub fn save_checkpoint(&self, root: &Path, seed: u64) -> Result<PathBuf, TrainError> {
-        let weights: Vec<(String, Tensor)> = self.optimizer.params().iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        // The f32 masters, not the model's (possibly bf16) copies: a resumed run continues exactly.
+        let weights = self.optimizer.master_weights();
         let mut optimizer = Vec::with_capacity(2 * weights.len());
         for (i, (name, _)) in weights.iter().enumerate() {
             optimizer.push((format!("exp_avg.{name}"), self.optimizer.exp_avg[i].shallow_clone()));
@@ -392,13 +506,14 @@ impl<P: Policy> Trainer<P> {
         Ok(checkpoint::save(root, CheckpointContent { weights: &weights, optimizer: &optimizer, state })?)
     }
 
-    /// Restores weights, optimizer moments and the step counter from a verified checkpoint.
+    /// Restores weights (f32 masters and the model's copies), optimizer moments and the step
+    /// counter from a verified checkpoint.
     pub fn restore(&mut self, ckpt: &LoadedCheckpoint) -> Result<(), TrainError> {
         let names: Vec<String> = self.optimizer.params().iter().map(|(n, _)| n.clone()).collect();
         let mut weights = Vec::with_capacity(names.len());
         for (i, name) in names.iter().enumerate() {
             let w = checkpoint::find(&ckpt.weights, name, &ckpt.path)?;
-            weights.push((name.clone(), w.shallow_clone()));
+            weights.push((name.clone(), w.to_kind(Kind::Float)));
             for (prefix, dst) in [("exp_avg", &self.optimizer.exp_avg[i]), ("exp_avg_sq", &self.optimizer.exp_avg_sq[i])] {
                 let src = checkpoint::find(&ckpt.optimizer, &format!("{prefix}.{name}"), &ckpt.path)?;
                 if src.size() != dst.size() {
@@ -407,10 +522,20 @@ impl<P: Policy> Trainer<P> {
                 tch::no_grad(|| dst.shallow_clone().copy_(&src.to_device(dst.device()).to_kind(dst.kind())));
             }
         }
+        // By name through the model first (which checks every name and shape), then exactly
+        // into the masters.
         self.policy.copy_named_tensors(&weights)?;
+        for (i, (_, w)) in weights.iter().enumerate() {
+            self.optimizer.set_weight(i, w);
+        }
         self.optimizer.steps = ckpt.state.adam_steps;
         self.step = ckpt.state.step;
         Ok(())
+    }
+
+    /// The trainable weights in f32 as the optimizer holds them (the masters of a bf16 model).
+    pub fn master_weights(&self) -> Vec<(String, Tensor)> {
+        self.optimizer.master_weights()
     }
 
     /// SHA-256 over every variable's f32 little-endian bytes in name order: equal digests mean
@@ -535,7 +660,13 @@ mod tests {
     }
 
     fn grpo_options(filter_tied_groups: bool) -> GrpoStepOptions {
-        GrpoStepOptions { loss: GrpoOptions { beta: 0.0, ..GrpoOptions::default() }, group_size: 2, temperature: 1.0, filter_tied_groups }
+        GrpoStepOptions {
+            loss: GrpoOptions { beta: 0.0, ..GrpoOptions::default() },
+            group_size: 2,
+            temperature: 1.0,
+            filter_tied_groups,
+            old_logprobs: OldLogprobs::Sampler,
+        }
     }
 
     #[test]
@@ -576,7 +707,13 @@ mod tests {
     #[test]
     fn on_policy_grpo_raises_the_mean_sampled_reward() {
         let g = 8;
-        let opts = GrpoStepOptions { loss: GrpoOptions { beta: 0.0, ..GrpoOptions::default() }, group_size: g, temperature: 1.0, filter_tied_groups: false };
+        let opts = GrpoStepOptions {
+            loss: GrpoOptions { beta: 0.0, ..GrpoOptions::default() },
+            group_size: g,
+            temperature: 1.0,
+            filter_tied_groups: false,
+            old_logprobs: OldLogprobs::Sampler,
+        };
         let mut t = trainer(5, Box::new(SingleRank), Some(opts));
         let questions = ["<lab> which?", "<ecg> rhythm?", "<cxr> lungs?", "<lab> kidneys?"];
         let sample = br#"{"id":"s","split":"train","kind":"disease","encounter_id":"e","ecg":null,"cxr":null,"lab":null,"question":"q","answer":"<answer>x</answer>","labels":[]}"#;

@@ -555,26 +555,32 @@ impl MedTvt {
         }
         let (ids, mask) = llama::left_pad(&rows, self.pad_id, device)?;
         let b = prompts.len() as i64;
+        // The encoders compute in the model's dtype (bf16 weights take bf16 inputs).
+        let kind = self.vs.kind();
         Ok(PromptBatch {
             ids,
             mask,
-            ecg: Tensor::stack(&ecg, 0).to_device(device),
-            cxr: Tensor::stack(&cxr, 0).to_device(device),
-            lab: Tensor::stack(&lab, 0).to_device(device),
+            ecg: Tensor::stack(&ecg, 0).to_device(device).to_kind(kind),
+            cxr: Tensor::stack(&cxr, 0).to_device(device).to_kind(kind),
+            lab: Tensor::stack(&lab, 0).to_device(device).to_kind(kind),
             present: Tensor::from_slice(&present).view([b, 3]).to_device(device),
             repeats: 1,
         })
     }
 
-    /// Completion texts as right-padded ids `[b, tc]` with EOS appended (truncated to
-    /// `max_tokens`, EOS included) and their mask.
+    /// Completion texts as right-padded ids `[b, tc]` and their mask: a text of at most
+    /// `max_tokens` tokens gets EOS appended; a longer one is cut to `max_tokens` tokens and gets
+    /// no EOS, so a model trained on it is never taught to stop where the cut fell.
     pub fn encode_completions(&self, texts: &[String], max_tokens: usize) -> Result<(Tensor, Tensor), ModelError> {
         let eos = self.eos_ids.first().copied().unwrap_or(self.pad_id);
         let mut rows = Vec::with_capacity(texts.len());
         for text in texts {
             let mut ids = self.tokenizer.encode(text, false)?;
-            ids.truncate(max_tokens.saturating_sub(1));
-            ids.push(eos);
+            if ids.len() <= max_tokens {
+                ids.push(eos);
+            } else {
+                ids.truncate(max_tokens);
+            }
             rows.push(ids);
         }
         Ok(right_pad(&rows, self.pad_id, self.device()))
@@ -823,6 +829,26 @@ mod tests {
         }
     }
 
+    /// A bf16 model takes the f32 modality inputs of `encode_prompts` (they are cast to its
+    /// dtype), scores with gradients and samples.
+    #[test]
+    fn a_bf16_model_encodes_scores_and_generates_with_every_modality() {
+        let tok = MedTvt::train_tiny_tokenizer(&corpus(), 300).unwrap();
+        let mut cfg = tiny_config();
+        cfg.model.dtype = DType::Bf16;
+        let mut m = MedTvt::from_run_config(&cfg, Device::Cpu, Some(tok)).unwrap();
+        m.set_trainable(Stage::Sft, true);
+        let batch = m.encode_prompts(&[("<ecg> <cxr> <lab> which?".into(), inputs(true))], 64).unwrap();
+        assert_eq!(batch.ecg.kind(), Kind::BFloat16);
+        let (ids, mask) = m.encode_completions(&["<answer>sepsis</answer>".into()], 16).unwrap();
+        let logp = m.score(&batch, &ids, &mask, 1.0, true);
+        assert!(logp.sum(Kind::Float).double_value(&[]).is_finite());
+        logp.sum(Kind::Float).backward();
+        let params = SamplingParams { max_new_tokens: 3, ..SamplingParams::default() };
+        let (generation, gates) = m.generate(&batch, &params).unwrap();
+        assert_eq!((generation.tokens.len(), gates.len()), (1, 1));
+    }
+
     #[test]
     fn placeholders_receive_the_modality_vectors() {
         let m = model();
@@ -873,6 +899,24 @@ mod tests {
         let (mods, gates) = m.modality_embeddings(&text_only, false);
         assert_eq!(mods.abs().max().double_value(&[]), 0.0);
         assert_eq!(gates.abs().max().double_value(&[]), 0.0);
+    }
+
+    /// Issue #12: an answer within the limit ends in EOS; a longer one is cut and gets none.
+    #[test]
+    fn a_cut_answer_gets_no_eos_and_a_whole_one_does() {
+        let m = model();
+        let text = "<think>rate 12 bpm</think><answer>sepsis; pneumonia</answer>".to_string();
+        let tokens = m.tokenizer().encode(&text, false).unwrap();
+        let n = tokens.len();
+        let eos = m.eos_token_ids()[0];
+        let row = |max: usize| {
+            let (ids, mask) = m.encode_completions(std::slice::from_ref(&text), max).unwrap();
+            let len = mask.sum(Kind::Int64).int64_value(&[]);
+            Vec::<i64>::try_from(ids.view([-1]).narrow(0, 0, len)).unwrap()
+        };
+        assert_eq!(row(n), [tokens.clone(), vec![eos]].concat());
+        assert_eq!(row(n + 5), [tokens.clone(), vec![eos]].concat());
+        assert_eq!(row(n - 2), tokens[..n - 2].to_vec(), "a cut answer keeps max_tokens tokens and no EOS");
     }
 
     #[test]

@@ -8,12 +8,20 @@
 //! | `kl` (or `kl_mean`)      | `medtvt.train.kl`                  | gauge f64     | `1`         |
 //! | `clip_fraction`          | `medtvt.train.clip_fraction`       | gauge f64     | `1`         |
 //! | `tokens_per_s`           | `medtvt.train.tokens_per_second`   | gauge f64     | `{token}/s` |
+//! | `mismatch/logp_abs/mean` | `medtvt.train.sampler_mismatch.mean` | gauge f64   | `1`         |
+//! | `mismatch/logp_abs/p99`  | `medtvt.train.sampler_mismatch.p99`  | gauge f64   | `1`         |
+//! | `mismatch/logp_abs/max`  | `medtvt.train.sampler_mismatch.max`  | gauge f64   | `1`         |
+//! | `mismatch/outside_clip`  | `medtvt.train.sampler_mismatch.outside_clip` | gauge f64 | `1`   |
 //! | `step_time_s`            | `medtvt.train.step.duration`       | histogram f64 | `s`         |
 //! | any other key, e.g. `reward/jaccard` | `medtvt.train.metric` with attribute `medtvt.metric` = key | gauge f64 | `1` |
 //! | `set_queue_depth`        | `medtvt.coordinator.queue_depth`   | gauge u64     | `{group}`   |
 //! | `set_leased_prompts`     | `medtvt.coordinator.leased_prompts`| gauge u64     | `{prompt}`  |
 //! | `set_prompts_waiting`    | `medtvt.coordinator.prompts_waiting`| gauge u64    | `{prompt}`  |
 //! | `set_policy_lag`         | `medtvt.policy.lag`                | gauge u64     | `{version}` |
+//!
+//! The `mismatch/*` values compare the sampler's log-probs with the learner's on the tokens that
+//! the policy version being trained sampled itself (lag 0): |logp_learner - logp_sampler| per
+//! token and the fraction of those tokens whose ratio is outside the clip range before any update.
 //!
 //! Per-step scalars are gauges (the last value per export period; a backend plots them over
 //! time) except the step time, a histogram so its distribution survives aggregation.
@@ -62,10 +70,14 @@ pub enum StepMetric {
     ClipFraction,
     TokensPerSecond,
     StepTime,
+    SamplerMismatchMean,
+    SamplerMismatchP99,
+    SamplerMismatchMax,
+    SamplerMismatchOutsideClip,
 }
 
 impl StepMetric {
-    pub const ALL: [StepMetric; 7] = [
+    pub const ALL: [StepMetric; 11] = [
         StepMetric::RewardMean,
         StepMetric::RewardStd,
         StepMetric::Loss,
@@ -73,6 +85,10 @@ impl StepMetric {
         StepMetric::ClipFraction,
         StepMetric::TokensPerSecond,
         StepMetric::StepTime,
+        StepMetric::SamplerMismatchMean,
+        StepMetric::SamplerMismatchP99,
+        StepMetric::SamplerMismatchMax,
+        StepMetric::SamplerMismatchOutsideClip,
     ];
 
     /// The key our code reports it under (metrics.jsonl, the coordinator's latest metrics).
@@ -85,6 +101,10 @@ impl StepMetric {
             StepMetric::ClipFraction => "clip_fraction",
             StepMetric::TokensPerSecond => "tokens_per_s",
             StepMetric::StepTime => "step_time_s",
+            StepMetric::SamplerMismatchMean => "mismatch/logp_abs/mean",
+            StepMetric::SamplerMismatchP99 => "mismatch/logp_abs/p99",
+            StepMetric::SamplerMismatchMax => "mismatch/logp_abs/max",
+            StepMetric::SamplerMismatchOutsideClip => "mismatch/outside_clip",
         }
     }
 
@@ -106,6 +126,10 @@ impl StepMetric {
             StepMetric::ClipFraction => "medtvt.train.clip_fraction",
             StepMetric::TokensPerSecond => "medtvt.train.tokens_per_second",
             StepMetric::StepTime => "medtvt.train.step.duration",
+            StepMetric::SamplerMismatchMean => "medtvt.train.sampler_mismatch.mean",
+            StepMetric::SamplerMismatchP99 => "medtvt.train.sampler_mismatch.p99",
+            StepMetric::SamplerMismatchMax => "medtvt.train.sampler_mismatch.max",
+            StepMetric::SamplerMismatchOutsideClip => "medtvt.train.sampler_mismatch.outside_clip",
         }
     }
 
@@ -126,6 +150,10 @@ impl StepMetric {
             StepMetric::ClipFraction => "Fraction of tokens where the ratio clip was active",
             StepMetric::TokensPerSecond => "Tokens processed per second",
             StepMetric::StepTime => "Wall time of one step",
+            StepMetric::SamplerMismatchMean => "Mean |learner - sampler| log-prob on tokens the trained version sampled",
+            StepMetric::SamplerMismatchP99 => "99th percentile of |learner - sampler| log-prob on lag-0 tokens",
+            StepMetric::SamplerMismatchMax => "Largest |learner - sampler| log-prob on lag-0 tokens",
+            StepMetric::SamplerMismatchOutsideClip => "Fraction of lag-0 tokens whose ratio is outside the clip range before the update",
         }
     }
 }
@@ -353,6 +381,7 @@ mod tests {
             ("kl_mean".to_owned(), 0.01),
             ("step_time_s".to_owned(), 1.5),
             ("reward/jaccard".to_owned(), 0.75),
+            ("mismatch/logp_abs/p99".to_owned(), 2e-7),
         ]);
         metrics.record_step(&values, &[KeyValue::new("medtvt.stage", "grpo")]);
         metrics.record_step(
@@ -377,6 +406,10 @@ mod tests {
         assert_eq!(
             gauge_f64(&exported, "medtvt.train.kl"),
             vec![(0.01, vec!["medtvt.stage=grpo".to_owned()])]
+        );
+        assert_eq!(
+            gauge_f64(&exported, "medtvt.train.sampler_mismatch.p99"),
+            vec![(2e-7, vec!["medtvt.stage=grpo".to_owned()])]
         );
         assert_eq!(
             gauge_f64(&exported, OTHER_METRIC_INSTRUMENT),

@@ -8,10 +8,17 @@
 //! log-prob, since the learner cannot reproduce a truncation. Greedy decoding reports the same
 //! quantity for the argmax token.
 //!
-//! Randomness: sampling uses the Gumbel-max trick with noise from a counter-based hash
-//! (SplitMix64) of (seed, row, step, token) computed on the model's device. No global torch RNG
-//! state is read or changed, so a call is reproducible from its seed alone and concurrent calls
-//! do not disturb each other.
+//! Randomness: sampling inverts each row's cumulative distribution (the softmax of the filtered
+//! logits, accumulated in f64) at one uniform number per row and step. The uniform comes from a
+//! counter-based hash (SplitMix64) of (seed, row, step) computed on the model's device, with 52
+//! random bits placed strictly inside (0, 1). No global torch RNG state is read or changed, so a
+//! call is reproducible from its seed alone and concurrent calls do not disturb each other.
+//!
+//! Why not Gumbel-max: it needs one uniform per vocabulary lane, and a uniform that rounds to 0
+//! or 1 (a 2^-24 chance per lane with 24 bits in f32, i.e. most decode steps at a 128k vocabulary
+//! once in a while) gives infinite noise that picks an arbitrary token, filtered ones included.
+//! Inversion draws one number per row, and a token that top-k / top-p removed has zero width in
+//! the cumulative distribution, so no uniform can land on it.
 
 use super::model::Llama;
 use tch::{Device, Kind, Tensor};
@@ -137,7 +144,7 @@ pub fn generate_from_embeds(
     let hidden = model.forward_hidden(prompt_embeds, &mask.narrow(1, 0, t), Some(&mut cache));
     let mut logits = model.logits(&hidden.narrow(1, t - 1, 1)).squeeze_dim(1); // [b, vocab]
 
-    let sampler = Sampler::new(params, b, logits.size()[1], device);
+    let sampler = Sampler::new(params, b, device);
     let eos = Tensor::from_slice(&params.eos_token_ids).to_device(device).unsqueeze(0); // [1, n_eos]
     let tokens = Tensor::zeros([b, max_new], (Kind::Int64, device));
     let logprobs = Tensor::zeros([b, max_new], (Kind::Float, device));
@@ -209,12 +216,10 @@ struct Sampler {
     top_p: f64,
     /// `[b, 1]` per-row stream keys derived from the seed.
     row_keys: Tensor,
-    /// `[1, vocab]` token indices.
-    token_index: Tensor,
 }
 
 impl Sampler {
-    fn new(params: &SamplingParams, batch: i64, vocab: i64, device: Device) -> Self {
+    fn new(params: &SamplingParams, batch: i64, device: Device) -> Self {
         let rows = Tensor::arange(batch, (Kind::Int64, device)).unsqueeze(1);
         Sampler {
             greedy: params.greedy,
@@ -222,7 +227,6 @@ impl Sampler {
             top_k: params.top_k as i64,
             top_p: params.top_p,
             row_keys: splitmix64(&(rows * ROW_STRIDE + params.seed as i64)),
-            token_index: Tensor::arange(vocab, (Kind::Int64, device)).unsqueeze(0),
         }
     }
 
@@ -230,11 +234,31 @@ impl Sampler {
         if self.greedy {
             return logits.argmax(-1, false);
         }
-        let filtered = filter_logits(&(logits / self.temperature), self.top_k, self.top_p);
-        let stream = splitmix64(&(&self.row_keys + step.wrapping_mul(STEP_STRIDE))); // [b, 1]
-        let noise = gumbel(&splitmix64(&(stream + &self.token_index))); // [b, vocab]
-        (filtered + noise).argmax(-1, false)
+        invert_cdf(&self.cdf(logits), &self.uniforms(step)).squeeze_dim(1)
     }
+
+    /// Each row's cumulative distribution `[b, vocab]` (f64) over the tokens the filters keep.
+    fn cdf(&self, logits: &Tensor) -> Tensor {
+        let filtered = filter_logits(&(logits / self.temperature), self.top_k, self.top_p);
+        filtered.to_kind(Kind::Double).softmax(-1, Kind::Double).cumsum(-1, Kind::Double)
+    }
+
+    /// One uniform number per row for decode step `step`: `[b, 1]` f64, strictly inside (0, 1).
+    fn uniforms(&self, step: i64) -> Tensor {
+        unit_interval(&splitmix64(&splitmix64(&(&self.row_keys + step.wrapping_mul(STEP_STRIDE)))))
+    }
+}
+
+/// Inverse-CDF sampling: for cumulative distributions `cdf` `[b, vocab]` and uniforms `u`
+/// `[b, n]` in (0, 1), the first token whose cumulative mass reaches `u * total` (`[b, n]`
+/// token ids). A token with zero probability adds zero width, so it is never chosen unless no
+/// token before it has mass (impossible: the most likely token is always kept and has mass).
+/// The index is clamped to the vocabulary, so a non-finite row cannot index past it.
+fn invert_cdf(cdf: &Tensor, u: &Tensor) -> Tensor {
+    let vocab = cdf.size()[1];
+    let total = cdf.narrow(1, vocab - 1, 1); // [b, 1]
+    let target = u * total;
+    target.searchsorted(cdf, false, false, "left", None::<Tensor>).clamp_max(vocab - 1)
 }
 
 const ROW_STRIDE: i64 = 0x632B_E59B_D9B4_E019;
@@ -275,10 +299,11 @@ fn splitmix64(x: &Tensor) -> Tensor {
     z.bitwise_xor_tensor(&shr(&z, 31))
 }
 
-/// Standard Gumbel noise `-ln(-ln u)` from hashed words, u uniform in (0, 1) with 24 bits.
-fn gumbel(words: &Tensor) -> Tensor {
-    let u = (shr(words, 40).to_kind(Kind::Float) + 0.5) / (1u64 << 24) as f64;
-    u.log().neg().log().neg()
+/// Maps hashed 64-bit words to f64 uniforms strictly inside (0, 1): the top 52 bits k give
+/// (k + 0.5) / 2^52, which f64 holds exactly (k + 0.5 needs 53 significant bits), so the values
+/// run from 2^-53 to 1 - 2^-53 and never round to 0 or 1.
+fn unit_interval(words: &Tensor) -> Tensor {
+    (shr(words, 12).to_kind(Kind::Double) + 0.5) / (1u64 << 52) as f64
 }
 
 #[cfg(test)]
@@ -290,18 +315,115 @@ mod tests {
     }
 
     #[test]
-    fn gumbel_max_samples_the_softmax() {
+    fn sampling_draws_the_softmax_and_fresh_numbers_each_step() {
         let rows = 20_000;
         let probs = [0.6f32, 0.3, 0.1];
         let logits = Tensor::from_slice(&probs).log().unsqueeze(0).expand([rows, 3], true);
-        let sampler = Sampler::new(&params(11), rows, 3, Device::Cpu);
+        let sampler = Sampler::new(&params(11), rows, Device::Cpu);
         let picks = sampler.choose(&logits, 0).bincount(None::<Tensor>, 3).to_kind(Kind::Double) / rows as f64;
         let freq = Vec::<f64>::try_from(&picks).unwrap_or_default();
         for (f, p) in freq.iter().zip(probs) {
             assert!((f - p as f64).abs() < 0.015, "frequencies {freq:?} vs {probs:?}");
         }
         let other_step = sampler.choose(&logits, 1);
-        assert!(!sampler.choose(&logits, 0).equal(&other_step), "steps must draw fresh noise");
+        assert!(!sampler.choose(&logits, 0).equal(&other_step), "steps must draw fresh numbers");
+    }
+
+    /// The uniforms never reach 0 or 1, for the extreme hash words and over 2^22 draws (more
+    /// than a Llama-3 vocabulary's worth of lanes 32 times over).
+    #[test]
+    fn uniforms_stay_strictly_inside_the_unit_interval() {
+        let extremes = Tensor::from_slice(&[0i64, -1, i64::MAX, i64::MIN, 1 << 12, -(1 << 12)]);
+        let u = Vec::<f64>::try_from(unit_interval(&extremes)).unwrap();
+        assert!(u.iter().all(|&x| x > 0.0 && x < 1.0), "{u:?}");
+        assert_eq!(u[0], 0.5 / (1u64 << 52) as f64);
+        assert_eq!(u[1], 1.0 - 0.5 / (1u64 << 52) as f64);
+        let sampler = Sampler::new(&params(3), 1 << 22, Device::Cpu);
+        for step in [0, 1, 1 << 40] {
+            let u = sampler.uniforms(step);
+            assert!(bool::try_from(u.gt(0.0).all()).unwrap() && bool::try_from(u.lt(1.0).all()).unwrap());
+            assert!(bool::try_from(u.isfinite().all()).unwrap());
+            let mean = u.mean(Kind::Double).double_value(&[]);
+            assert!((mean - 0.5).abs() < 1e-3, "mean of 2^22 uniforms {mean}");
+        }
+    }
+
+    /// A fixed logit vector over Llama-3's 128,256 tokens: ten likely tokens and a long tail.
+    fn llama3_logits() -> Tensor {
+        let vocab = 128_256;
+        let words = splitmix64(&Tensor::arange(vocab, (Kind::Int64, Device::Cpu)));
+        let tail = unit_interval(&words).to_kind(Kind::Float) * 8.0;
+        let head = Tensor::from_slice(&[15.0f32, 14.5, 14.0, 13.5, 13.0, 12.5, 12.0, 11.0, 10.0, 9.0]);
+        tail.narrow(0, 0, 10).copy_(&head);
+        tail.unsqueeze(0) // [1, vocab]
+    }
+
+    /// Draws `n` tokens for one row of logits with the sampler's own CDF and uniforms (one
+    /// uniform per sampler row, all inverted against the same row).
+    fn draw_many(sampling: &SamplingParams, logits: &Tensor, n: i64) -> Tensor {
+        let sampler = Sampler::new(sampling, n, Device::Cpu);
+        let cdf = sampler.cdf(logits); // [1, vocab]
+        invert_cdf(&cdf, &sampler.uniforms(0).view([1, n])).view([n])
+    }
+
+    /// Pearson's chi-square of `counts` against `probs` over bins of at least `min_expected`
+    /// expected draws (tokens sorted by probability, the tail pooled), against the
+    /// Wilson-Hilferty approximation of the chi-square quantile at p = 1e-6 (z = 4.75).
+    fn chi_square_passes(counts: &Tensor, probs: &Tensor, draws: f64, min_expected: f64) -> (f64, f64) {
+        let (sorted, order) = probs.sort(0, true);
+        let expected = Vec::<f64>::try_from(sorted * draws).unwrap();
+        let observed = Vec::<f64>::try_from(counts.to_kind(Kind::Double).index_select(0, &order)).unwrap();
+        let (mut bins, mut e_acc, mut o_acc) = (Vec::new(), 0.0, 0.0);
+        for (e, o) in expected.iter().zip(&observed) {
+            e_acc += e;
+            o_acc += o;
+            if e_acc >= min_expected {
+                bins.push((e_acc, o_acc));
+                (e_acc, o_acc) = (0.0, 0.0);
+            }
+        }
+        if let Some(last) = bins.last_mut() {
+            last.0 += e_acc;
+            last.1 += o_acc;
+        }
+        let stat: f64 = bins.iter().map(|(e, o)| (o - e).powi(2) / e).sum();
+        let k = (bins.len() - 1) as f64;
+        let quantile = k * (1.0 - 2.0 / (9.0 * k) + 4.75 * (2.0 / (9.0 * k)).sqrt()).powi(3);
+        (stat, quantile)
+    }
+
+    #[test]
+    fn a_million_draws_at_a_llama3_vocabulary_follow_the_softmax() {
+        let logits = llama3_logits();
+        let n = 1_000_000;
+        let sampling = params(5);
+        let tokens = draw_many(&sampling, &logits, n);
+        let counts = tokens.bincount(None::<Tensor>, 128_256);
+        let probs = logits.squeeze_dim(0).to_kind(Kind::Double).softmax(0, Kind::Double);
+        let (stat, quantile) = chi_square_passes(&counts, &probs, n as f64, 2_000.0);
+        assert!(stat < quantile, "chi-square {stat:.1} above its 1e-6 quantile {quantile:.1}");
+        // A sampler that replaced even 0.5% of draws with uniformly random tokens fails it.
+        let noise = Tensor::arange(5_000, (Kind::Int64, Device::Cpu)) * 25;
+        let corrupted = Tensor::cat(&[tokens.narrow(0, 5_000, n - 5_000), noise], 0).bincount(None::<Tensor>, 128_256);
+        let (bad, _) = chi_square_passes(&corrupted, &probs, n as f64, 2_000.0);
+        assert!(bad > quantile, "the test must catch injected tokens: {bad:.1} vs {quantile:.1}");
+    }
+
+    #[test]
+    fn filtered_tokens_never_appear_in_a_million_draws() {
+        let logits = llama3_logits();
+        let n = 1_000_000;
+        for (top_k, top_p) in [(50, 1.0), (0, 0.9), (1_000, 0.95)] {
+            let sampling = SamplingParams { top_k, top_p, ..params(8) };
+            let tokens = draw_many(&sampling, &logits, n);
+            let kept = filter_logits(&logits, top_k as i64, top_p).squeeze_dim(0);
+            let drawn_filtered = kept.index_select(0, &tokens).isinf().sum(Kind::Int64).int64_value(&[]);
+            assert_eq!(drawn_filtered, 0, "top_k {top_k}, top_p {top_p}: filtered tokens drawn");
+            let probs = kept.to_kind(Kind::Double).softmax(0, Kind::Double);
+            let counts = tokens.bincount(None::<Tensor>, 128_256);
+            let (stat, quantile) = chi_square_passes(&counts, &probs, n as f64, 2_000.0);
+            assert!(stat < quantile, "top_k {top_k}, top_p {top_p}: chi-square {stat:.1} above {quantile:.1}");
+        }
     }
 
     #[test]
