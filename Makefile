@@ -36,6 +36,7 @@ validate-deploy: setup
 fixtures:
 	@scripts/setup_venv.sh scripts/requirements-fixtures.txt
 	$(VENV)/bin/python scripts/make_llama_fixtures.py
+	$(VENV)/bin/python scripts/make_chatml_base_fixture.py
 
 bench: setup
 	@scripts/setup_venv.sh scripts/requirements-fixtures.txt
