@@ -39,6 +39,7 @@ fixtures:
 	$(VENV)/bin/python scripts/make_llama_fixtures.py
 	$(VENV)/bin/python scripts/make_metric_fixtures.py
 	$(VENV)/bin/python scripts/make_grpo_loss_fixtures.py
+	$(VENV)/bin/python scripts/make_chatml_base_fixture.py
 
 bench: setup
 	@scripts/setup_venv.sh scripts/requirements-fixtures.txt

@@ -113,6 +113,11 @@ mod tests {
         assert_eq!(cfg.train.batch_size, 8);
         assert_eq!(cfg.cluster.learners, 2);
         assert_eq!(cfg.model.dtype, DType::F32);
+        assert_eq!(cfg.model.encoders, EncoderSizes::Paper);
+        let tiny = load_text(&MINIMAL.replace("[model]\n", "[model]\nencoders = \"tiny\"\n")).unwrap();
+        assert_eq!(tiny.model.encoders, EncoderSizes::Tiny);
+        let err = load_text(&MINIMAL.replace("[model]\n", "[model]\nencoders = \"huge\"\n")).unwrap_err().to_string();
+        assert!(err.contains("huge") && err.contains("paper"), "{err}");
     }
 
     #[test]

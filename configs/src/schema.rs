@@ -84,6 +84,19 @@ pub enum DType {
     F16,
 }
 
+/// Sizes of a freshly initialised modality side (encoders, adapters, MPL) beside a bare HF
+/// checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EncoderSizes {
+    /// The paper's: xresnet1d-101 + GRU, ViT-B/16 at 224 px, the 100-256-1024-1024 lab MLP.
+    #[default]
+    Paper,
+    /// The encoder keys of `[model.tiny]` (image size, ViT depth, ResNet blocks, width): small
+    /// enough for CPU tests of a real base.
+    Tiny,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceChoice {
@@ -105,9 +118,15 @@ pub struct ModelSection {
     pub dtype: DType,
     #[serde(default)]
     pub device: DeviceChoice,
-    /// Sizes of the from-scratch model; ignored when `checkpoint` is set.
+    /// Sizes of the from-scratch model; with a bare HF `checkpoint`, only its encoder keys are
+    /// used, and only when `encoders = "tiny"`.
     #[serde(default)]
     pub tiny: TinyModel,
+    /// The modality side's sizes beside a bare HF checkpoint (no `medtvt.json`): `paper`
+    /// (default) or `tiny`. Ignored for the tiny model and for MedTVT checkpoints, whose
+    /// `medtvt.json` fixes them.
+    #[serde(default)]
+    pub encoders: EncoderSizes,
     /// Train every parameter in every stage instead of the spec's per-stage groups (PT:
     /// adapters, embeddings, norms; SFT: + MPL; GRPO: MPL, embeddings, norms). Needed when
     /// nothing is pretrained, as for the tiny CPU default.

@@ -23,7 +23,11 @@ impl Policy for MedTvtPolicy {
         let tokenizer = tokenizer
             .map(|path| MedTokenizer::from_file(path).map_err(|e| PolicyError::Tokenizer { path: path.to_path_buf(), problem: e.to_string() }))
             .transpose()?;
-        MedTvt::from_run_config(config, device, tokenizer).map(MedTvtPolicy).map_err(model_error)
+        let model = MedTvt::from_run_config(config, device, tokenizer).map_err(model_error)?;
+        if let Some((stored, grown)) = model.vocab_resize() {
+            tracing::info!(stored, grown, "grew the decoder's vocabulary for the modality placeholders (new rows: the mean of the stored ones)");
+        }
+        Ok(MedTvtPolicy(model))
     }
 
     fn train_tokenizer(texts: &[String], vocab_size: usize, out: &Path) -> Result<(), PolicyError> {

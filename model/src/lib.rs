@@ -3,14 +3,17 @@
 //! This crate owns every tensor computation of the system and nothing else: it has no notion of
 //! processes, RPCs or runs. `runtime` reports what the linked libtorch can do; `llama` is the
 //! language model (HF-exact Llama decoder, generation, scoring); `tokenizer` turns text into its ids;
-//! `medtvt` assembles encoders, adapters, the MPL and the decoder into MedTVT-R1.
+//! `chat_template` renders a checkpoint's Jinja chat template and `special_tokens` reads its bos,
+//! eos and pad tokens; `medtvt` assembles encoders, adapters, the MPL and the decoder into MedTVT-R1.
 
 pub mod adapter;
+pub mod chat_template;
 pub mod encoders;
 pub mod llama;
 pub mod medtvt;
 pub mod perception;
 pub mod runtime;
+pub mod special_tokens;
 pub mod tokenizer;
 
 pub use llama::{

@@ -6,22 +6,34 @@
 //! (`llm.model.layers.0.self_attn.q_proj.weight`), the rest under `ecg_encoder.`, `cxr_encoder.`,
 //! `lab_encoder.`, `{ecg,cxr,lab}_adapter.` and `mpl.`. A checkpoint directory holds
 //! `config.json` + `model.safetensors` (the decoder alone, HF layout: transformers reads it),
-//! `modality.safetensors` (everything else), `medtvt.json` (the modality side's shapes) and
-//! `tokenizer.json`. A bare HF Llama directory (no `medtvt.json`) loads too: the decoder from it,
-//! the modality side freshly initialised at the paper's sizes; a fresh modality side takes
-//! pretrained encoder weights from the safetensors files the run config names (docs/model.md).
+//! `modality.safetensors` (everything else), `medtvt.json` (the modality side's shapes),
+//! `tokenizer.json`, and `tokenizer_config.json` + `generation_config.json` (the chat template
+//! and special tokens, see [`crate::special_tokens`]). A bare HF Llama directory (no
+//! `medtvt.json`) loads too: the decoder from it, the modality side freshly initialised (the
+//! paper's sizes unless the run config says `model.encoders = "tiny"`); a fresh modality side
+//! takes pretrained encoder weights from the safetensors files the run config names
+//! (docs/model.md, which also covers bringing your own base).
+//!
+//! The modality placeholders are added to any tokenizer that lacks them (a base that has them
+//! keeps their ids); when the new ids do not fit the decoder's vocabulary, its embeddings (and
+//! an untied `lm_head`) grow as transformers' `resize_token_embeddings` grows them
+//! ([`crate::llama::resize`]). Prompts are the checkpoint's own `chat_template` rendered with the
+//! system prompt and the generation prompt; `<think>`/`<answer>` are plain text to a pretrained
+//! tokenizer (special tokens only in the tiny one) and the rewards parse the decoded text either way.
 //!
 //! Stages (spec): PT trains adapters, token embeddings and the decoder's norms, without the MPL;
 //! SFT adds the MPL; RFT (GRPO) trains MPL, embeddings and norms. A model trained from scratch
 //! (the tiny CPU default) trains everything in every stage.
 
 use crate::adapter::ModalityAdapter;
+use crate::chat_template::{ChatTemplate, ChatTemplateError, TemplateTokens};
 use crate::encoders::pretrained::{encoder_tensors, load_encoder_weights};
 use crate::encoders::{CxrEncoder, EcgEncoder, Encoder, EncoderWeightsError, LabEncoder, LabEncoderConfig, VitConfig, XResNet1dConfig};
 use crate::llama::{self, GenerateError, Generation, Llama, LlamaConfig, SamplingParams, WeightsError};
 use crate::perception::{gates_per_sample, ModalityPerceptionLayer, MplConfig, SampleGates};
+use crate::special_tokens::{ChatFormat, SpecialTokens, SpecialTokensError};
 use crate::tokenizer::{MedTokenizer, TokenizerError};
-use medtvt_config::{DType, RunConfig, Stage};
+use medtvt_config::{DType, EncoderSizes, RunConfig, Stage};
 use medtvt_data::ModalityInputs;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -42,6 +54,12 @@ const PLACEHOLDERS: [&str; 3] = ["<ecg>", "<cxr>", "<lab>"];
 /// The file that tells our checkpoint directory from a bare HF Llama one.
 const MEDTVT_JSON: &str = "medtvt.json";
 
+/// The tiny model's chat template, `<|user|>question<|assistant|>`: written to its checkpoints'
+/// tokenizer_config.json like any base's template. The tiny model is trained from scratch
+/// without a system prompt, so the template leaves the system message out.
+pub const TINY_CHAT_TEMPLATE: &str = "{% for message in messages %}{% if message['role'] == 'user' %}<|user|>{{ message['content'] }}\
+{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+
 /// What the model asks the assistant to do (the spec's system prompt, in our words).
 pub const SYSTEM_PROMPT: &str = "A conversation between User and Assistant. The Assistant first reasons about the \
 ECG, chest X-ray and blood tests, then answers. The reasoning is inside <think></think> and the answer, the \
@@ -57,6 +75,10 @@ pub enum ModelError {
     Generate(#[from] GenerateError),
     #[error(transparent)]
     EncoderWeights(#[from] EncoderWeightsError),
+    #[error(transparent)]
+    SpecialTokens(#[from] SpecialTokensError),
+    #[error(transparent)]
+    ChatTemplate(#[from] ChatTemplateError),
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
     #[error("{0}")]
@@ -231,22 +253,18 @@ pub struct MedTvt {
     placeholder_ids: [i64; 3],
     pad_id: i64,
     eos_ids: Vec<i64>,
-    chat: ChatTemplate,
+    /// The checkpoint's chat template and special tokens (`pad_id` and `eos_ids` are its ids).
+    chat: ChatFormat,
+    /// Prompt tokens after the question (the assistant header), kept when a prompt is truncated.
+    prompt_tail_tokens: usize,
+    /// (stored, grown) vocabulary sizes when loading added rows for new tokens.
+    vocab_resize: Option<(i64, i64)>,
 }
 
 impl std::fmt::Debug for MedTvt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MedTvt").field("llm", self.llm.config()).field("modality", &self.modality).finish()
     }
-}
-
-/// How a question becomes a prompt for this tokenizer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ChatTemplate {
-    /// `<|user|>question<|assistant|>` for the from-scratch tokenizer.
-    Tiny,
-    /// Llama 3 Instruct headers with the system prompt.
-    Llama3,
 }
 
 fn kind_of(dtype: DType) -> Kind {
@@ -267,7 +285,13 @@ impl MedTvt {
         tch::manual_seed(cfg.run.seed as i64);
         let kind = kind_of(cfg.model.dtype);
         let model = match &cfg.model.checkpoint {
-            Some(dir) => MedTvt::load(dir, device, kind)?,
+            Some(dir) => {
+                let fresh = match cfg.model.encoders {
+                    EncoderSizes::Paper => ModalityConfig::paper(),
+                    EncoderSizes::Tiny => ModalityConfig::tiny(&cfg.model.tiny),
+                };
+                MedTvt::load_with_fresh_modality(dir, device, kind, fresh)?
+            }
             None => {
                 let tokenizer = tokenizer.ok_or_else(|| {
                     ModelError::Invalid("model.checkpoint is not set, so the tiny model needs a tokenizer".into())
@@ -282,7 +306,8 @@ impl MedTvt {
                     t.num_heads as i64,
                     t.num_kv_heads as i64,
                 );
-                MedTvt::build(llm, ModalityConfig::tiny(t), tokenizer, device, kind)?
+                let chat = MedTvt::tiny_chat_format(&tokenizer)?;
+                MedTvt::build(llm, ModalityConfig::tiny(t), tokenizer, chat, device, kind)?
             }
         };
         model.load_pretrained_encoders(cfg)?;
@@ -326,10 +351,19 @@ impl MedTvt {
         Ok(MedTokenizer::train_byte_level_bpe(texts.iter().map(String::as_str), vocab_size, &TINY_SPECIAL_TOKENS)?)
     }
 
+    /// The tiny model's template ([`TINY_CHAT_TEMPLATE`]) and tokens (`<eos>`, `<pad>`).
+    fn tiny_chat_format(tokenizer: &MedTokenizer) -> Result<ChatFormat, ModelError> {
+        let template = ChatTemplate::new(TINY_CHAT_TEMPLATE.to_string(), Path::new("the tiny model's built-in chat template"))?;
+        let strings = TemplateTokens { eos_token: Some("<eos>".into()), pad_token: Some("<pad>".into()), ..TemplateTokens::default() };
+        let tokens = SpecialTokens { bos: None, eos: vec![tokenizer.require_id("<eos>")?], pad: tokenizer.require_id("<pad>")?, strings };
+        Ok(ChatFormat::new(template, tokens))
+    }
+
     fn build(
         llm_config: LlamaConfig,
         modality: ModalityConfig,
         tokenizer: MedTokenizer,
+        chat: ChatFormat,
         device: Device,
         kind: Kind,
     ) -> Result<MedTvt, ModelError> {
@@ -352,7 +386,6 @@ impl MedTvt {
             return Err(ModelError::Invalid(format!("hidden size {d} is not divisible by the MPL's {} heads", mpl_config.heads)));
         }
         let mpl = ModalityPerceptionLayer::new(&(&root / "mpl"), &mpl_config);
-        let chat = if tokenizer.token_to_id("<|start_header_id|>").is_some() { ChatTemplate::Llama3 } else { ChatTemplate::Tiny };
         let mut placeholder_ids = [0i64; 3];
         for (slot, token) in placeholder_ids.iter_mut().zip(PLACEHOLDERS) {
             *slot = tokenizer.require_id(token)?;
@@ -363,11 +396,7 @@ impl MedTvt {
                 llm_config.vocab_size
             )));
         }
-        let eos_ids = match chat {
-            ChatTemplate::Tiny => vec![tokenizer.require_id("<eos>")?],
-            ChatTemplate::Llama3 => ["<|eot_id|>", "<|end_of_text|>"].iter().filter_map(|t| tokenizer.token_to_id(t)).collect(),
-        };
-        let pad_id = tokenizer.token_to_id("<pad>").or_else(|| eos_ids.first().copied()).unwrap_or(0);
+        let (eos_ids, pad_id) = (chat.tokens.eos.clone(), chat.tokens.pad);
         let mut model = MedTvt {
             vs,
             llm,
@@ -383,16 +412,27 @@ impl MedTvt {
             pad_id,
             eos_ids,
             chat,
+            prompt_tail_tokens: 0,
+            vocab_resize: None,
         };
+        model.prompt_tail_tokens = model.prompt_tail_len()?;
         if kind != Kind::Float {
             model.vs.set_kind(kind);
         }
         Ok(model)
     }
 
-    /// Loads our checkpoint directory, or a bare HF Llama directory (fresh modality side).
+    /// Loads our checkpoint directory, or a bare HF Llama directory (a fresh modality side at the
+    /// paper's sizes).
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<MedTvt, ModelError> {
-        let llm_config = LlamaConfig::from_file(dir.join("config.json")).map_err(WeightsError::from)?;
+        MedTvt::load_with_fresh_modality(dir, device, kind, ModalityConfig::paper())
+    }
+
+    /// [`MedTvt::load`] with `fresh` sizing the modality side of a bare HF directory (unused for
+    /// our checkpoints, whose `medtvt.json` says). Adds the placeholders to the tokenizer and
+    /// grows the decoder's vocabulary when they do not fit (see the module doc).
+    pub fn load_with_fresh_modality(dir: &Path, device: Device, kind: Kind, fresh: ModalityConfig) -> Result<MedTvt, ModelError> {
+        let mut llm_config = LlamaConfig::from_file(dir.join("config.json")).map_err(WeightsError::from)?;
         let mut tokenizer = MedTokenizer::from_file(dir.join("tokenizer.json"))?;
         let medtvt_json = dir.join(MEDTVT_JSON);
         let ours = medtvt_json.is_file();
@@ -401,11 +441,21 @@ impl MedTvt {
                 .map_err(|e| ModelError::File { path: medtvt_json.clone(), message: e.to_string() })?;
             serde_json::from_str(&text).map_err(|e| ModelError::File { path: medtvt_json.clone(), message: e.to_string() })?
         } else {
-            tokenizer.add_special_tokens(&PLACEHOLDERS)?;
-            ModalityConfig::paper()
+            fresh
         };
-        let model = MedTvt::build(llm_config, modality, tokenizer, device, kind)?;
-        llama::load_weights(&model.vs, dir, "llm.")?;
+        tokenizer.add_special_tokens(&PLACEHOLDERS)?;
+        let stored_vocab = llm_config.vocab_size;
+        llm_config.vocab_size = stored_vocab.max(tokenizer.id_bound());
+        let ids = (&llm_config.bos_token_id, llm_config.eos_token_ids.as_slice(), &llm_config.pad_token_id);
+        let chat = ChatFormat::from_checkpoint(dir, &tokenizer, ids, llm_config.vocab_size)?;
+        let grown = llm_config.vocab_size;
+        let mut model = MedTvt::build(llm_config, modality, tokenizer, chat, device, kind)?;
+        if grown > stored_vocab {
+            llama::load_weights_growing_vocab(&model.vs, dir, "llm.", Some(stored_vocab))?;
+            model.vocab_resize = Some((stored_vocab, grown));
+        } else {
+            llama::load_weights(&model.vs, dir, "llm.")?;
+        }
         if ours {
             let path = dir.join("modality.safetensors");
             let stored = Tensor::read_safetensors(&path).map_err(|e| ModelError::File { path: path.clone(), message: e.to_string() })?;
@@ -416,13 +466,12 @@ impl MedTvt {
 
     /// Writes the checkpoint directory described in the module doc.
     pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
-        // The decoder's config.json names the end and padding tokens the model uses, so that
-        // transformers (and TRL) stop and pad where we do.
+        // config.json and generation_config.json name the start, end and padding tokens the model
+        // uses, so that transformers (and TRL) stop and pad where we do.
         let mut config = self.llm.config().clone();
-        if config.eos_token_ids.is_empty() {
-            config.eos_token_ids = self.eos_ids.clone();
-        }
-        config.pad_token_id = config.pad_token_id.or(Some(self.pad_id));
+        config.eos_token_ids = self.eos_ids.clone();
+        config.bos_token_id = self.chat.tokens.bos;
+        config.pad_token_id = Some(self.pad_id);
         llama::save_hf_with_prefix(&self.vs, "llm.", &config, dir)?;
         let modality: Vec<(String, Tensor)> = self.named_variables().into_iter().filter(|(n, _)| !n.starts_with("llm.")).collect();
         let path = dir.join("modality.safetensors");
@@ -432,6 +481,7 @@ impl MedTvt {
         let text = serde_json::to_string_pretty(&self.modality).map_err(|e| ModelError::Invalid(e.to_string()))?;
         std::fs::write(&json, text).map_err(|e| ModelError::File { path: json.clone(), message: e.to_string() })?;
         self.tokenizer.save(dir.join("tokenizer.json"))?;
+        self.chat.save(dir, &self.tokenizer)?;
         Ok(())
     }
 
@@ -462,6 +512,26 @@ impl MedTvt {
 
     pub fn eos_token_ids(&self) -> &[i64] {
         &self.eos_ids
+    }
+
+    /// The padding id (the checkpoint's, else its first eos id).
+    pub fn pad_token_id(&self) -> i64 {
+        self.pad_id
+    }
+
+    /// The checkpoint's special tokens and where its chat template came from.
+    pub fn chat_format(&self) -> &ChatFormat {
+        &self.chat
+    }
+
+    /// The ids of `<ecg>`, `<cxr>`, `<lab>`.
+    pub fn placeholder_ids(&self) -> [i64; 3] {
+        self.placeholder_ids
+    }
+
+    /// (stored, grown) vocabulary sizes when loading grew the embeddings for new tokens.
+    pub fn vocab_resize(&self) -> Option<(i64, i64)> {
+        self.vocab_resize
     }
 
     /// Every variable by name, sorted (a stable order for collectives and publication).
@@ -518,15 +588,24 @@ impl MedTvt {
         Ok(())
     }
 
-    /// The chat template around a question.
-    pub fn prompt_text(&self, question: &str) -> String {
-        match self.chat {
-            ChatTemplate::Tiny => format!("<|user|>{question}<|assistant|>"),
-            ChatTemplate::Llama3 => format!(
-                "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{SYSTEM_PROMPT}<|eot_id|>\
-<|start_header_id|>user<|end_header_id|>\n\n{question}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-            ),
-        }
+    /// The prompt for a question: the checkpoint's chat template rendered with [`SYSTEM_PROMPT`]
+    /// and the question as the user's message, with the generation prompt (transformers'
+    /// `apply_chat_template(..., add_generation_prompt=True, tokenize=False)`).
+    pub fn prompt_text(&self, question: &str) -> Result<String, ModelError> {
+        Ok(self.chat.template.render_prompt(SYSTEM_PROMPT, question, &self.chat.tokens.strings)?)
+    }
+
+    /// How many tokens follow the question in a prompt (found by rendering a marker question);
+    /// when the template rewrites the question beyond recognition, the whole prompt of an empty
+    /// question counts.
+    fn prompt_tail_len(&self) -> Result<usize, ModelError> {
+        const MARKER: &str = "MEDTVT_QUESTION_MARKER";
+        let rendered = self.prompt_text(MARKER)?;
+        let tail = match rendered.rfind(MARKER) {
+            Some(at) => rendered[at + MARKER.len()..].to_string(),
+            None => self.prompt_text("")?,
+        };
+        Ok(self.tokenizer.encode(&tail, false)?.len())
     }
 
     /// Tokenises questions (through the chat template) and stacks their modalities. A prompt
@@ -540,9 +619,9 @@ impl MedTvt {
         let mut rows = Vec::with_capacity(prompts.len());
         let (mut ecg, mut cxr, mut lab, mut present) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (question, inputs) in prompts {
-            let mut ids = self.tokenizer.encode(&self.prompt_text(question), false)?;
+            let mut ids = self.tokenizer.encode(&self.prompt_text(question)?, false)?;
             if ids.len() > max_prompt_tokens {
-                let tail = self.tokenizer.encode(&self.prompt_text(""), false)?.len().min(max_prompt_tokens);
+                let tail = self.prompt_tail_tokens.min(max_prompt_tokens);
                 let keep = ids.split_off(ids.len() - tail);
                 ids.truncate(max_prompt_tokens - tail);
                 ids.extend(keep);
@@ -952,6 +1031,29 @@ mod tests {
         let a = m.score(&batch, &ids, &mask, 1.0, false);
         let b = back.score(&batch, &ids, &mask, 1.0, false);
         assert_eq!((a - b).abs().max().double_value(&[]), 0.0);
+    }
+
+    #[test]
+    fn the_tiny_template_ships_in_tokenizer_config_and_truncation_keeps_the_assistant_header() {
+        let m = model();
+        assert_eq!(m.prompt_text("<ecg> which?").unwrap(), "<|user|><ecg> which?<|assistant|>");
+        let dir = tempfile::tempdir().unwrap();
+        m.save(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("tokenizer_config.json")).unwrap();
+        let config: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(config["chat_template"], TINY_CHAT_TEMPLATE);
+        assert_eq!((config["eos_token"].as_str(), config["pad_token"].as_str()), (Some("<eos>"), Some("<pad>")));
+        let back = MedTvt::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
+        assert_eq!(back.prompt_text("<ecg> which?").unwrap(), m.prompt_text("<ecg> which?").unwrap());
+        assert_eq!((back.eos_token_ids(), back.pad_token_id()), (m.eos_token_ids(), m.pad_token_id()));
+        assert_eq!(back.vocab_resize(), None);
+
+        let long = format!("<ecg> {}", "question words ".repeat(20));
+        let batch = m.encode_prompts(&[(long, inputs(false))], 8).unwrap();
+        let ids: Vec<i64> = Vec::try_from(batch.ids.view([-1])).unwrap();
+        assert_eq!(ids.len(), 8);
+        assert_eq!(ids[..2], [m.tokenizer().token_to_id("<|user|>").unwrap(), m.placeholder_ids()[0]]);
+        assert_eq!(ids.last().copied(), m.tokenizer().token_to_id("<|assistant|>"));
     }
 
     #[test]

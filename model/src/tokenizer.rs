@@ -136,9 +136,21 @@ impl MedTokenizer {
         self.token_to_id(token).ok_or_else(|| TokenizerError::MissingToken { token: token.to_string() })
     }
 
+    /// The token of `id`, if the tokenizer has one.
+    pub fn id_to_token(&self, id: i64) -> Option<String> {
+        u32::try_from(id).ok().and_then(|id| self.inner.id_to_token(id))
+    }
+
     /// Number of ids, added tokens included (the LM's vocab_size must be at least this).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// One past the largest id the tokenizer can produce: the decoder's embedding matrix needs
+    /// at least this many rows. Usually [`MedTokenizer::vocab_size`], larger when ids have gaps.
+    pub fn id_bound(&self) -> i64 {
+        let largest = self.inner.get_vocab(true).into_values().max().map_or(0, |id| i64::from(id) + 1);
+        largest.max(self.vocab_size() as i64)
     }
 }
 
@@ -207,5 +219,11 @@ mod tests {
         assert_eq!(tok.add_special_tokens(&[ECG_TOKEN, CXR_TOKEN]).unwrap(), 2);
         assert_eq!(tok.token_to_id(ECG_TOKEN), Some(before));
         assert_eq!(tok.encode("a<cxr>", false).unwrap().last().copied(), Some(before + 1));
+        assert_eq!(tok.id_bound(), before + 2);
+        assert_eq!(tok.id_to_token(before + 1).as_deref(), Some(CXR_TOKEN));
+        assert_eq!(tok.id_to_token(-1), None);
+        // Adding a token the tokenizer already has keeps its id.
+        assert_eq!(tok.add_special_tokens(&[ECG_TOKEN]).unwrap(), 0);
+        assert_eq!(tok.token_to_id(ECG_TOKEN), Some(before));
     }
 }

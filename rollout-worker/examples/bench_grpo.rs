@@ -180,7 +180,7 @@ fn ours(a: &Args, cfg: &RunConfig, samples: &[QaSample], label: &str) -> Result<
         let prompts = loader.prompts(&batch)?;
         for p in &prompts {
             let m = &trainer.policy().0;
-            prompt_tokens.push(m.tokenizer().encode(&m.prompt_text(&p.0), false)?.len() as f64);
+            prompt_tokens.push(m.tokenizer().encode(&m.prompt_text(&p.0)?, false)?.len() as f64);
         }
         let tokens: usize = groups.iter().flat_map(|g| &g.completions).map(|c| c.token_ids.len()).sum();
         trainer.step(&StepData::Grpo { groups, prompts })?;
@@ -201,8 +201,8 @@ fn trl(a: &Args, cfg: &RunConfig, samples: &[QaSample], work: &Path) -> Result<R
     let cfg_policy = MedTvtPolicy::load(cfg, Device::Cpu, None)?;
     let prompts: Vec<serde_json::Value> = samples
         .iter()
-        .map(|s| serde_json::json!({ "prompt": cfg_policy.0.prompt_text(&s.question), "reference": s.answer }))
-        .collect();
+        .map(|s| Ok(serde_json::json!({ "prompt": cfg_policy.0.prompt_text(&s.question)?, "reference": s.answer })))
+        .collect::<Result<_>>()?;
     let prompts_file = work.join("trl_prompts.json");
     std::fs::write(&prompts_file, serde_json::to_vec(&prompts)?)?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

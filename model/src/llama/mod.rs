@@ -4,6 +4,7 @@
 //!
 //! - `config`: `LlamaConfig` from/to HF config.json
 //! - `weights`: safetensors load/save, dtype/device policy
+//! - `resize`: new vocabulary rows for tokens added to the tokenizer (transformers' mean init)
 //! - `model`: the network and `KvCache`
 //! - `generate`: batched generation over ragged prompts
 //! - `score`: log-probs of given completions
@@ -11,6 +12,7 @@
 pub mod config;
 pub mod generate;
 pub mod model;
+pub mod resize;
 pub mod score;
 pub mod weights;
 
@@ -18,4 +20,4 @@ pub use config::{ConfigError, Llama3RopeScaling, LlamaConfig};
 pub use generate::{generate, generate_from_embeds, left_pad, GenerateError, Generation, SamplingParams};
 pub use model::{KvCache, Llama};
 pub use score::{score_completions, score_ids};
-pub use weights::{check_device_kind, kind_from_name, load_llama, load_weights, save_hf, save_hf_with_prefix, WeightsError};
+pub use weights::{check_device_kind, kind_from_name, load_llama, load_weights, load_weights_growing_vocab, save_hf, save_hf_with_prefix, WeightsError};

@@ -9,6 +9,7 @@
 
 use super::config::{ConfigError, LlamaConfig};
 use super::model::Llama;
+use super::resize::{grow_rows_with_mean, VOCAB_TENSORS};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -128,6 +129,14 @@ fn dtype_of(kind: Kind) -> Option<Dtype> {
 /// stored `lm_head.weight` of a tied model) are ignored; a missing tensor or a shape mismatch is
 /// an error naming the tensor.
 pub fn load_weights(vs: &nn::VarStore, src: &Path, prefix: &str) -> Result<(), WeightsError> {
+    load_weights_growing_vocab(vs, src, prefix, None)
+}
+
+/// [`load_weights`] into a decoder whose vocabulary grew: with `stored_vocab = Some(n)`, the
+/// vocabulary tensors ([`super::resize::VOCAB_TENSORS`]) may hold `n` rows where the model has
+/// more; the stored rows are copied and the new ones initialised as transformers'
+/// `resize_token_embeddings` does (see [`super::resize`]). Every other shape must match.
+pub fn load_weights_growing_vocab(vs: &nn::VarStore, src: &Path, prefix: &str, stored_vocab: Option<i64>) -> Result<(), WeightsError> {
     let files = weight_files(src)?;
     let mut pending: HashMap<String, Tensor> = vs
         .variables()
@@ -144,15 +153,22 @@ pub fn load_weights(vs: &nn::VarStore, src: &Path, prefix: &str) -> Result<(), W
             let name = name.as_str();
             let Some(var) = pending.get(name) else { continue };
             let found: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-            if found != var.size() {
-                return Err(WeightsError::Shape { name: name.to_string(), path: path.clone(), found, expected: var.size() });
+            let expected = var.size();
+            let grows = stored_vocab.is_some_and(|n| {
+                VOCAB_TENSORS.contains(&name) && found.len() == 2 && found[0] == n && n < expected[0] && found[1] == expected[1]
+            });
+            if found != expected && !grows {
+                return Err(WeightsError::Shape { name: name.to_string(), path: path.clone(), found, expected });
             }
             let kind = kind_of(view.dtype()).ok_or_else(|| WeightsError::Dtype {
                 name: name.to_string(),
                 path: path.clone(),
                 dtype: format!("{:?}", view.dtype()),
             })?;
-            let stored = Tensor::from_data_size(view.data(), &found, kind);
+            let mut stored = Tensor::from_data_size(view.data(), &found, kind);
+            if grows {
+                stored = grow_rows_with_mean(&stored, expected[0]);
+            }
             tch::no_grad(|| var.shallow_clone().copy_(&stored));
             pending.remove(name);
         }
