@@ -49,7 +49,7 @@ bench: setup
 # same weights and shapes; see docs/benchmarks.md.
 bench-grpo: setup
 	@scripts/setup_venv.sh scripts/requirements-fixtures.txt scripts/requirements-bench.txt
-	$(CARGO) run --release -p medtvt-rollout-worker --example bench_grpo
+	$(CARGO) run --release -p medtvt-cli --example bench_grpo
 
 # Bounded fuzzing of the WFDB, answer and config parsers (nightly toolchain; FUZZ_SECONDS per
 # target, default 60). Not part of `make test`.

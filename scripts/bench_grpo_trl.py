@@ -1,4 +1,4 @@
-"""The TRL half of the side-by-side GRPO benchmark (rollout-worker/examples/bench_grpo.rs runs it).
+"""The TRL half of the side-by-side GRPO benchmark (cli/examples/bench_grpo.rs runs it).
 
 Loads the decoder of a MedTVT checkpoint directory (config.json + model.safetensors in the HF
 Llama layout, tokenizer.json) into transformers, trains it with TRL's GRPOTrainer on the given

@@ -72,7 +72,7 @@ pub fn evaluate(args: &EvalArgs) -> anyhow::Result<EvalReport> {
     let split = parse_split(&args.split)?;
     let device = match args.device.as_str() {
         "auto" => tch::Device::cuda_if_available(),
-        other => medtvt_learner::process::parse_device(other)?,
+        other => medtvt_role::device::parse_device(other)?,
     };
     let model = MedTvt::load(&args.checkpoint, device, tch::Kind::Float)
         .with_context(|| format!("loading checkpoint {}", args.checkpoint.display()))?;

@@ -2,7 +2,7 @@
 //! this command sets up telemetry, builds the process's one tokio runtime and runs the learner.
 
 use anyhow::Context;
-use medtvt_learner::medtvt_policy::MedTvtPolicy;
+use medtvt_model::policy::medtvt::MedTvtPolicy;
 use medtvt_learner::process::LearnerArgs;
 use medtvt_telemetry::TelemetryConfig;
 
@@ -10,7 +10,7 @@ pub fn run(args: LearnerArgs) -> anyhow::Result<()> {
     let mut telemetry = TelemetryConfig::new("medtvt-learner")
         .with_attribute("medtvt.role", "learner")
         .with_attribute("medtvt.rank", args.rank.to_string());
-    if let Some(endpoint) = &args.otlp_endpoint {
+    if let Some(endpoint) = &args.role.otlp_endpoint {
         telemetry = telemetry.with_otlp_endpoint(endpoint.clone());
     }
     let guard = medtvt_telemetry::init(telemetry).context("setting up telemetry")?;

@@ -3,7 +3,7 @@
 //! the worker.
 
 use anyhow::Context;
-use medtvt_learner::medtvt_policy::MedTvtPolicy;
+use medtvt_model::policy::medtvt::MedTvtPolicy;
 use medtvt_rollout_worker::RolloutWorkerArgs;
 use medtvt_telemetry::TelemetryConfig;
 
@@ -12,7 +12,7 @@ pub fn run(args: RolloutWorkerArgs) -> anyhow::Result<()> {
     if let Some(name) = &args.name {
         telemetry = telemetry.with_attribute("medtvt.worker", name.clone());
     }
-    if let Some(endpoint) = &args.otlp_endpoint {
+    if let Some(endpoint) = &args.role.otlp_endpoint {
         telemetry = telemetry.with_otlp_endpoint(endpoint.clone());
     }
     let guard = medtvt_telemetry::init(telemetry).context("setting up telemetry")?;

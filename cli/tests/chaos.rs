@@ -22,8 +22,8 @@
 mod common;
 
 use common::*;
-use medtvt_learner::medtvt_policy::MedTvtPolicy;
-use medtvt_learner::policy::Policy;
+use medtvt_model::policy::medtvt::MedTvtPolicy;
+use medtvt_model::policy::Policy;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::panic::AssertUnwindSafe;

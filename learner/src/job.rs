@@ -11,14 +11,14 @@
 
 use crate::checkpoint;
 use crate::collective::{CollectiveError, GradientCollective, SingleRank, TcpCollective};
-use crate::inputs::InputLoader;
+use medtvt_role::inputs::InputLoader;
 use crate::metrics_log::{self, MetricsRecord};
 use crate::nccl_collective::NcclCollective;
-use crate::policy::Policy;
-use crate::process::{job_device, ConfigDeviceError};
-use crate::rpc::{CoordinatorLink, RpcError};
+use medtvt_model::policy::Policy;
+use medtvt_role::device::{job_device, ConfigDeviceError};
+use medtvt_role::rpc::{CoordinatorLink, RpcError};
 use crate::trainer::{StepData, Trainer, TrainerOptions};
-use crate::weights::weight_chunks;
+use medtvt_role::weights::weight_chunks;
 use medtvt_config::{RunConfig, Stage};
 use medtvt_data::Split;
 use medtvt_proto::v1::{FinishJobRequest, JobAssignment, PullBatchRequest, RendezvousRequest, RolloutGroup, StepReport, TrainingBatch};
@@ -37,7 +37,7 @@ pub enum JobError {
     #[error(transparent)]
     Train(#[from] crate::trainer::TrainError),
     #[error(transparent)]
-    Policy(#[from] crate::policy::PolicyError),
+    Policy(#[from] medtvt_model::policy::PolicyError),
     #[error(transparent)]
     Batch(#[from] crate::batch::BatchError),
     #[error(transparent)]
@@ -60,7 +60,7 @@ pub struct LearnerIdentity {
     pub rank: usize,
     pub world_size: usize,
     /// The `--device` flag's device; `None` lets each job's `model.device` decide
-    /// ([`crate::process::job_device`]).
+    /// ([`medtvt_role::device::job_device`]).
     pub device: Option<Device>,
     /// Where rank 0's TCP collective listens (port 0 = any free port).
     pub collective_bind: SocketAddr,

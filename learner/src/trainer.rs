@@ -22,7 +22,7 @@ use crate::checkpoint::{self, CheckpointContent, CheckpointError, LoadedCheckpoi
 use crate::collective::{CollectiveError, GradientCollective};
 use crate::grpo::{self, ClipRange, GrpoBatch, GrpoError, GrpoOptions, MismatchSums};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
-use crate::policy::{Policy, PolicyError};
+use medtvt_model::policy::{Policy, PolicyError};
 use medtvt_config::{OldLogprobs, RunConfig, Stage};
 use medtvt_data::ModalityInputs;
 use medtvt_proto::v1::{Completion, RolloutGroup};
@@ -552,7 +552,7 @@ pub fn weights_digest(tensors: &[(String, Tensor)]) -> String {
     let mut hasher = Sha256::new();
     for (name, t) in sorted {
         hasher.update(name.as_bytes());
-        hasher.update(crate::weights::f32_le_bytes(t));
+        hasher.update(medtvt_role::weights::f32_le_bytes(t));
     }
     hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -561,8 +561,8 @@ pub fn weights_digest(tensors: &[(String, Tensor)]) -> String {
 mod tests {
     use super::*;
     use crate::collective::{SingleRank, TcpCollective};
-    use crate::policy::RolloutSampling;
-    use crate::test_policy::BytePolicy;
+    use medtvt_model::policy::RolloutSampling;
+    use medtvt_model::policy::byte_policy::BytePolicy;
     use crate::grpo::LossAggregation;
     use medtvt_proto::v1::{Completion, Prompt};
     use std::net::TcpListener;

@@ -4,7 +4,8 @@
 //! processes, RPCs or runs. `runtime` reports what the linked libtorch can do; `llama` is the
 //! language model (HF-exact Llama decoder, generation, scoring); `tokenizer` turns text into its ids;
 //! `chat_template` renders a checkpoint's Jinja chat template and `special_tokens` reads its bos,
-//! eos and pad tokens; `medtvt` assembles encoders, adapters, the MPL and the decoder into MedTVT-R1.
+//! eos and pad tokens; `medtvt` assembles encoders, adapters, the MPL and the decoder into MedTVT-R1;
+//! `policy` is the trait the learner and the rollout workers train and sample through.
 
 pub mod adapter;
 pub mod chat_template;
@@ -12,6 +13,7 @@ pub mod encoders;
 pub mod llama;
 pub mod medtvt;
 pub mod perception;
+pub mod policy;
 pub mod runtime;
 pub mod special_tokens;
 pub mod tokenizer;

@@ -7,11 +7,11 @@ use crate::rollout::{roll_out, RolloutError, RolloutSettings};
 use medtvt_config::{RunConfig, Stage};
 use medtvt_eval::vocabulary::{DiseaseVocabulary, NameMatching};
 use medtvt_eval::{DiagnosisReward, RewardWeights};
-use medtvt_learner::inputs::InputLoader;
-use medtvt_learner::policy::{Policy, PolicyError, RolloutSampling};
-use medtvt_learner::process::{job_device, ConfigDeviceError};
-use medtvt_learner::rpc::{CoordinatorLink, RpcError};
-use medtvt_learner::weights::{assemble_weights, WeightsError};
+use medtvt_role::inputs::InputLoader;
+use medtvt_model::policy::{Policy, PolicyError, RolloutSampling};
+use medtvt_role::device::{job_device, ConfigDeviceError};
+use medtvt_role::rpc::{CoordinatorLink, RpcError};
+use medtvt_role::weights::{assemble_weights, WeightsError};
 use medtvt_proto::v1::{FetchWeightsRequest, JobAssignment, LeaseRequest, RolloutGroup, WeightChunk};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -50,7 +50,7 @@ pub struct RolloutTally {
 
 /// Runs the rollouts of a GRPO job until the coordinator says it is done (other stages: nothing).
 /// `device` is the `--device` flag's; without it the job's `model.device` decides
-/// ([`medtvt_learner::process::job_device`]).
+/// ([`medtvt_role::device::job_device`]).
 pub fn run_rollout_job<P: Policy>(link: &CoordinatorLink, job: &JobAssignment, device: Option<Device>, max_prompts: u32) -> Result<RolloutTally, WorkerJobError> {
     let origin = PathBuf::from(format!("<job {} config>", job.job_id));
     let cfg = medtvt_config::parse_run_config(&job.config_toml, &origin, &[]).map_err(|source| WorkerJobError::Config { job_id: job.job_id, source })?;

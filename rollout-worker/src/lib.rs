@@ -6,30 +6,19 @@
 pub mod job;
 pub mod rollout;
 
-use medtvt_learner::membership::{default_name, JoinOptions, Membership, MembershipError};
-use medtvt_learner::policy::Policy;
-use medtvt_learner::process::{parse_device, ProcessError};
+use medtvt_model::policy::Policy;
 use medtvt_proto::v1::{Role, Stage};
-use std::path::PathBuf;
+use medtvt_role::device::{parse_device, DeviceError};
+use medtvt_role::membership::{default_name, JoinOptions, Membership, MembershipError};
+use medtvt_role::RoleArgs;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RolloutWorkerArgs {
-    /// The coordinator's URL, e.g. http://127.0.0.1:50051.
-    #[arg(long, env = "MEDTVT_COORDINATOR")]
-    pub coordinator: String,
-    /// cpu, cuda or cuda:N; wins over the job config's model.device, which decides when this is
-    /// not given (auto: CUDA device 0 when libtorch sees one, else the CPU).
-    #[arg(long, env = "MEDTVT_DEVICE")]
-    pub device: Option<String>,
+    #[command(flatten)]
+    pub role: RoleArgs,
     /// Shown in the coordinator's status (default: rollout-worker@host:pid).
     #[arg(long, env = "MEDTVT_WORKER_NAME")]
     pub name: Option<String>,
-    /// A file holding the coordinator's bearer token.
-    #[arg(long, env = "MEDTVT_AUTH_TOKEN_FILE")]
-    pub auth_token_file: Option<PathBuf>,
-    /// OTLP/gRPC endpoint for traces and metrics (read by the command that sets up telemetry).
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
-    pub otlp_endpoint: Option<String>,
     /// Prompts asked for per lease.
     #[arg(long, default_value_t = 2)]
     pub max_prompts: u32,
@@ -38,7 +27,7 @@ pub struct RolloutWorkerArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(transparent)]
-    Process(#[from] ProcessError),
+    Device(#[from] DeviceError),
     #[error(transparent)]
     Membership(#[from] MembershipError),
     #[error("--max-prompts must be at least 1")]
@@ -54,10 +43,10 @@ pub async fn run<P: Policy + 'static>(args: RolloutWorkerArgs) -> Result<(), Wor
         return Err(WorkerError::MaxPrompts);
     }
     // A bad flag fails at start-up; without one each job's model.device decides.
-    let device = args.device.as_deref().map(parse_device).transpose()?;
+    let device = args.role.device.as_deref().map(parse_device).transpose()?;
     let options = JoinOptions {
-        coordinator: args.coordinator.clone(),
-        auth_token_file: args.auth_token_file.clone(),
+        coordinator: args.role.coordinator.clone(),
+        auth_token_file: args.role.auth_token_file.clone(),
         role: Role::RolloutWorker,
         name: args.name.clone().unwrap_or_else(|| default_name("rollout-worker")),
         rank: 0,
@@ -88,4 +77,25 @@ pub async fn run<P: Policy + 'static>(args: RolloutWorkerArgs) -> Result<(), Wor
     };
     membership.leave().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    /// The worker's whole dependency tree (dev-dependencies included) has neither the learner's
+    /// crate nor NCCL: what the roles share lives in medtvt-role and beside the model.
+    #[test]
+    fn the_worker_depends_on_neither_the_learner_nor_nccl() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = std::process::Command::new(cargo)
+            .args(["tree", "--offline", "-p", "medtvt-rollout-worker", "--prefix", "none", "-e", "normal,build,dev"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("running cargo tree");
+        assert!(out.status.success(), "cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
+        let tree = String::from_utf8_lossy(&out.stdout);
+        assert!(tree.contains("medtvt-role"), "{tree}");
+        for banned in ["medtvt-learner ", "cudarc "] {
+            assert!(!tree.lines().any(|l| l.starts_with(banned)), "{banned}in the worker's tree:\n{tree}");
+        }
+    }
 }

@@ -5,8 +5,8 @@
 
 use medtvt_data::QaSample;
 use medtvt_eval::{DiagnosisReward, RewardBreakdown};
-use medtvt_learner::inputs::InputLoader;
-use medtvt_learner::policy::{Policy, PolicyError, RolloutSampling, Sampled};
+use medtvt_role::inputs::InputLoader;
+use medtvt_model::policy::{Policy, PolicyError, RolloutSampling, Sampled};
 use medtvt_proto::v1::{Completion, Lease, RolloutGroup};
 
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +132,7 @@ mod tests {
 
     #[test]
     fn a_lease_becomes_one_rewarded_group_per_prompt() {
-        use medtvt_learner::test_policy::BytePolicy;
+        use medtvt_model::policy::byte_policy::BytePolicy;
         use medtvt_proto::v1::Prompt;
         let tmp = tempfile::tempdir().unwrap();
         let mut synth = medtvt_data::synth::SynthConfig::new(3, 5);

@@ -9,9 +9,9 @@
 use medtvt_coordinator::state::StateOptions;
 use medtvt_coordinator::in_process::InProcessCoordinator;
 use medtvt_coordinator::ServerOptions;
-use medtvt_learner::membership::{JoinOptions, Membership};
-use medtvt_learner::registration::Registration;
-use medtvt_learner::rpc::{CoordinatorLink, RetryPolicy, StopFlag};
+use medtvt_role::membership::{JoinOptions, Membership};
+use medtvt_role::registration::Registration;
+use medtvt_role::rpc::{CoordinatorLink, RetryPolicy, StopFlag};
 use medtvt_proto::client::{self, Client, ConnectOptions};
 use medtvt_proto::v1 as pb;
 use std::net::SocketAddr;

@@ -1,10 +1,15 @@
 //! What the learner and the rollout workers need from the policy network, as one trait.
 //!
 //! The training and rollout loops are written against [`Policy`] rather than against
-//! `medtvt_model::medtvt::MedTvt` directly, for two reasons: the loops (loss assembly, gradient
-//! accumulation, the collective, checkpoints, weight publication) can be tested in isolation with
-//! a small real network, and the model crate stays free of anything the loops need. The MedTVT-R1
-//! implementation is in [`crate::medtvt_policy`].
+//! [`crate::medtvt::MedTvt`] directly, so that the loops (loss assembly, gradient accumulation,
+//! the collective, checkpoints, weight publication, sampling and rewarding) can be tested in
+//! isolation with a small real network ([`byte_policy`], behind the `test-policy` feature). The
+//! MedTVT-R1 implementation is [`medtvt::MedTvtPolicy`]. The trait lives beside the model so that
+//! the learner and the rollout worker both reach it without reaching into each other.
+
+pub mod medtvt;
+#[cfg(any(test, feature = "test-policy"))]
+pub mod byte_policy;
 
 use medtvt_config::{RunConfig, Stage};
 use medtvt_data::ModalityInputs;

@@ -3,7 +3,7 @@
 //! lab value, so a NaN input reaches the loss), and a next-token head over the previous token's
 //! embedding. It learns, its gradients are real, and it is fast on CPU.
 
-use crate::policy::{Policy, PolicyError, RolloutSampling, Sampled, TrainableCount};
+use super::{Policy, PolicyError, RolloutSampling, Sampled, TrainableCount};
 use medtvt_config::{RunConfig, Stage};
 use medtvt_data::ModalityInputs;
 use std::path::Path;

@@ -2,9 +2,8 @@
 //! X-ray and lab files each sample names, with the dataset's lab percentile table. Shared by the
 //! learner (PT/SFT samples, GRPO prompts) and the rollout workers (leased prompts).
 
-use crate::trainer::PromptInput;
 use medtvt_config::RunConfig;
-use medtvt_data::{load_inputs, DataError, LabPercentiles, QaSample};
+use medtvt_data::{load_inputs, DataError, LabPercentiles, ModalityInputs, QaSample};
 use std::path::PathBuf;
 
 /// The file, under `data.dir`, that holds the lab percentile table.
@@ -30,7 +29,7 @@ impl InputLoader {
     }
 
     /// Each sample's question with its loaded modalities.
-    pub fn prompts(&self, samples: &[QaSample]) -> Result<Vec<PromptInput>, DataError> {
+    pub fn prompts(&self, samples: &[QaSample]) -> Result<Vec<(String, ModalityInputs)>, DataError> {
         samples
             .iter()
             .map(|s| Ok((s.question.clone(), load_inputs(&self.dir, s, &self.percentiles, self.image_size)?)))

@@ -15,7 +15,7 @@
 //!
 //! ```sh
 //! make bench-grpo            # or:
-//! cargo run --release -p medtvt-rollout-worker --example bench_grpo -- --steps 5 --threads 2
+//! cargo run --release -p medtvt-cli --example bench_grpo -- --steps 5 --threads 2
 //! ```
 
 use anyhow::{bail, Context, Result};
@@ -26,10 +26,10 @@ use medtvt_data::{read_jsonl, QaKind, QaSample};
 use medtvt_eval::vocabulary::{DiseaseVocabulary, NameMatching};
 use medtvt_eval::{DiagnosisReward, RewardWeights};
 use medtvt_learner::collective::SingleRank;
-use medtvt_learner::inputs::InputLoader;
-use medtvt_learner::medtvt_policy::MedTvtPolicy;
-use medtvt_learner::policy::{Policy, RolloutSampling};
-use medtvt_learner::process::parse_device;
+use medtvt_role::inputs::InputLoader;
+use medtvt_model::policy::medtvt::MedTvtPolicy;
+use medtvt_model::policy::{Policy, RolloutSampling};
+use medtvt_role::device::parse_device;
 use medtvt_learner::trainer::{StepData, Trainer, TrainerOptions};
 use medtvt_proto::v1::{Lease, Prompt};
 use medtvt_rollout_worker::rollout::{roll_out, RolloutSettings};
