@@ -9,6 +9,7 @@ use crate::state::{self, Assignment, BatchOutcome, GroupOutcome, RunState, State
 use crate::store::RunStore;
 use crate::weights::{VersionAssembler, WeightStore, WeightVersion, WeightsError};
 use medtvt_config::Stage;
+use medtvt_proto::errors::{reject, ErrorReason};
 use medtvt_proto::v1 as pb;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -167,7 +168,7 @@ impl CoordinatorService {
         {
             let mut store = self.shared.weights();
             if !store.accepts(job, number) {
-                return Err(Status::failed_precondition(format!("job {job} already has weights of version {number} or newer")));
+                return Err(reject(ErrorReason::AlreadyPublished, format!("job {job} already has weights of version {number} or newer")));
             }
             store.install(version);
         }
@@ -179,21 +180,14 @@ impl CoordinatorService {
     }
 }
 
+/// A state-machine error as a gRPC status: its reason code in the details, the code that goes
+/// with the reason, and the error's text for people.
 pub fn to_status(err: StateError) -> Status {
-    let message = err.to_string();
-    match err {
-        StateError::UnknownWorker(_) | StateError::UnknownJob(_) => Status::not_found(message),
-        StateError::JobNotRunning { .. }
-        | StateError::NotGrpo { .. }
-        | StateError::WrongRole { .. }
-        | StateError::FailedPrecondition(_) => Status::failed_precondition(message),
-        StateError::InvalidJob(_) | StateError::InvalidArgument(_) => Status::invalid_argument(message),
-        StateError::ShuttingDown => Status::unavailable(message),
-    }
+    reject(err.reason(), err.to_string())
 }
 
 fn weights_status(err: WeightsError) -> Status {
-    Status::invalid_argument(err.to_string())
+    reject(ErrorReason::InvalidWeights, err.to_string())
 }
 
 pub fn job_state_pb(state: JobState) -> pb::JobState {
@@ -244,7 +238,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let role = match pb::Role::try_from(req.role) {
             Ok(pb::Role::RolloutWorker) => Role::RolloutWorker,
             Ok(pb::Role::Learner) => Role::Learner,
-            _ => return Err(Status::invalid_argument("role must be ROLE_ROLLOUT_WORKER or ROLE_LEARNER")),
+            _ => return Err(reject(ErrorReason::InvalidRequest, "role must be ROLE_ROLLOUT_WORKER or ROLE_LEARNER")),
         };
         let (id, interval) = self.shared.with_state(|st| {
             let id = st.register(Instant::now(), role, req.name, req.rank, req.world_size);
@@ -284,7 +278,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         // Reading the dataset is file I/O: off the executor and outside the lock.
         let loaded = tokio::task::spawn_blocking(move || state::load_job(&req.config_toml, &req.overrides))
             .await
-            .map_err(|e| Status::internal(format!("loading the job panicked: {e}")))?;
+            .map_err(|e| reject(ErrorReason::Internal, format!("loading the job panicked: {e}")))?;
         let loaded = loaded.map_err(to_status)?;
         let id = self.shared.with_state(|st| st.enqueue_loaded(loaded)).map_err(to_status)?;
         tracing::Span::current().record("job_id", id.0);
@@ -545,7 +539,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     return Err(to_status(StateError::JobNotRunning { job, state }));
                 }
                 if !self.shared.weights().accepts(job, version) {
-                    return Err(Status::failed_precondition(format!(
+                    return Err(reject(ErrorReason::AlreadyPublished, format!(
                         "job {job} already has weights of version {version} or newer"
                     )));
                 }
@@ -561,8 +555,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             let saving = version.clone();
             tokio::task::spawn_blocking(move || store.save_weights(&saving))
                 .await
-                .map_err(|e| Status::internal(format!("saving weights panicked: {e}")))?
-                .map_err(|e| Status::internal(format!("cannot save weights of job {job} version {number}: {e}")))?;
+                .map_err(|e| reject(ErrorReason::Internal, format!("saving weights panicked: {e}")))?
+                .map_err(|e| reject(ErrorReason::Internal, format!("cannot save weights of job {job} version {number}: {e}")))?;
             return self.install_weights(Arc::unwrap_or_clone(version), tensors, bytes);
         }
         self.install_weights(version, tensors, bytes)
@@ -607,10 +601,40 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .await?;
         match payloads {
             Some(payloads) => Ok(Response::new(pb::RendezvousResponse { payloads })),
-            None => Err(Status::deadline_exceeded(format!(
+            None => Err(reject(ErrorReason::RendezvousTimeout, format!(
                 "rendezvous `{}` of job {job}: not every one of {} ranks arrived",
                 req.key, req.world_size
             ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+    use medtvt_proto::errors::reason_of;
+    use tonic::Code;
+
+    #[test]
+    fn state_errors_keep_their_grpc_codes_and_carry_their_reason() {
+        let cases = [
+            (StateError::UnknownWorker(WorkerId(3)), Code::NotFound, ErrorReason::UnknownWorker),
+            (StateError::UnknownJob(JobId(3)), Code::NotFound, ErrorReason::UnknownJob),
+            (StateError::InvalidJob("x".into()), Code::InvalidArgument, ErrorReason::InvalidJob),
+            (StateError::InvalidGroup("x".into()), Code::InvalidArgument, ErrorReason::InvalidGroup),
+            (StateError::BadRank("x".into()), Code::InvalidArgument, ErrorReason::BadRank),
+            (StateError::StepOutOfRange("x".into()), Code::InvalidArgument, ErrorReason::StepOutOfRange),
+            (StateError::StepNotReady("x".into()), Code::FailedPrecondition, ErrorReason::StepNotReady),
+            (StateError::StepPruned("x".into()), Code::FailedPrecondition, ErrorReason::StepPruned),
+            (StateError::ForeignCheckpoint("x".into()), Code::FailedPrecondition, ErrorReason::ForeignCheckpoint),
+            (StateError::LastStepNotReported("x".into()), Code::FailedPrecondition, ErrorReason::LastStepNotReported),
+            (StateError::ShuttingDown, Code::Unavailable, ErrorReason::ShuttingDown),
+        ];
+        for (err, code, reason) in cases {
+            let text = err.to_string();
+            let status = to_status(err);
+            assert_eq!((status.code(), reason_of(&status)), (code, Some(reason)), "{text}");
+            assert_eq!(status.message(), text);
         }
     }
 }

@@ -20,6 +20,7 @@
 use crate::dataset::{self, EpochOrder, SkippedSample};
 use crate::ids::{JobId, JobState, LeaseId, PromptKey, Role, WorkerId};
 use medtvt_config::{RunConfig, Stage};
+use medtvt_proto::errors::ErrorReason;
 use medtvt_proto::v1::RolloutGroup;
 use prost::bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -45,11 +46,44 @@ pub enum StateError {
     #[error("{0}")]
     InvalidJob(String),
     #[error("{0}")]
-    InvalidArgument(String),
+    InvalidGroup(String),
     #[error("{0}")]
-    FailedPrecondition(String),
+    BadRank(String),
+    #[error("{0}")]
+    StepOutOfRange(String),
+    #[error("{0}")]
+    StepNotReady(String),
+    #[error("{0}")]
+    StepPruned(String),
+    #[error("{0}")]
+    ForeignCheckpoint(String),
+    #[error("{0}")]
+    LastStepNotReported(String),
     #[error("the coordinator is shutting down and accepts no new jobs")]
     ShuttingDown,
+}
+
+impl StateError {
+    /// The reason code this error crosses the wire with; its gRPC code follows from the reason
+    /// (`medtvt_proto::errors::grpc_code`, the one place that mapping lives).
+    pub fn reason(&self) -> ErrorReason {
+        match self {
+            StateError::UnknownWorker(_) => ErrorReason::UnknownWorker,
+            StateError::UnknownJob(_) => ErrorReason::UnknownJob,
+            StateError::JobNotRunning { .. } => ErrorReason::JobNotRunning,
+            StateError::NotGrpo { .. } => ErrorReason::NotGrpo,
+            StateError::WrongRole { .. } => ErrorReason::WrongRole,
+            StateError::InvalidJob(_) => ErrorReason::InvalidJob,
+            StateError::InvalidGroup(_) => ErrorReason::InvalidGroup,
+            StateError::BadRank(_) => ErrorReason::BadRank,
+            StateError::StepOutOfRange(_) => ErrorReason::StepOutOfRange,
+            StateError::StepNotReady(_) => ErrorReason::StepNotReady,
+            StateError::StepPruned(_) => ErrorReason::StepPruned,
+            StateError::ForeignCheckpoint(_) => ErrorReason::ForeignCheckpoint,
+            StateError::LastStepNotReported(_) => ErrorReason::LastStepNotReported,
+            StateError::ShuttingDown => ErrorReason::ShuttingDown,
+        }
+    }
 }
 
 /// A submitted job with its config checked and its dataset read.
@@ -895,7 +929,7 @@ impl RunState {
             return Err(StateError::NotGrpo { job: id, stage, what: "SubmitGroups" });
         };
         if group.completions.len() != r.group_size as usize {
-            return Err(StateError::InvalidArgument(format!(
+            return Err(StateError::InvalidGroup(format!(
                 "group for prompt {} has {} completions; job {id} has grpo.group_size = {}",
                 group.prompt_id,
                 group.completions.len(),
@@ -903,7 +937,7 @@ impl RunState {
             )));
         }
         if let Some(c) = group.completions.iter().find(|c| !c.logprobs.is_empty() && c.logprobs.len() != c.token_ids.len()) {
-            return Err(StateError::InvalidArgument(format!(
+            return Err(StateError::InvalidGroup(format!(
                 "a completion of prompt {} has {} token ids but {} logprobs",
                 group.prompt_id,
                 c.token_ids.len(),
@@ -911,7 +945,7 @@ impl RunState {
             )));
         }
         if group.policy_version > job.policy_version {
-            return Err(StateError::InvalidArgument(format!(
+            return Err(StateError::InvalidGroup(format!(
                 "group sampled at policy version {} but job {id} is at version {}",
                 group.policy_version, job.policy_version
             )));
@@ -973,13 +1007,13 @@ impl RunState {
 
     fn check_rank(job: &Job, rank: u32, world_size: u32) -> Result<(), StateError> {
         if world_size != job.world_size {
-            return Err(StateError::InvalidArgument(format!(
+            return Err(StateError::BadRank(format!(
                 "world_size {world_size} does not match job {}'s cluster.learners = {}",
                 job.id, job.world_size
             )));
         }
         if rank >= world_size {
-            return Err(StateError::InvalidArgument(format!("rank {rank} is not below world_size {world_size}")));
+            return Err(StateError::BadRank(format!("rank {rank} is not below world_size {world_size}")));
         }
         Ok(())
     }
@@ -1011,7 +1045,7 @@ impl RunState {
         // version this job never published. Refused at once rather than pending forever.
         if step > r.steps.len() as u64 {
             let out = job.config.run.out_dir.display();
-            return Err(StateError::FailedPrecondition(format!(
+            return Err(StateError::ForeignCheckpoint(format!(
                 "job {id}: learner rank {rank} resumed at GRPO step {step} from a checkpoint in {out}/checkpoints, but this job has \
 trained {} steps: the checkpoint was left by an earlier job with the same run.out_dir, and a GRPO job cannot continue \
 another job's steps (its rollouts would come from a policy version it never published); submit it with a new \
@@ -1053,7 +1087,7 @@ run.out_dir, or remove {out}/checkpoints to start over",
             }
         }
         if step < r.pruned_below {
-            return Err(StateError::FailedPrecondition(format!(
+            return Err(StateError::StepPruned(format!(
                 "step {step} of job {id} was trained more than train.checkpoint_every = {} steps ago; its groups are gone",
                 r.retain_steps
             )));
@@ -1088,11 +1122,11 @@ run.out_dir, or remove {out}/checkpoints to start over",
             return Err(StateError::JobNotRunning { job: id, state: job.state });
         }
         if step >= job.total_steps {
-            return Err(StateError::InvalidArgument(format!("step {step} is past job {id}'s train.steps = {}", job.total_steps)));
+            return Err(StateError::StepOutOfRange(format!("step {step} is past job {id}'s train.steps = {}", job.total_steps)));
         }
         if let Some(r) = &job.rollouts {
             if step as usize >= r.steps.len() {
-                return Err(StateError::FailedPrecondition(format!("step {step} of job {id} has not been handed out yet")));
+                return Err(StateError::StepNotReady(format!("step {step} of job {id} has not been handed out yet")));
             }
         }
         if step < job.steps_completed {
@@ -1136,7 +1170,7 @@ run.out_dir, or remove {out}/checkpoints to start over",
             return Ok(job.state);
         }
         if rank != 0 {
-            return Err(StateError::InvalidArgument(format!("only rank 0 finishes a job, not rank {rank}")));
+            return Err(StateError::BadRank(format!("only rank 0 finishes a job, not rank {rank}")));
         }
         if !failure.is_empty() {
             self.end_job(id, JobState::Failed, failure);
@@ -1145,7 +1179,7 @@ run.out_dir, or remove {out}/checkpoints to start over",
         let last = job.total_steps - 1;
         let rank0_done = job.steps_completed == job.total_steps || job.reported.get(&last).is_some_and(|r| r.contains(&0));
         if !rank0_done {
-            return Err(StateError::FailedPrecondition(format!(
+            return Err(StateError::LastStepNotReported(format!(
                 "job {id}: rank 0 has not reported its last step {last} ({} of {} steps completed)",
                 job.steps_completed, job.total_steps
             )));
@@ -1183,14 +1217,14 @@ run.out_dir, or remove {out}/checkpoints to start over",
     pub fn rendezvous(&mut self, id: JobId, key: &str, rank: u32, world_size: u32, payload: Bytes) -> Result<Option<Vec<Bytes>>, StateError> {
         self.running_job_mut(id)?;
         if world_size == 0 || rank >= world_size {
-            return Err(StateError::InvalidArgument(format!("rank {rank} is not below world_size {world_size}")));
+            return Err(StateError::BadRank(format!("rank {rank} is not below world_size {world_size}")));
         }
         let round = self
             .rendezvous
             .entry((id, key.to_string()))
             .or_insert_with(|| RendezvousRound { world_size, payloads: vec![None; world_size as usize] });
         if round.world_size != world_size {
-            return Err(StateError::InvalidArgument(format!(
+            return Err(StateError::BadRank(format!(
                 "rendezvous `{key}` has world_size {} but rank {rank} says {world_size}",
                 round.world_size
             )));
@@ -1330,8 +1364,8 @@ mod tests {
         epoch0.dedup();
         assert_eq!(epoch0.len(), 6);
         assert_eq!(st.pull_batch(JobId(1), 0, 2, 3).unwrap(), BatchOutcome::Done(JobState::Running));
-        assert!(matches!(st.pull_batch(JobId(1), 2, 2, 0), Err(StateError::InvalidArgument(_))));
-        assert!(matches!(st.pull_batch(JobId(1), 0, 3, 0), Err(StateError::InvalidArgument(_))));
+        assert!(matches!(st.pull_batch(JobId(1), 2, 2, 0), Err(StateError::BadRank(_))));
+        assert!(matches!(st.pull_batch(JobId(1), 0, 3, 0), Err(StateError::BadRank(_))));
     }
 
     #[test]
@@ -1347,7 +1381,7 @@ mod tests {
                 st.report_step(JobId(1), rank, step, BTreeMap::new(), step + 1).unwrap();
             }
         }
-        assert!(matches!(st.finish_job(JobId(1), 1, "c".into(), String::new()), Err(StateError::InvalidArgument(_))));
+        assert!(matches!(st.finish_job(JobId(1), 1, "c".into(), String::new()), Err(StateError::BadRank(_))));
         assert_eq!(st.finish_job(JobId(1), 0, "ckpt".into(), String::new()).unwrap(), JobState::Succeeded);
         assert_eq!(st.job_state(JobId(2)).unwrap(), JobState::Running);
         assert!(matches!(st.assignment(JobId(1)), Assignment::Job { job_id: JobId(2), .. }));
@@ -1363,7 +1397,7 @@ mod tests {
     fn finish_before_the_last_step_is_refused_and_success_waits_for_all_ranks() {
         let mut st = RunState::new(StateOptions::default());
         st.enqueue(config("pt", ""), samples(4)).unwrap();
-        assert!(matches!(st.finish_job(JobId(1), 0, "c".into(), String::new()), Err(StateError::FailedPrecondition(_))));
+        assert!(matches!(st.finish_job(JobId(1), 0, "c".into(), String::new()), Err(StateError::LastStepNotReported(_))));
         for step in 0..3 {
             st.report_step(JobId(1), 0, step, BTreeMap::from([("loss".into(), 1.0)]), step + 1).unwrap();
         }
@@ -1485,7 +1519,7 @@ mod tests {
         }
         // Step 1 is still within one step of the last completed; step 0 is not.
         assert!(matches!(st.pull_batch(job, 0, 2, 1).unwrap(), BatchOutcome::Groups { .. }));
-        assert!(matches!(st.pull_batch(job, 0, 2, 0), Err(StateError::FailedPrecondition(_))));
+        assert!(matches!(st.pull_batch(job, 0, 2, 0), Err(StateError::StepPruned(_))));
         let snap = &st.snapshot(None).unwrap()[0];
         assert_eq!(snap.counters.groups_trained, 4);
         // The lease budget still counts the freed step: 1 step left = 2 prompts.
@@ -1578,9 +1612,9 @@ mod tests {
         let grant = st.lease(now, w, job, 1).unwrap();
         let mut g = group(w, job, grant.lease_id.unwrap(), keys(&grant)[0], 0, [0.0, 1.0]);
         g.completions.pop();
-        assert!(matches!(st.submit_group(now, g), Err(StateError::InvalidArgument(m)) if m.contains("group_size = 2")));
+        assert!(matches!(st.submit_group(now, g), Err(StateError::InvalidGroup(m)) if m.contains("group_size = 2")));
         let g = group(w, job, grant.lease_id.unwrap(), keys(&grant)[0], 5, [0.0, 1.0]);
-        assert!(matches!(st.submit_group(now, g), Err(StateError::InvalidArgument(_))));
+        assert!(matches!(st.submit_group(now, g), Err(StateError::InvalidGroup(_))));
         let g = group(WorkerId(77), job, grant.lease_id.unwrap(), keys(&grant)[0], 0, [0.0, 1.0]);
         assert_eq!(st.submit_group(now, g), Err(StateError::UnknownWorker(WorkerId(77))));
     }

@@ -6,8 +6,8 @@
 //!
 //! After a coordinator restart (it resumes from its run directory), calls fail with UNAVAILABLE
 //! until it is back, and a process's worker id is unknown to it: calls carrying it answer
-//! NOT_FOUND with "unknown worker id N: register again" ([`is_unknown_worker`]); the process
-//! registers again and carries on with its job.
+//! NOT_FOUND with the reason `UNKNOWN_WORKER` in the status details ([`is_unknown_worker`],
+//! [`crate::errors`]); the process registers again and carries on with its job.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), medtvt_proto::client::ClientError> {
@@ -18,6 +18,7 @@
 //! # let _ = status; Ok(()) }
 //! ```
 
+use crate::errors::{reason_of, ErrorReason};
 use crate::CoordinatorClient;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -55,16 +56,16 @@ pub enum ClientError {
 }
 
 /// Whether `status` is the coordinator saying it does not know the caller's worker id (it
-/// restarted, or declared the process gone): register again.
+/// restarted, or declared the process gone): register again. Decided by the reason code alone.
 pub fn is_unknown_worker(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::NotFound && status.message().starts_with("unknown worker id")
+    reason_of(status) == Some(ErrorReason::UnknownWorker)
 }
 
 /// Whether `status` is the coordinator refusing a PublishWeights because it already holds that
 /// policy version (or a newer one) of the job: a learner that resumed from a checkpoint
 /// publishes versions again that it had published before it died.
 pub fn is_already_published(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::FailedPrecondition && status.message().contains("already has weights of version")
+    reason_of(status) == Some(ErrorReason::AlreadyPublished)
 }
 
 /// How [`connect_with`] dials.
@@ -210,6 +211,7 @@ pub async fn connect_with(url: &str, token: Option<&str>, options: &ConnectOptio
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::errors::reject;
 
     #[test]
     fn token_file_is_trimmed_and_checked() {
@@ -252,10 +254,15 @@ mod tests {
         assert!(matches!(tls_for("http://h:1", Some(ca)), Err(ClientError::CaWithoutTls { .. })));
         let err = tls_for("https://h:1", Some(ca)).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
-        let status = tonic::Status::not_found("unknown worker id 7: register again");
-        assert!(is_unknown_worker(&status));
-        assert!(!is_unknown_worker(&tonic::Status::not_found("unknown job id 7")));
-        assert!(is_already_published(&tonic::Status::failed_precondition("job 2 already has weights of version 3 or newer")));
-        assert!(!is_already_published(&tonic::Status::failed_precondition("job 2 is Succeeded, not running")));
+    }
+
+    #[test]
+    fn clients_branch_on_the_reason_code_not_on_the_message() {
+        assert!(is_unknown_worker(&reject(ErrorReason::UnknownWorker, "reworded at will")));
+        assert!(!is_unknown_worker(&reject(ErrorReason::UnknownJob, "unknown worker id 7: register again")));
+        // The old message text without a reason no longer counts.
+        assert!(!is_unknown_worker(&tonic::Status::not_found("unknown worker id 7: register again")));
+        assert!(is_already_published(&reject(ErrorReason::AlreadyPublished, "anything")));
+        assert!(!is_already_published(&reject(ErrorReason::JobNotRunning, "job 2 already has weights of version 3 or newer")));
     }
 }

@@ -1,8 +1,10 @@
 //! The MedTVT gRPC API, `medtvt.v1.Coordinator`: the generated message types and tonic
 //! client/server (see `medtvt/v1/coordinator.proto` for the data flow it carries), plus
-//! [`client`], the typed client the rollout workers and learners use.
+//! [`client`], the typed client the rollout workers and learners use, and [`errors`], the reason
+//! codes every error carries on the wire.
 
 pub mod client;
+pub mod errors;
 
 /// Generated from `medtvt/v1/coordinator.proto`.
 pub mod v1 {
