@@ -388,6 +388,17 @@ fn one_f64() -> f64 {
 }
 
 impl RunConfig {
+    /// Every file or folder the config names that learners and workers read or write, with its
+    /// config key: `run.out_dir`, `data.dir`, `model.checkpoint` and the encoder weight files.
+    pub fn paths(&self) -> Vec<(&'static str, &Path)> {
+        let mut paths = vec![("run.out_dir", self.run.out_dir.as_path()), ("data.dir", self.data.dir.as_path())];
+        if let Some(checkpoint) = &self.model.checkpoint {
+            paths.push(("model.checkpoint", checkpoint.as_path()));
+        }
+        paths.extend(self.model.encoder_weights());
+        paths
+    }
+
     /// Range, cross-field and path checks; the first problem found is returned, naming its key.
     pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         let bad = |key: &str, problem: &str| Err(ConfigError::invalid(file, key, problem));
