@@ -67,6 +67,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 learners: first.cluster.learners as usize,
                 rollout_workers: first.cluster.rollout_workers as usize,
                 run_dir: first.run.out_dir.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("runs")),
+                job_roots: named_paths(&jobs, &args.configs),
             };
             let mut cluster = LocalCluster::start(&shape)?;
             println!("local cluster: coordinator {} , logs in {}", cluster.url, cluster.log_dir.display());
@@ -81,6 +82,21 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Every path the stage configs name (output, data, checkpoint and weight files): the local
+/// coordinator accepts jobs that point there and nowhere else. A config that does not parse adds
+/// nothing; submitting it reports the problem.
+fn named_paths(jobs: &[StageJob], files: &[PathBuf]) -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    for (job, file) in jobs.iter().zip(files) {
+        if let Ok(config) = medtvt_config::parse_run_config_unvalidated(&job.config_toml, file, &job.overrides) {
+            paths.extend(config.paths().into_iter().map(|(_, p)| p.to_path_buf()));
+        }
+    }
+    paths.sort();
+    paths.dedup();
+    paths
 }
 
 /// Asks the coordinator to stop; the learners and workers exit when they see it.
