@@ -156,3 +156,28 @@ fn metric_summary(m: &std::collections::HashMap<String, f64>) -> String {
         .collect::<Vec<_>>()
         .join("  ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_coordinator_allows_every_path_the_configs_name() {
+        let text = |stage: &str, extra: &str| {
+            format!(
+                "[run]\nname = \"r\"\nstage = \"{stage}\"\nout_dir = \"/srv/runs/{stage}\"\n[data]\ndir = \"/srv/data\"\n\
+                 [model]\n{extra}[train]\nsteps = 1\nbatch_size = 2\nlearning_rate = 0.001\n"
+            )
+        };
+        let job = |toml: String| StageJob { label: "c".into(), config_toml: toml, overrides: vec![] };
+        let jobs = vec![
+            job(text("pt", "ecg_encoder_weights = \"/models/ecg.safetensors\"\n")),
+            job(text("sft", "checkpoint = \"/srv/runs/pt/final\"\n")),
+            job("not toml".into()),
+        ];
+        let files = vec![PathBuf::from("pt.toml"), PathBuf::from("sft.toml"), PathBuf::from("bad.toml")];
+        let paths: Vec<String> = named_paths(&jobs, &files).iter().map(|p| p.display().to_string()).collect();
+        assert_eq!(paths, ["/models/ecg.safetensors", "/srv/data", "/srv/runs/pt", "/srv/runs/pt/final", "/srv/runs/sft"]);
+    }
+}
+

@@ -321,6 +321,16 @@ mod tests {
     }
 
     #[test]
+    fn a_truncated_jpeg_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cxr.jpg");
+        let jpeg = crate::jpeg::tests::noisy_jpeg(128);
+        std::fs::write(&path, &jpeg[..20 * jpeg.len() / 100]).unwrap();
+        let e = inspect(&path.to_string_lossy()).unwrap_err().to_string();
+        assert!(e.contains("cxr.jpg") && e.contains("truncated"), "{e}");
+    }
+
+    #[test]
     fn an_empty_lab_csv_is_said_to_be_empty() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("labs.csv");
