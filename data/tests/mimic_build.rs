@@ -255,3 +255,12 @@ fn a_non_empty_output_folder_is_refused_unless_replaced() {
     assert!(cfg.out.join("ecg/enc-20000001.hea").exists());
     assert_eq!(std::fs::read_to_string(cfg.out.join("notes.txt")).unwrap(), "mine", "files the build does not own stay");
 }
+
+#[test]
+fn an_empty_table_is_said_to_be_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), false);
+    std::fs::write(cfg.hosp.join("patients.csv"), "").unwrap();
+    let e = build_mimic(&cfg).unwrap_err().to_string();
+    assert!(e.contains("patients.csv") && e.contains("is empty") && !e.contains("missing"), "{e}");
+}
