@@ -36,7 +36,7 @@ pub enum DataError {
     #[error("sample {sample}: {problem}")]
     Sample { sample: String, problem: String },
 
-    #[error("{}: the output folder is not empty (it holds {holds}); ask to replace it, or choose another", path.display())]
+    #[error("{}: the output folder is not empty (it holds {holds}); choose another, or replace a previous build there (`--replace`)", path.display())]
     OutputNotEmpty { path: PathBuf, holds: String },
 }
 
