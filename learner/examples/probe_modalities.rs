@@ -144,7 +144,7 @@ fn probe(x_train: &Tensor, y_train: &Tensor, x_val: &Tensor, y_val: &Tensor) -> 
     let weights = y_train * (0.5 / positive) + (1.0 - y_train) * (0.5 / (1.0 - positive));
     for _ in 0..300 {
         let logits = xt.matmul(&w).squeeze_dim(1) + &bias;
-        let loss = logits.binary_cross_entropy_with_logits::<Tensor>(y_train, Some(&weights), None, tch::Reduction::Mean)
+        let loss = logits.binary_cross_entropy_with_logits::<&Tensor>(y_train, Some(&weights), None, tch::Reduction::Mean)
             + w.square().sum(Kind::Float) * 1e-3;
         opt.backward_step(&loss);
     }
