@@ -584,7 +584,9 @@ def local_process(cluster: LocalCluster, obj: dict, pod: LocalPod, container: di
             else:
                 del env[key]
             continue
-        env[key] = cluster.rewrite_addresses(rewrite_path(value, mounts), f"{what} env {key}")
+        # Comma-separated lists of paths (MEDTVT_CONFIG, MEDTVT_JOB_ROOTS) move entry by entry.
+        local = ",".join(rewrite_path(part, mounts) for part in value.split(","))
+        env[key] = cluster.rewrite_addresses(local, f"{what} env {key}")
     argv = container.get("command") or [binary]
     argv = [expand_vars(a, env) for a in argv + container.get("args", [])]
     argv = [cluster.rewrite_addresses(rewrite_path(a, mounts), f"{what} args") for a in argv]

@@ -21,6 +21,9 @@ The cross-object checks catch what schemas cannot:
 - every path of the run config (data.dir, model.checkpoint, run.out_dir, resolved against the
   working directory) lies on the shared claim, writable where the role writes, and every pod
   mounts each claim sub-path at the same place;
+- the coordinator confines submitted jobs (MEDTVT_JOB_ROOTS) to mounts of the shared claim, and
+  those roots hold every path of the run config, so `medtvt train --coordinator` with the
+  overlay's configs is accepted; it is never started with MEDTVT_INSECURE;
 - the configs/ copies in each overlay are byte-identical to the repository's configs/;
 - when `kubectl kustomize` exists, it renders exactly what deploy/render.py renders.
 """
@@ -261,6 +264,27 @@ def check_paths(objects: list[dict], config: dict, checks: Checks, where: str) -
         if run_dir:
             place = on_claim(run_dir, container.get("workingDir", "/"), mounts)
             checks.check(place is not None and not place[2], f"{where}: {role}: MEDTVT_RUN_DIR is on the claim, writable")
+        if role == "coordinator":
+            check_job_roots(container, mounts, paths, checks, where)
+
+
+def check_job_roots(container: dict, mounts: dict[str, tuple[str, str, bool]], paths: dict[str, tuple[str, bool]],
+                    checks: Checks, where: str) -> None:
+    """The coordinator's MEDTVT_JOB_ROOTS: mount points of the claim that hold every config path."""
+    env = env_of(container)
+    checks.check("MEDTVT_INSECURE" not in env and "--insecure" not in container.get("args", []),
+                 f"{where}: coordinator is not started --insecure")
+    value = env.get("MEDTVT_JOB_ROOTS", {}).get("value", "")
+    roots = [r for r in value.split(",") if r]
+    if not checks.check(bool(roots), f"{where}: coordinator confines submitted jobs with MEDTVT_JOB_ROOTS"):
+        return
+    checks.check(all(r in mounts for r in roots), f"{where}: coordinator: every job root is a mount of the shared claim",
+                 ", ".join(r for r in roots if r not in mounts))
+    working_dir = container.get("workingDir", "/")
+    for key, (path, _) in paths.items():
+        absolute = path if path.startswith("/") else f"{working_dir.rstrip('/')}/{path}"
+        inside = any(absolute == r or absolute.startswith(r.rstrip("/") + "/") for r in roots)
+        checks.check(inside, f"{where}: coordinator: {key} = {path} lies under a job root", value)
 
 
 def check_config_copies(overlay: Path, checks: Checks) -> None:

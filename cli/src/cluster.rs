@@ -26,6 +26,9 @@ pub struct ClusterShape {
     pub learners: usize,
     pub rollout_workers: usize,
     pub run_dir: PathBuf,
+    /// The coordinator's `--job-root` folders: where the jobs submitted to it may point (its
+    /// working directory when empty).
+    pub job_roots: Vec<PathBuf>,
 }
 
 impl LocalCluster {
@@ -38,12 +41,16 @@ impl LocalCluster {
         let mut cluster = LocalCluster { children: Vec::new(), url: String::new(), log_dir: log_dir.clone() };
 
         let coordinator_log = log_dir.join("coordinator.log");
-        let mut coordinator = Command::new(&exe)
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--run-dir"])
-            .arg(&shape.run_dir)
+        let mut coordinator = Command::new(&exe);
+        coordinator.args(["coordinator", "--listen", "127.0.0.1:0", "--run-dir"]).arg(&shape.run_dir);
+        for root in &shape.job_roots {
+            coordinator.arg("--job-root").arg(root);
+        }
+        let mut coordinator = coordinator
             .stdout(Stdio::piped())
             .stderr(log_file(&coordinator_log)?)
             .env_remove("MEDTVT_CONFIG")
+            .env_remove("MEDTVT_JOB_ROOTS")
             .spawn()
             .context("starting the coordinator")?;
         let stdout = coordinator.stdout.take().context("coordinator stdout")?;

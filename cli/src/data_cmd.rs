@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use medtvt_data::disease::{parse_diseases, Disease};
 use medtvt_data::inspect::inspect;
-use medtvt_data::mimic::{build_mimic, BuildMimicConfig};
+use medtvt_data::mimic::{build_mimic, BuildMimicConfig, BuildReport};
 use medtvt_data::synth::{synthesize, SynthConfig};
 use std::path::PathBuf;
 
@@ -66,9 +66,12 @@ struct BuildMimicArgs {
     /// MIMIC-CXR-JPG root (mimic-cxr-2.0.0-metadata.csv, files/).
     #[arg(long)]
     cxr: PathBuf,
-    /// Output directory (created).
+    /// Output directory (created); it must be empty unless --replace is given.
     #[arg(long)]
     out: PathBuf,
+    /// Delete a previous build's files in --out first (ecg/, cxr/, labs/, qa.jsonl, ...; nothing else).
+    #[arg(long)]
+    replace: bool,
     /// Stop at the first unreadable record or bad row instead of skipping it.
     #[arg(long)]
     strict: bool,
@@ -84,6 +87,18 @@ fn diseases(names: &[String]) -> anyhow::Result<Vec<Disease>> {
         return Ok(Disease::ALL.to_vec());
     }
     parse_diseases(names).map_err(|e| anyhow::anyhow!("--diseases: {e}"))
+}
+
+/// Skipped admissions printed by build-mimic; the rest are in build_report.json.
+const SKIPS_SHOWN: usize = 10;
+
+/// The first `n` skips of a build, one line each, and how many more the report lists.
+fn first_skips(report: &BuildReport, n: usize) -> Vec<String> {
+    let mut lines: Vec<String> = report.skips.iter().take(n).map(|s| format!("skipped {s}")).collect();
+    if report.skips.len() > n {
+        lines.push(format!("... and {} more, listed in build_report.json", report.skips.len() - n));
+    }
+    lines
 }
 
 pub fn run(args: &DataArgs) -> anyhow::Result<()> {
@@ -116,12 +131,50 @@ pub fn run(args: &DataArgs) -> anyhow::Result<()> {
                 cxr: a.cxr.clone(),
                 out: a.out.clone(),
                 strict: a.strict,
+                replace: a.replace,
                 diseases: diseases(&a.diseases)?,
                 progress: !a.quiet,
             };
             let report = build_mimic(&cfg).with_context(|| format!("building MedTVT-QA into {}", a.out.display()))?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            for line in first_skips(&report, SKIPS_SHOWN) {
+                eprintln!("{line}");
+            }
+            // The full list is in build_report.json; the console gets the counts.
+            let mut summary = serde_json::to_value(&report)?;
+            if let Some(fields) = summary.as_object_mut() {
+                fields.remove("skips");
+            }
+            println!("{}", serde_json::to_string_pretty(&summary)?);
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medtvt_data::mimic::Skip;
+
+    #[test]
+    fn the_first_skips_are_shown_with_file_and_line_and_the_rest_counted() {
+        let skip = |hadm: u64| Skip {
+            hadm_id: Some(hadm),
+            reason: "no ECG in admission".into(),
+            file: PathBuf::from("hosp/admissions.csv"),
+            line: Some(hadm + 1),
+            problem: "record_list has no ECG of subject 7 between admittime and dischtime".into(),
+        };
+        let report = BuildReport {
+            admissions: 3,
+            matched: 0,
+            skipped: Default::default(),
+            by_split: Default::default(),
+            by_disease: Default::default(),
+            skips: (1..=3).map(skip).collect(),
+        };
+        let lines = first_skips(&report, 2);
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0], "skipped admission 1: no ECG in admission: hosp/admissions.csv:2: record_list has no ECG of subject 7 between admittime and dischtime");
+        assert_eq!(lines[2], "... and 1 more, listed in build_report.json");
+    }
 }

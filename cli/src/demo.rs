@@ -52,7 +52,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     println!("      {} QA samples written", summary.samples);
 
     println!("\n[2/5] starting a local cluster: coordinator, 2 learners, 2 rollout workers (separate processes)");
-    let mut cluster = LocalCluster::start(&ClusterShape { learners: 2, rollout_workers: 2, run_dir: run_dir.clone() })?;
+    let shape = ClusterShape { learners: 2, rollout_workers: 2, run_dir: run_dir.clone(), job_roots: vec![run_dir.clone()] };
+    let mut cluster = LocalCluster::start(&shape)?;
     println!("      coordinator at {}, logs in {}", cluster.url, cluster.log_dir.display());
 
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;

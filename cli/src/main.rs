@@ -1,6 +1,7 @@
 //! `medtvt`: the one binary of MedTVT-R1. Each role (coordinator, rollout worker, learner) and each
 //! tool (data, eval, doctor, ...) is a subcommand, so one container image serves every role.
 
+mod broken_pipe;
 mod cluster;
 mod coordinator_cmd;
 mod data_cmd;
@@ -47,8 +48,13 @@ enum Command {
     Status(status_cmd::StatusArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    broken_pipe::install_panic_hook();
     let cli = Cli::parse();
+    broken_pipe::run(std::panic::AssertUnwindSafe(move || run(cli)))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Doctor(args) => doctor::run(&args),
         Command::Demo(args) => demo::run(&args),

@@ -67,6 +67,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 learners: first.cluster.learners as usize,
                 rollout_workers: first.cluster.rollout_workers as usize,
                 run_dir: first.run.out_dir.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("runs")),
+                job_roots: named_paths(&jobs, &args.configs),
             };
             let mut cluster = LocalCluster::start(&shape)?;
             println!("local cluster: coordinator {} , logs in {}", cluster.url, cluster.log_dir.display());
@@ -81,6 +82,21 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Every path the stage configs name (output, data, checkpoint and weight files): the local
+/// coordinator accepts jobs that point there and nowhere else. A config that does not parse adds
+/// nothing; submitting it reports the problem.
+fn named_paths(jobs: &[StageJob], files: &[PathBuf]) -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    for (job, file) in jobs.iter().zip(files) {
+        if let Ok(config) = medtvt_config::parse_run_config_unvalidated(&job.config_toml, file, &job.overrides) {
+            paths.extend(config.paths().into_iter().map(|(_, p)| p.to_path_buf()));
+        }
+    }
+    paths.sort();
+    paths.dedup();
+    paths
 }
 
 /// Asks the coordinator to stop; the learners and workers exit when they see it.
@@ -140,3 +156,28 @@ fn metric_summary(m: &std::collections::HashMap<String, f64>) -> String {
         .collect::<Vec<_>>()
         .join("  ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_coordinator_allows_every_path_the_configs_name() {
+        let text = |stage: &str, extra: &str| {
+            format!(
+                "[run]\nname = \"r\"\nstage = \"{stage}\"\nout_dir = \"/srv/runs/{stage}\"\n[data]\ndir = \"/srv/data\"\n\
+                 [model]\n{extra}[train]\nsteps = 1\nbatch_size = 2\nlearning_rate = 0.001\n"
+            )
+        };
+        let job = |toml: String| StageJob { label: "c".into(), config_toml: toml, overrides: vec![] };
+        let jobs = vec![
+            job(text("pt", "ecg_encoder_weights = \"/models/ecg.safetensors\"\n")),
+            job(text("sft", "checkpoint = \"/srv/runs/pt/final\"\n")),
+            job("not toml".into()),
+        ];
+        let files = vec![PathBuf::from("pt.toml"), PathBuf::from("sft.toml"), PathBuf::from("bad.toml")];
+        let paths: Vec<String> = named_paths(&jobs, &files).iter().map(|p| p.display().to_string()).collect();
+        assert_eq!(paths, ["/models/ecg.safetensors", "/srv/data", "/srv/runs/pt", "/srv/runs/pt/final", "/srv/runs/sft"]);
+    }
+}
+

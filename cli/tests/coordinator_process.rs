@@ -1,5 +1,6 @@
 //! `medtvt coordinator` as a real process: it announces its real port on stdout, serves the
-//! configs given on the command line, answers `medtvt status`, and exits cleanly on SIGTERM.
+//! configs given on the command line, answers `medtvt status`, and exits cleanly on SIGTERM; it
+//! refuses to listen beyond loopback without a token unless told `--insecure`, and then warns.
 
 use medtvt_proto::v1 as pb;
 use std::io::{BufRead, BufReader};
@@ -62,7 +63,9 @@ fn coordinator_process_announces_serves_and_stops_on_sigterm() {
 
     let table = Command::new(BIN).args(["status", "--coordinator", &format!("http://{addr}")]).output().unwrap();
     assert!(table.status.success());
-    assert!(String::from_utf8_lossy(&table.stdout).contains("proc-pt  pt     running  0/2"));
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("proc-pt  pt     running  0/2"), "{text}");
+    assert!(text.contains("pipeline: no GRPO job running"), "the pipeline gauges have a line: {text}");
 
     let pid = guard.0.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
@@ -75,4 +78,34 @@ fn coordinator_process_announces_serves_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(exit.success(), "{exit:?}");
+}
+
+#[test]
+fn beyond_loopback_without_a_token_it_refuses_unless_insecure_and_then_warns() {
+    let refused = Command::new(BIN)
+        .args(["coordinator", "--listen", "0.0.0.0:0"])
+        .env_remove("MEDTVT_AUTH_TOKEN_FILE")
+        .env_remove("MEDTVT_INSECURE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("refusing to listen on 0.0.0.0:0") && stderr.contains("--insecure"), "{stderr}");
+    assert!(refused.stdout.is_empty(), "it never announced an address");
+
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("coordinator.log");
+    let child = Command::new(BIN)
+        .args(["coordinator", "--listen", "0.0.0.0:0", "--insecure"])
+        .env_remove("MEDTVT_AUTH_TOKEN_FILE")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut guard = Guard(child);
+    let mut line = String::new();
+    BufReader::new(guard.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("coordinator listening on 0.0.0.0:"), "{line:?}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("WARN") && log.contains("--insecure"), "{log}");
 }

@@ -147,7 +147,8 @@ fn medtvt(args: &[&str], log: &Path) -> Command {
 /// Starts the coordinator on a free port; returns it with its URL (from its stdout line).
 fn coordinator(dir: &Path, config: &Path, otlp: &str) -> (Role, String) {
     let (config, run_dir) = (config.display().to_string(), dir.join("coordinator").display().to_string());
-    let args = ["coordinator", "--config", &config, "--listen", "127.0.0.1:0", "--run-dir", &run_dir, "--otlp-endpoint", otlp];
+    let root = dir.display().to_string();
+    let args = ["coordinator", "--config", &config, "--listen", "127.0.0.1:0", "--run-dir", &run_dir, "--job-root", &root, "--otlp-endpoint", otlp];
     let mut child = medtvt(&args, &dir.join("coordinator.log")).stdout(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let role = Role { name: "coordinator", child };

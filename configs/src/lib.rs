@@ -26,10 +26,16 @@ pub fn load_run_config(path: &Path, overrides: &[String]) -> Result<RunConfig, C
 
 /// Like [`load_run_config`] for text already in memory; `origin` names it in errors.
 pub fn parse_run_config(text: &str, origin: &Path, overrides: &[String]) -> Result<RunConfig, ConfigError> {
+    let config = parse_run_config_unvalidated(text, origin, overrides)?;
+    config.validate(origin)?;
+    Ok(config)
+}
+
+/// Reads, overrides and types a config without [`RunConfig::validate`] (which looks at the
+/// paths it names): for checks that must come before any file is touched.
+pub fn parse_run_config_unvalidated(text: &str, origin: &Path, overrides: &[String]) -> Result<RunConfig, ConfigError> {
     if overrides.is_empty() {
-        let config: RunConfig = toml::from_str(text).map_err(|e| ConfigError::parse(origin, text, &e))?;
-        config.validate(origin)?;
-        return Ok(config);
+        return toml::from_str(text).map_err(|e| ConfigError::parse(origin, text, &e));
     }
     let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::parse(origin, text, &e))?;
     for spec in overrides {
@@ -46,15 +52,13 @@ pub fn parse_run_config(text: &str, origin: &Path, overrides: &[String]) -> Resu
         spec: overrides.join(" "),
         problem: e.to_string(),
     })?;
-    let config: RunConfig = toml::from_str(&merged).map_err(|e| {
+    toml::from_str(&merged).map_err(|e| {
         let mut err = ConfigError::parse(origin, &merged, &e);
         if let ConfigError::Parse { message, .. } = &mut err {
             message.push_str(" (line of the config with overrides applied)");
         }
         err
-    })?;
-    config.validate(origin)?;
-    Ok(config)
+    })
 }
 
 #[cfg(test)]

@@ -407,6 +407,17 @@ fn one_f64() -> f64 {
 }
 
 impl RunConfig {
+    /// Every file or folder the config names that learners and workers read or write, with its
+    /// config key: `run.out_dir`, `data.dir`, `model.checkpoint` and the encoder weight files.
+    pub fn paths(&self) -> Vec<(&'static str, &Path)> {
+        let mut paths = vec![("run.out_dir", self.run.out_dir.as_path()), ("data.dir", self.data.dir.as_path())];
+        if let Some(checkpoint) = &self.model.checkpoint {
+            paths.push(("model.checkpoint", checkpoint.as_path()));
+        }
+        paths.extend(self.model.encoder_weights());
+        paths
+    }
+
     /// Range, cross-field and path checks; the first problem found is returned, naming its key.
     pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         let bad = |key: &str, problem: &str| Err(ConfigError::invalid(file, key, problem));
@@ -437,16 +448,16 @@ impl RunConfig {
         if self.run.stage == Stage::Grpo && self.cluster.rollout_workers == 0 {
             return bad("cluster.rollout_workers", "must be at least 1 for a GRPO run");
         }
-        if !(self.cluster.lease_timeout_s > 0.0) {
+        if self.cluster.lease_timeout_s.is_nan() || self.cluster.lease_timeout_s <= 0.0 {
             return bad("cluster.lease_timeout_s", "must be > 0");
         }
-        if !(self.cluster.heartbeat_timeout_s > 0.0) {
+        if self.cluster.heartbeat_timeout_s.is_nan() || self.cluster.heartbeat_timeout_s <= 0.0 {
             return bad("cluster.heartbeat_timeout_s", "must be > 0");
         }
         if self.data.max_answer_tokens == 0 {
             return bad("data.max_answer_tokens", "must be at least 1");
         }
-        if self.run.stage != Stage::Grpo && self.train.batch_size % self.cluster.learners as usize != 0 {
+        if self.run.stage != Stage::Grpo && !self.train.batch_size.is_multiple_of(self.cluster.learners as usize) {
             return bad("train.batch_size", "must be a multiple of cluster.learners");
         }
         Ok(())
@@ -470,13 +481,13 @@ impl TinyModel {
                 return bad(key, "must be > 0".into());
             }
         }
-        if self.hidden_size % self.num_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
             return bad("model.tiny.hidden_size", format!("{} is not divisible by num_heads {}", self.hidden_size, self.num_heads));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad("model.tiny.num_heads", format!("{} is not divisible by num_kv_heads {}", self.num_heads, self.num_kv_heads));
         }
-        if self.image_size % self.vit_patch_size != 0 {
+        if !self.image_size.is_multiple_of(self.vit_patch_size) {
             return bad("model.tiny.image_size", format!("{} is not divisible by vit_patch_size {}", self.image_size, self.vit_patch_size));
         }
         Ok(())
@@ -498,10 +509,10 @@ impl TrainSection {
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return bad("train.min_lr_ratio", "must be in [0, 1]");
         }
-        if !(self.weight_decay >= 0.0) {
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
             return bad("train.weight_decay", "must be >= 0");
         }
-        if !(self.grad_clip >= 0.0) {
+        if self.grad_clip.is_nan() || self.grad_clip < 0.0 {
             return bad("train.grad_clip", "must be >= 0 (0 disables clipping)");
         }
         if self.grad_accumulation == 0 {

@@ -1,7 +1,11 @@
 //! `medtvt coordinator`: the command-line entry point. Parses flags (each readable from an
-//! environment variable), submits the configs given on the command line as jobs in order,
-//! prints `coordinator listening on <addr>` once bound, and stops gracefully on SIGTERM/ctrl-c.
+//! environment variable), refuses to listen beyond loopback without a token (unless
+//! `--insecure`), confines the paths of jobs submitted over the network to the `--job-root`
+//! folders (the working directory by default), submits the configs given on the command line as
+//! jobs in order, prints `coordinator listening on <addr>` once bound, and stops gracefully on
+//! SIGTERM/ctrl-c.
 
+use crate::job_roots::JobRoots;
 use crate::server::{Coordinator, ServerOptions};
 use anyhow::Context;
 use std::future::Future;
@@ -18,9 +22,19 @@ pub struct CoordinatorArgs {
     /// Dotted overrides applied to every config given with --config (e.g. train.steps=5).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
-    /// Address to serve gRPC on; port 0 picks a free port (the line printed says which).
-    #[arg(long, env = "MEDTVT_LISTEN", default_value = "0.0.0.0:50051")]
+    /// Address to serve gRPC on; port 0 picks a free port (the line printed says which). An
+    /// address other than loopback needs --auth-token-file (or --insecure).
+    #[arg(long, env = "MEDTVT_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Listen beyond loopback without --auth-token-file: anyone who reaches the port can then
+    /// submit and cancel jobs. Logged as a warning.
+    #[arg(long, env = "MEDTVT_INSECURE")]
+    pub insecure: bool,
+    /// A folder the paths of jobs submitted over the network (run.out_dir, data.dir,
+    /// model.checkpoint, encoder weights) must lie under; repeat it or separate folders with
+    /// commas. Default: the working directory. --config files are not confined.
+    #[arg(long = "job-root", value_name = "DIR", env = "MEDTVT_JOB_ROOTS", value_delimiter = ',')]
+    pub job_roots: Vec<PathBuf>,
     /// Directory for the event log (events.jsonl) and the durable run state
     /// (coordinator.sqlite, weights/). A run recorded there is resumed after a crash; the
     /// --config files are then not submitted again.
@@ -62,8 +76,12 @@ pub async fn run_until(
         Some(path) => Some(medtvt_proto::client::read_token_file(path)?),
         None => None,
     };
+    check_exposure(args.listen, auth_token.is_some(), args.insecure)?;
     let tls = crate::tls::TlsFiles::from_flags(args.tls_cert.clone(), args.tls_key.clone())?;
-    let options = ServerOptions { auth_token, run_dir: args.run_dir.clone(), tls, ..ServerOptions::default() };
+    let job_roots = job_roots(&args.job_roots)?;
+    tracing::info!(roots = ?job_roots, "paths of submitted jobs are confined");
+    let mut options = ServerOptions { auth_token, run_dir: args.run_dir.clone(), tls, ..ServerOptions::default() };
+    options.service.job_roots = job_roots;
     let coordinator = Coordinator::bind(args.listen, options).await?;
     let configs = if coordinator.resumed() {
         if !args.configs.is_empty() {
@@ -83,6 +101,29 @@ pub async fn run_until(
     announce(coordinator.local_addr()).context("cannot announce the listening address")?;
     coordinator.serve(shutdown).await?;
     Ok(())
+}
+
+/// Refuses an address other than loopback without a token: the port would let anyone submit
+/// jobs. `insecure` allows it, with a warning.
+pub fn check_exposure(listen: SocketAddr, has_token: bool, insecure: bool) -> anyhow::Result<()> {
+    if listen.ip().is_loopback() || has_token {
+        return Ok(());
+    }
+    if insecure {
+        tracing::warn!(%listen, "--insecure: listening beyond loopback without an auth token; anyone who reaches this port can submit and cancel jobs");
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to listen on {listen} without --auth-token-file: anyone who reaches the port could submit jobs that \
+         write where they like; give a token file, listen on 127.0.0.1, or pass --insecure to accept the risk"
+    )
+}
+
+/// The `--job-root` folders, or the working directory when none is given.
+fn job_roots(flags: &[PathBuf]) -> anyhow::Result<JobRoots> {
+    let cwd = std::env::current_dir().context("cannot read the working directory")?;
+    let roots = if flags.is_empty() { vec![cwd.clone()] } else { flags.to_vec() };
+    Ok(JobRoots::confined(&roots, &cwd)?)
 }
 
 /// Resolves on ctrl-c or SIGTERM.
@@ -125,7 +166,22 @@ mod tests {
         let cli = Cli::try_parse_from(["medtvt", "--config", "a.toml", "--config", "b.toml", "--set", "train.steps=2"]).unwrap();
         assert_eq!(cli.args.configs, vec![PathBuf::from("a.toml"), PathBuf::from("b.toml")]);
         assert_eq!(cli.args.overrides, vec!["train.steps=2".to_string()]);
-        assert_eq!(cli.args.listen, "0.0.0.0:50051".parse::<SocketAddr>().unwrap());
+        assert_eq!(cli.args.listen, "127.0.0.1:50051".parse::<SocketAddr>().unwrap());
+        assert!(!cli.args.insecure && cli.args.job_roots.is_empty());
         assert!(Cli::try_parse_from(["medtvt", "--listen", "not-an-address"]).is_err());
+        let cli = Cli::try_parse_from(["medtvt", "--job-root", "/data,/models", "--job-root", "runs"]).unwrap();
+        assert_eq!(cli.args.job_roots, ["/data", "/models", "runs"].map(PathBuf::from).to_vec());
+    }
+
+    #[test]
+    fn beyond_loopback_a_token_or_insecure_is_required() {
+        let any: SocketAddr = "0.0.0.0:50051".parse().unwrap();
+        let e = check_exposure(any, false, false).unwrap_err().to_string();
+        assert!(e.contains("0.0.0.0:50051") && e.contains("--auth-token-file") && e.contains("--insecure"), "{e}");
+        check_exposure(any, true, false).unwrap();
+        check_exposure(any, false, true).unwrap();
+        check_exposure("127.0.0.1:0".parse().unwrap(), false, false).unwrap();
+        check_exposure("[::1]:0".parse().unwrap(), false, false).unwrap();
+        assert!(check_exposure("10.0.0.5:50051".parse().unwrap(), false, false).is_err());
     }
 }

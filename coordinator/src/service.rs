@@ -5,6 +5,7 @@
 
 use crate::events::EventLog;
 use crate::ids::{JobId, JobState, Role, WorkerId};
+use crate::job_roots::JobRoots;
 use crate::state::{self, Assignment, BatchOutcome, GroupOutcome, RunState, StateError};
 use crate::store::RunStore;
 use crate::weights::{VersionAssembler, WeightStore, WeightVersion, WeightsError};
@@ -12,6 +13,7 @@ use medtvt_config::Stage;
 use medtvt_proto::errors::{reject, ErrorReason};
 use medtvt_proto::v1 as pb;
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -29,6 +31,8 @@ pub struct ServiceOptions {
     pub weight_chunk_bytes: usize,
     /// What LeasePrompts suggests when it has nothing right now.
     pub lease_retry: Duration,
+    /// Where the paths of a job submitted with SubmitJob may lie.
+    pub job_roots: JobRoots,
 }
 
 impl Default for ServiceOptions {
@@ -38,6 +42,7 @@ impl Default for ServiceOptions {
             max_wait: Duration::from_secs(300),
             weight_chunk_bytes: medtvt_proto::MAX_WEIGHT_CHUNK_BYTES,
             lease_retry: Duration::from_millis(200),
+            job_roots: JobRoots::default(),
         }
     }
 }
@@ -180,6 +185,22 @@ impl CoordinatorService {
     }
 }
 
+/// The running GRPO job's pipeline gauges, as the reaper records them on the OTel instruments.
+fn pipeline_pb(st: &RunState) -> pb::PipelineGauges {
+    let grpo = st
+        .running_job()
+        .filter(|id| st.snapshot(Some(*id)).ok().and_then(|jobs| jobs.first().map(|j| j.stage)) == Some(Stage::Grpo));
+    let Some(job) = grpo else { return pb::PipelineGauges::default() };
+    let g = st.pipeline_gauges();
+    pb::PipelineGauges {
+        job_id: job.0,
+        prompts_waiting: g.prompts_waiting,
+        leased_prompts: g.leased_prompts,
+        queue_depth: g.queue_depth,
+        policy_lag: g.policy_lag,
+    }
+}
+
 /// A state-machine error as a gRPC status: its reason code in the details, the code that goes
 /// with the reason, and the error's text for people.
 pub fn to_status(err: StateError) -> Status {
@@ -275,11 +296,21 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     #[tracing::instrument(skip_all, fields(job_id))]
     async fn submit_job(&self, request: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let req = request.into_inner();
-        // Reading the dataset is file I/O: off the executor and outside the lock.
-        let loaded = tokio::task::spawn_blocking(move || state::load_job(&req.config_toml, &req.overrides))
-            .await
-            .map_err(|e| reject(ErrorReason::Internal, format!("loading the job panicked: {e}")))?;
-        let loaded = loaded.map_err(to_status)?;
+        let roots = self.shared.options.job_roots.clone();
+        // Reading the dataset is file I/O: off the executor and outside the lock. The paths are
+        // checked against the job roots before any of them is touched.
+        let loaded = tokio::task::spawn_blocking(move || {
+            let config = medtvt_config::parse_run_config_unvalidated(&req.config_toml, Path::new("submitted config"), &req.overrides)
+                .map_err(|e| to_status(StateError::InvalidJob(e.to_string())))?;
+            roots.check(&config).map_err(|e| {
+                tracing::warn!(error = %e, "refused a submitted job");
+                reject(ErrorReason::PathNotAllowed, e.to_string())
+            })?;
+            state::load_job(&req.config_toml, &req.overrides).map_err(to_status)
+        })
+        .await
+        .map_err(|e| reject(ErrorReason::Internal, format!("loading the job panicked: {e}")))?;
+        let loaded = loaded?;
         let id = self.shared.with_state(|st| st.enqueue_loaded(loaded)).map_err(to_status)?;
         tracing::Span::current().record("job_id", id.0);
         Ok(Response::new(pb::SubmitJobResponse { job_id: id.0 }))
@@ -360,7 +391,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     alive: w.alive,
                 })
                 .collect();
-            Ok(Response::new(pb::RunStatus { jobs, workers, shutting_down: st.shutting_down() }))
+            let pipeline = pipeline_pb(st);
+            Ok(Response::new(pb::RunStatus { jobs, workers, shutting_down: st.shutting_down(), pipeline: Some(pipeline) }))
         })
     }
 

@@ -82,6 +82,7 @@ pub fn render(status: &pb::RunStatus) -> String {
         ]);
     }
     let mut out = table(&rows);
+    out.push_str(&pipeline_line(status.pipeline.as_ref()));
     for j in status.jobs.iter().filter(|j| !j.message.is_empty()) {
         let _ = writeln!(out, "job {}: {}", j.job_id, j.message);
     }
@@ -114,6 +115,17 @@ pub fn render(status: &pb::RunStatus) -> String {
         out.push_str("the coordinator is shutting down\n");
     }
     out
+}
+
+/// The running GRPO job's pipeline gauges (what the HPA scales rollout workers on).
+fn pipeline_line(gauges: Option<&pb::PipelineGauges>) -> String {
+    match gauges.filter(|g| g.job_id != 0) {
+        Some(g) => format!(
+            "pipeline of job {}: {} prompts waiting, {} leased prompts, queue depth {}, policy lag {}\n",
+            g.job_id, g.prompts_waiting, g.leased_prompts, g.queue_depth, g.policy_lag
+        ),
+        None => "pipeline: no GRPO job running\n".to_string(),
+    }
 }
 
 fn table(rows: &[Vec<String>]) -> String {
@@ -164,8 +176,11 @@ mod tests {
                 ..Default::default()
             }],
             shutting_down: false,
+            pipeline: Some(pb::PipelineGauges { job_id: 3, prompts_waiting: 6, leased_prompts: 4, queue_depth: 2, policy_lag: 1 }),
         };
         let text = render(&status);
+        assert!(text.contains("pipeline of job 3: 6 prompts waiting, 4 leased prompts, queue depth 2, policy lag 1"), "{text}");
+        assert!(render(&pb::RunStatus::default()).contains("pipeline: no GRPO job running"));
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("JOB  NAME       STAGE  STATE"), "{text}");
         assert!(lines[1].starts_with("3    tiny-grpo  grpo   FAILED  2/30"), "{text}");

@@ -99,3 +99,53 @@ async fn an_invalid_command_line_config_is_an_error_naming_the_file() {
     let err = run_until(cli.args, async {}, |_| Ok(())).await.unwrap_err();
     assert!(format!("{err:#}").contains("bad.toml"), "{err:#}");
 }
+
+#[tokio::test]
+async fn beyond_loopback_the_coordinator_needs_a_token_or_insecure() {
+    let cli = Cli::try_parse_from(["medtvt", "--listen", "0.0.0.0:0"]).unwrap();
+    let err = run_until(cli.args, async {}, |_| Ok(())).await.unwrap_err();
+    let message = format!("{err:#}");
+    assert!(message.contains("0.0.0.0:0") && message.contains("--auth-token-file") && message.contains("--insecure"), "{message}");
+
+    let cli = Cli::try_parse_from(["medtvt", "--listen", "0.0.0.0:0", "--insecure"]).unwrap();
+    let (addr, stop_tx, running) = start(cli.args).await;
+    assert!(addr.ip().is_unspecified() && addr.port() != 0, "{addr}");
+    stop_tx.send(()).unwrap();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn jobs_submitted_over_the_network_stay_under_the_job_roots() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_dataset(&data, 4);
+    let outside = dir.path().join("elsewhere/out");
+    let text = config_text(&data, "pt", "").replace("out_dir = \"out\"", &format!("out_dir = \"{}\"", outside.display()));
+    let root = data.display().to_string();
+    let cli = Cli::try_parse_from(["medtvt", "--listen", "127.0.0.1:0", "--job-root", &root]).unwrap();
+    let (addr, stop_tx, running) = start(cli.args).await;
+    let mut c = medtvt_proto::client::connect(&format!("http://{addr}"), None).await.unwrap();
+    let refused = c.submit_job(pb::SubmitJobRequest { config_toml: text.clone(), overrides: vec![] }).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("run.out_dir") && refused.message().contains(&outside.display().to_string()), "{}", refused.message());
+    // An override is checked too, and nothing was queued.
+    let inside = data.join("out").display().to_string();
+    let req = pb::SubmitJobRequest { config_toml: text.clone(), overrides: vec![format!("run.out_dir={inside}"), "model.lab_encoder_weights=/etc/passwd".into()] };
+    let refused = c.submit_job(req).await.unwrap_err();
+    assert!(refused.message().contains("model.lab_encoder_weights") && refused.message().contains("/etc/passwd"), "{}", refused.message());
+    assert!(c.get_status(pb::StatusRequest::default()).await.unwrap().into_inner().jobs.is_empty());
+    let req = pb::SubmitJobRequest { config_toml: text.clone(), overrides: vec![format!("run.out_dir={inside}")] };
+    c.submit_job(req).await.unwrap();
+    stop_tx.send(()).unwrap();
+    running.await.unwrap().unwrap();
+
+    // A root that holds every path: accepted as written.
+    let root = dir.path().display().to_string();
+    let cli = Cli::try_parse_from(["medtvt", "--listen", "127.0.0.1:0", "--job-root", &root]).unwrap();
+    let (addr, stop_tx, running) = start(cli.args).await;
+    let mut c = medtvt_proto::client::connect(&format!("http://{addr}"), None).await.unwrap();
+    c.submit_job(pb::SubmitJobRequest { config_toml: text, overrides: vec![] }).await.unwrap();
+    stop_tx.send(()).unwrap();
+    running.await.unwrap().unwrap();
+}

@@ -1,6 +1,7 @@
 //! The pipeline gauges a running coordinator records (prompts waiting, leased prompts, queue
 //! depth, policy lag), read back through a real OTel SDK pipeline with an in-memory exporter
-//! while a GRPO job moves prompts from waiting to leased to queued to trained.
+//! while a GRPO job moves prompts from waiting to leased to queued to trained, and through
+//! GetStatus, which `medtvt status` prints.
 
 mod common;
 
@@ -79,6 +80,12 @@ async fn the_reaper_records_the_running_jobs_pipeline() {
     let me = register(&mut c, pb::Role::RolloutWorker, "w", 0).await;
     let first = lease(&mut c, me, job, 3).await;
     recorded.expect([3, 3, 0, 0], "three prompts leased").await;
+    // GetStatus (what `medtvt status` prints) reports the same values.
+    let pipeline = c.get_status(pb::StatusRequest::default()).await.unwrap().into_inner().pipeline.expect("the pipeline gauges");
+    assert_eq!(
+        (pipeline.job_id, pipeline.prompts_waiting, pipeline.leased_prompts, pipeline.queue_depth, pipeline.policy_lag),
+        (job, 3, 3, 0, 0)
+    );
     let groups = groups_for(&first, me, 0);
     submit_groups(&mut c, groups[..2].to_vec()).await;
     recorded.expect([3, 1, 2, 0], "two groups back").await;

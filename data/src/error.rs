@@ -1,7 +1,7 @@
 //! The crate's one error type. Every variant names the file and, where it applies, the line,
 //! field or column and the value that was wrong, so a user can find and fix the input.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Errors from reading, writing, generating or pairing MedTVT-QA data.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +24,9 @@ pub enum DataError {
     #[error("{}:{line}: column `{column}`: {problem}", path.display())]
     Csv { path: PathBuf, line: u64, column: String, problem: String },
 
+    #[error("{}: the file is empty (no header line)", path.display())]
+    EmptyFile { path: PathBuf },
+
     #[error("{}: {problem}", path.display())]
     Json { path: PathBuf, problem: String },
 
@@ -32,12 +35,52 @@ pub enum DataError {
 
     #[error("sample {sample}: {problem}")]
     Sample { sample: String, problem: String },
+
+    #[error("{}: the output folder is not empty (it holds {holds}); choose another, or replace a previous build there (`--replace`)", path.display())]
+    OutputNotEmpty { path: PathBuf, holds: String },
 }
 
 impl DataError {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         DataError::Io { path: path.into(), source }
+    }
+
+    /// The file the error is about, when it names one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            DataError::Io { path, .. }
+            | DataError::Jsonl { path, .. }
+            | DataError::WfdbHeader { path, .. }
+            | DataError::WfdbSignal { path, .. }
+            | DataError::Image { path, .. }
+            | DataError::Csv { path, .. }
+            | DataError::EmptyFile { path }
+            | DataError::Json { path, .. }
+            | DataError::OutputNotEmpty { path, .. } => Some(path),
+            DataError::InvalidArgument { .. } | DataError::Sample { .. } => None,
+        }
+    }
+
+    /// The line of [`DataError::path`] the error is about, when it names one.
+    pub fn line(&self) -> Option<u64> {
+        match self {
+            DataError::Jsonl { line, .. } | DataError::WfdbHeader { line, .. } => Some(*line as u64),
+            DataError::Csv { line, .. } => Some(*line),
+            _ => None,
+        }
+    }
+
+    /// The message without the leading file and line (for reports that list those apart).
+    pub fn detail(&self) -> String {
+        let full = self.to_string();
+        let Some(path) = self.path() else { return full };
+        let mut prefix = path.display().to_string();
+        if let Some(line) = self.line() {
+            prefix.push_str(&format!(":{line}"));
+        }
+        prefix.push_str(": ");
+        full.strip_prefix(&prefix).map(str::to_string).unwrap_or(full)
     }
 
     /// An invalid argument, naming the field.

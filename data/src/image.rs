@@ -16,10 +16,15 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// ImageNet per-channel standard deviation (RGB).
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
-/// Decodes an image file; the format is taken from the content, not the name.
+/// Decodes an image file; the format is taken from the content, not the name. A JPEG must be
+/// complete (see [`crate::jpeg`]): the decoder alone would fill a truncated one with grey.
 pub fn open_image(path: &Path) -> Result<image::DynamicImage, DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-    image::load_from_memory(&bytes).map_err(|e| DataError::Image { path: path.to_path_buf(), problem: e.to_string() })
+    let bad = |problem: String| DataError::Image { path: path.to_path_buf(), problem };
+    if crate::jpeg::is_jpeg(&bytes) {
+        crate::jpeg::check_complete(&bytes).map_err(bad)?;
+    }
+    image::load_from_memory(&bytes).map_err(|e| bad(e.to_string()))
 }
 
 /// The model's X-ray input: `[3, size, size]` row-major, ImageNet-normalised.
@@ -64,6 +69,18 @@ mod tests {
                 assert!((right - (1.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]).abs() < 0.1, "{name} {right}");
             }
         }
+    }
+
+    #[test]
+    fn truncated_jpeg_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cut.jpg");
+        let bytes = crate::jpeg::tests::noisy_jpeg(128);
+        std::fs::write(&p, &bytes).unwrap();
+        load_image(&p, 8).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+        let e = load_image(&p, 8).unwrap_err().to_string();
+        assert!(e.contains("cut.jpg") && e.contains("truncated"), "{e}");
     }
 
     #[test]

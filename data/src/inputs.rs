@@ -146,6 +146,14 @@ mod tests {
         assert!(e.contains(png.to_str().unwrap()) && e.contains("image"), "{e}");
         std::fs::write(&png, bytes).unwrap();
 
+        // A JPEG cut short, which the decoder alone would fill with grey, is refused too.
+        let jpg_rel = "cxr/cut.jpg";
+        let jpeg = crate::jpeg::tests::noisy_jpeg(128);
+        std::fs::write(path(jpg_rel), &jpeg[..jpeg.len() / 2]).unwrap();
+        let cut = QaSample { cxr: Some(jpg_rel.into()), ..full.clone() };
+        let e = check_files(dir.path(), (&cut).into()).unwrap_err().to_string();
+        assert!(e.contains("cut.jpg") && e.contains("truncated"), "{e}");
+
         let dat = path(&format!("{}.dat", full.ecg.as_deref().unwrap()));
         let bytes = std::fs::read(&dat).unwrap();
         std::fs::write(&dat, &bytes[..bytes.len() / 3]).unwrap();

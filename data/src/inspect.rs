@@ -79,6 +79,14 @@ pub fn inspect(arg: &str) -> Result<InspectReport, DataError> {
     }
     let path = PathBuf::from(arg);
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_ascii_lowercase();
+    // Said first, so that a typo is not reported as an unknown kind of file.
+    if path.is_dir() {
+        let problem = "is a folder; give a file in it, a WFDB record stem, or FILE.jsonl[:LINE]";
+        return Err(DataError::io(&path, std::io::Error::new(std::io::ErrorKind::IsADirectory, problem)));
+    }
+    if !path.exists() && !header_path(&path).exists() {
+        return Err(DataError::io(&path, std::io::Error::new(std::io::ErrorKind::NotFound, "does not exist")));
+    }
     if name.ends_with(".dat") && path.with_extension("hea").exists() {
         inspect_wfdb(&path.with_extension("hea"))
     } else if name.ends_with(".hea") || (!path.exists() && header_path(&path).exists()) {
@@ -297,5 +305,37 @@ mod tests {
         assert!(t.contains("50912 creatinine"), "{t}");
         assert!(inspect(&p("qa.jsonl:99")).unwrap_err().to_string().contains("qa.jsonl:99"));
         assert!(inspect(&p("README.md")).is_err());
+    }
+
+    #[test]
+    fn a_folder_or_a_missing_path_is_said_to_be_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().to_string_lossy().into_owned();
+        let e = inspect(&folder).unwrap_err().to_string();
+        assert!(e.contains(&folder) && e.contains("is a folder") && !e.contains("not a WFDB"), "{e}");
+        for missing in ["nothere", "nothere.png", "nothere.csv", "ecg/enc-000001"] {
+            let path = dir.path().join(missing).to_string_lossy().into_owned();
+            let e = inspect(&path).unwrap_err().to_string();
+            assert!(e.contains(&path) && e.contains("does not exist") && !e.contains("not a WFDB"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_truncated_jpeg_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cxr.jpg");
+        let jpeg = crate::jpeg::tests::noisy_jpeg(128);
+        std::fs::write(&path, &jpeg[..20 * jpeg.len() / 100]).unwrap();
+        let e = inspect(&path.to_string_lossy()).unwrap_err().to_string();
+        assert!(e.contains("cxr.jpg") && e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_lab_csv_is_said_to_be_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("labs.csv");
+        std::fs::write(&path, "").unwrap();
+        let e = inspect(&path.to_string_lossy()).unwrap_err().to_string();
+        assert!(e.contains("labs.csv") && e.contains("empty") && !e.contains("missing"), "{e}");
     }
 }

@@ -168,19 +168,43 @@ pub fn check_timestamp(t: &str) -> bool {
         && b[16] == b':'
 }
 
-/// Streams the rows of a labevents CSV (plain, or gzip when the name ends in `.gz`) to `f`; a bad
-/// row is passed on as an error naming file, line and column (the caller decides whether to stop).
-/// A missing required column or an unreadable file is an error of the whole call.
-pub fn for_each_lab_row(
-    path: &Path,
-    mut f: impl FnMut(Result<LabEvent, DataError>) -> Result<(), DataError>,
-) -> Result<(), DataError> {
-    let reader = open_maybe_gz(path)?;
-    let mut rdr = csv::ReaderBuilder::new().flexible(false).from_reader(reader);
-    let headers = rdr
+/// A labevents row that could not be parsed, with what could still be read of it: the subject
+/// and chart time say which sample's lab window the row belonged to.
+#[derive(Debug)]
+pub struct BadLabRow {
+    /// Names the file, line and column.
+    pub error: DataError,
+    pub subject_id: Option<u64>,
+    /// `charttime` as written, when it is a valid timestamp.
+    pub charttime: Option<String>,
+}
+
+/// Reads the header line of a CSV file; an empty file is said to be empty (rather than every
+/// column being reported missing).
+pub(crate) fn csv_header<R: Read>(path: &Path, reader: &mut csv::Reader<R>) -> Result<csv::StringRecord, DataError> {
+    let header = reader
         .headers()
         .map_err(|e| DataError::Csv { path: path.to_path_buf(), line: 1, column: "header".into(), problem: e.to_string() })?
         .clone();
+    if header.iter().all(|h| h.trim().is_empty()) {
+        return Err(DataError::EmptyFile { path: path.to_path_buf() });
+    }
+    Ok(header)
+}
+
+/// Streams the rows of a labevents CSV (plain, or gzip when the name ends in `.gz`) to `f`; a bad
+/// row is passed on as a [`BadLabRow`] whose error names file, line and column (the caller
+/// decides whether to stop). An empty file, a missing required column or an unreadable file is an
+/// error of the whole call.
+pub fn for_each_lab_row(
+    path: &Path,
+    mut f: impl FnMut(Result<LabEvent, BadLabRow>) -> Result<(), DataError>,
+) -> Result<(), DataError> {
+    let reader = open_maybe_gz(path)?;
+    // Flexible so that a row with the wrong number of fields still reaches `parse_row`, which
+    // says so and keeps what it can read of the row.
+    let mut rdr = csv::ReaderBuilder::new().flexible(true).from_reader(reader);
+    let headers = csv_header(path, &mut rdr)?;
     let col = |name: &str| headers.iter().position(|h| h.trim() == name);
     for name in REQUIRED_COLUMNS {
         if col(name).is_none() {
@@ -199,7 +223,13 @@ pub fn for_each_lab_row(
             Ok(false) => return Ok(()),
             Ok(true) => {
                 let line = record.position().map_or(0, |p| p.line());
-                f(parse_row(path, line, &record, &idx))?;
+                let parsed = if record.len() != headers.len() {
+                    let problem = format!("the row has {} fields, the header {}", record.len(), headers.len());
+                    Err(DataError::Csv { path: path.to_path_buf(), line, column: "-".into(), problem })
+                } else {
+                    parse_row(path, line, &record, &idx)
+                };
+                f(parsed.map_err(|error| BadLabRow { error, subject_id: lenient_subject(&record, &idx), charttime: lenient_time(&record, &idx) }))?;
             }
             Err(e) => {
                 let line = e.position().map_or(0, |p| p.line());
@@ -207,17 +237,27 @@ pub fn for_each_lab_row(
                 if matches!(e.kind(), csv::ErrorKind::Io(_)) {
                     return Err(bad);
                 }
-                f(Err(bad))?;
+                f(Err(BadLabRow { error: bad, subject_id: None, charttime: None }))?;
             }
         }
     }
 }
 
-/// Reads every row of a labevents CSV.
+/// The subject of a row that failed to parse, if that cell is readable.
+fn lenient_subject(rec: &csv::StringRecord, idx: &[Option<usize>]) -> Option<u64> {
+    idx[1].and_then(|i| rec.get(i)).and_then(|s| s.trim().parse().ok())
+}
+
+/// The chart time of a row that failed to parse, if that cell is a valid timestamp.
+fn lenient_time(rec: &csv::StringRecord, idx: &[Option<usize>]) -> Option<String> {
+    idx[6].and_then(|i| rec.get(i)).map(str::trim).filter(|t| check_timestamp(t)).map(str::to_string)
+}
+
+/// Reads a whole lab CSV; the first bad row is an error.
 pub fn read_lab_csv(path: &Path) -> Result<Vec<LabEvent>, DataError> {
     let mut out = Vec::new();
     for_each_lab_row(path, |e| {
-        out.push(e?);
+        out.push(e.map_err(|bad| bad.error)?);
         Ok(())
     })?;
     Ok(out)
@@ -522,5 +562,26 @@ mod tests {
         assert!(read_lab_csv(&path).unwrap_err().to_string().contains("valuenum"));
         std::fs::write(&path, minimal.replace("2020-01-01 00:00:00", "yesterday")).unwrap();
         assert!(read_lab_csv(&path).unwrap_err().to_string().contains("charttime"));
+    }
+
+    #[test]
+    fn an_empty_csv_is_reported_as_empty_and_a_short_row_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("labs.csv");
+        for text in ["", "\n", "  \n"] {
+            std::fs::write(&path, text).unwrap();
+            let e = read_lab_csv(&path).unwrap_err().to_string();
+            assert!(e.contains("labs.csv") && e.contains("is empty") && !e.contains("missing"), "{text:?}: {e}");
+        }
+        std::fs::write(&path, "subject_id,itemid,charttime,valuenum,valueuom,ref_range_lower,ref_range_upper,flag\n7,50912,2020-01-01 00:00:00,1.0\n").unwrap();
+        let mut bad = None;
+        for_each_lab_row(&path, |row| {
+            bad = row.err();
+            Ok(())
+        })
+        .unwrap();
+        let bad = bad.expect("the short row is reported");
+        assert!(bad.error.to_string().contains("labs.csv:2") && bad.error.to_string().contains("4 fields"), "{}", bad.error);
+        assert_eq!((bad.subject_id, bad.charttime.as_deref()), (Some(7), Some("2020-01-01 00:00:00")));
     }
 }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod image;
 pub mod inputs;
 pub mod inspect;
+pub mod jpeg;
 pub mod labs;
 pub mod mimic;
 pub mod qa_text;

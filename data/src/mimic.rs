@@ -5,8 +5,14 @@
 //! (PA or AP view) taken between admission and discharge, and the lab rows of the same patient
 //! from the 24 h before that X-ray. Labels come from the admission's ICD codes
 //! ([`Disease::from_icd`]). Admissions without a target diagnosis, without an ECG, X-ray or labs
-//! in the window, or whose files are missing or unreadable are skipped and counted by reason; with
-//! `strict` an unreadable record or a bad table row stops the build instead.
+//! in the window, or whose files are missing or unreadable are skipped, counted by reason and
+//! listed one by one ([`Skip`]: the admission, the file and line where the reason shows, the
+//! problem); with `strict` an unreadable record or a bad table row stops the build instead. A
+//! labevents row that cannot be parsed skips the admissions whose lab window it falls in (their
+//! lab slice would silently lack a value), rather than being dropped from the slice.
+//!
+//! The output folder must be empty or absent; with `replace` what a build writes there (see
+//! [`OWNED_OUTPUTS`]) is deleted first, and nothing else is touched.
 //!
 //! Tables are read as `NAME.csv` or `NAME.csv.gz`. Expected columns: admissions (subject_id,
 //! hadm_id, admittime, dischtime), diagnoses_icd (hadm_id, icd_code, icd_version), patients
@@ -17,7 +23,7 @@
 
 use crate::disease::Disease;
 use crate::error::DataError;
-use crate::labs::{for_each_lab_row, open_maybe_gz, write_lab_csv, LabEvent, LabPercentiles};
+use crate::labs::{csv_header, for_each_lab_row, open_maybe_gz, write_lab_csv, LabEvent, LabPercentiles};
 use crate::qa_text::{self, EcgFindings, Findings};
 use crate::rhythm::measure_rhythm;
 use crate::sample::{write_jsonl, QaKind, QaSample, Split};
@@ -39,9 +45,14 @@ pub struct BuildMimicConfig {
     pub cxr: PathBuf,
     pub out: PathBuf,
     pub strict: bool,
+    /// Delete a previous build's files in `out` first, instead of refusing a non-empty `out`.
+    pub replace: bool,
     pub diseases: Vec<Disease>,
     pub progress: bool,
 }
+
+/// What a build writes in its output folder, and deletes first when asked to replace it.
+pub const OWNED_OUTPUTS: [&str; 7] = ["ecg", "cxr", "labs", "qa.jsonl", "lab_percentiles.json", "build_report.json", "README.md"];
 
 /// What the build did.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -52,6 +63,38 @@ pub struct BuildReport {
     pub skipped: BTreeMap<String, usize>,
     pub by_split: BTreeMap<String, usize>,
     pub by_disease: BTreeMap<String, usize>,
+    /// Every skipped admission and bad table row, in the order they were met (the lateral
+    /// X-rays counted under `cxr images not PA/AP (ignored)` are not listed).
+    pub skips: Vec<Skip>,
+}
+
+/// One skipped admission or bad table row: where to look and what is wrong.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Skip {
+    /// The admission, or `None` for a table row that belongs to none.
+    pub hadm_id: Option<u64>,
+    /// One of the reasons counted in [`BuildReport::skipped`].
+    pub reason: String,
+    /// The file where the reason shows: the admission's row, the unreadable record or image, the
+    /// bad row.
+    pub file: PathBuf,
+    /// Its line, where one applies.
+    pub line: Option<u64>,
+    /// The field and what is wrong with it, or what was looked for and not found.
+    pub problem: String,
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(hadm) = self.hadm_id {
+            write!(f, "admission {hadm}: ")?;
+        }
+        write!(f, "{}: {}", self.reason, self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        write!(f, ": {}", self.problem)
+    }
 }
 
 /// Lab window before the X-ray.
@@ -62,6 +105,8 @@ struct Admission {
     hadm: u64,
     admit: i64,
     disch: i64,
+    /// Its line in the admissions table.
+    line: u64,
 }
 
 /// A candidate encounter after pairing by time.
@@ -73,6 +118,8 @@ struct Candidate {
     cxr_path: PathBuf,
     cxr_time: i64,
     labs: Vec<LabEvent>,
+    /// The first labevents row in its window that could not be parsed: file, line, problem.
+    bad_lab_row: Option<(PathBuf, Option<u64>, String)>,
 }
 
 /// One opened CSV table with its header.
@@ -91,10 +138,7 @@ impl Table {
             return Err(DataError::io(plain, std::io::Error::new(std::io::ErrorKind::NotFound, format!("neither {name}.csv nor {name}.csv.gz exists"))));
         };
         let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(open_maybe_gz(&path)?);
-        let header = reader
-            .headers()
-            .map_err(|e| DataError::Csv { path: path.clone(), line: 1, column: "header".into(), problem: e.to_string() })?
-            .clone();
+        let header = csv_header(&path, &mut reader)?;
         Ok(Table { path, reader, header })
     }
 
@@ -107,7 +151,7 @@ impl Table {
         })
     }
 
-    /// Calls `f(line, row)` for each row; `f` returns a row error as `Err((column, problem))`.
+    /// Calls `f(row)` for each row; `f` returns a row error as `Err((column, problem))`.
     fn rows(
         mut self,
         policy: &mut RowPolicy,
@@ -133,10 +177,11 @@ impl Table {
     }
 }
 
-/// Skip-and-count, or stop (`strict`).
+/// Skip, count and list, or stop (`strict`).
 struct RowPolicy {
     strict: bool,
     skipped: BTreeMap<String, usize>,
+    skips: Vec<Skip>,
 }
 
 impl RowPolicy {
@@ -144,12 +189,25 @@ impl RowPolicy {
         if self.strict {
             return Err(e);
         }
-        *self.skipped.entry(format!("bad row in {table}")).or_default() += 1;
+        self.skip_for_error(None, &format!("bad row in {table}"), &e, Path::new(table));
         Ok(())
     }
 
-    fn skip(&mut self, reason: &str) {
-        *self.skipped.entry(reason.to_string()).or_default() += 1;
+    /// Counts and lists one skip.
+    fn skip(&mut self, skip: Skip) {
+        *self.skipped.entry(skip.reason.clone()).or_default() += 1;
+        self.skips.push(skip);
+    }
+
+    /// A skip whose cause is `e`: its file and line are the error's (`fallback` when it names none).
+    fn skip_for_error(&mut self, hadm_id: Option<u64>, reason: &str, e: &DataError, fallback: &Path) {
+        let file = e.path().unwrap_or(fallback).to_path_buf();
+        self.skip(Skip { hadm_id, reason: reason.into(), file, line: e.line(), problem: e.detail() });
+    }
+
+    /// A skipped admission whose reason shows in its own row of the admissions table.
+    fn skip_admission(&mut self, a: &Admission, table: &Path, reason: &str, problem: String) {
+        self.skip(Skip { hadm_id: Some(a.hadm), reason: reason.into(), file: table.to_path_buf(), line: Some(a.line), problem });
     }
 }
 
@@ -178,8 +236,10 @@ fn read_patients(hosp: &Path, policy: &mut RowPolicy) -> Result<BTreeSet<u64>, D
     Ok(out)
 }
 
-fn read_admissions(hosp: &Path, policy: &mut RowPolicy) -> Result<Vec<Admission>, DataError> {
+/// The admissions, sorted by `hadm_id`, and the table's path.
+fn read_admissions(hosp: &Path, policy: &mut RowPolicy) -> Result<(Vec<Admission>, PathBuf), DataError> {
     let t = Table::open(hosp, "admissions")?;
+    let path = t.path.clone();
     let (cs, ch, ca, cd) = (t.column("subject_id")?, t.column("hadm_id")?, t.column("admittime")?, t.column("dischtime")?);
     let mut out = Vec::new();
     t.rows(policy, |r| {
@@ -188,11 +248,12 @@ fn read_admissions(hosp: &Path, policy: &mut RowPolicy) -> Result<Vec<Admission>
             hadm: id(r, ch, "hadm_id")?,
             admit: time(r, ca, "admittime")?,
             disch: time(r, cd, "dischtime")?,
+            line: r.position().map_or(0, |p| p.line()),
         });
         Ok(())
     })?;
     out.sort_by_key(|a| a.hadm);
-    Ok(out)
+    Ok((out, path))
 }
 
 fn read_diagnoses(hosp: &Path, allowed: &[Disease], policy: &mut RowPolicy) -> Result<HashMap<u64, BTreeSet<Disease>>, DataError> {
@@ -286,9 +347,10 @@ pub fn build_mimic(cfg: &BuildMimicConfig) -> Result<BuildReport, DataError> {
     if cfg.diseases.is_empty() {
         return Err(DataError::arg("diseases", "name at least one disease"));
     }
-    let mut policy = RowPolicy { strict: cfg.strict, skipped: BTreeMap::new() };
+    check_output_folder(&cfg.out, cfg.replace)?;
+    let mut policy = RowPolicy { strict: cfg.strict, skipped: BTreeMap::new(), skips: Vec::new() };
     let patients = read_patients(&cfg.hosp, &mut policy)?;
-    let admissions = read_admissions(&cfg.hosp, &mut policy)?;
+    let (admissions, admissions_table) = read_admissions(&cfg.hosp, &mut policy)?;
     let diagnoses = read_diagnoses(&cfg.hosp, &cfg.diseases, &mut policy)?;
     let ecgs = read_ecg_list(&cfg.ecg, &mut policy)?;
     let cxrs = read_cxr_list(&cfg.cxr, &mut policy)?;
@@ -296,23 +358,25 @@ pub fn build_mimic(cfg: &BuildMimicConfig) -> Result<BuildReport, DataError> {
     let mut candidates = Vec::new();
     for a in &admissions {
         let labels: Vec<Disease> = diagnoses.get(&a.hadm).map(|s| s.iter().copied().collect()).unwrap_or_default();
-        let reason = if labels.is_empty() {
-            Some("no target diagnosis")
-        } else if !patients.contains(&a.subject) {
-            Some("subject not in patients")
-        } else {
-            None
-        };
-        if let Some(r) = reason {
-            policy.skip(r);
+        let table = admissions_table.as_path();
+        if labels.is_empty() {
+            let problem = "no ICD code of a target disease in diagnoses_icd".to_string();
+            policy.skip_admission(a, table, "no target diagnosis", problem);
+            continue;
+        }
+        if !patients.contains(&a.subject) {
+            let problem = format!("subject_id {} is not in patients", a.subject);
+            policy.skip_admission(a, table, "subject not in patients", problem);
             continue;
         }
         let Some((_, ecg)) = first_within(ecgs.get(&a.subject), a.admit, a.disch) else {
-            policy.skip("no ECG in admission");
+            let problem = format!("record_list has no ECG of subject {} between admittime and dischtime", a.subject);
+            policy.skip_admission(a, table, "no ECG in admission", problem);
             continue;
         };
         let Some((cxr_time, cxr)) = first_within(cxrs.get(&a.subject), a.admit, a.disch) else {
-            policy.skip("no CXR in admission");
+            let problem = format!("the CXR metadata has no PA/AP image of subject {} between admittime and dischtime", a.subject);
+            policy.skip_admission(a, table, "no CXR in admission", problem);
             continue;
         };
         candidates.push(Candidate {
@@ -323,6 +387,7 @@ pub fn build_mimic(cfg: &BuildMimicConfig) -> Result<BuildReport, DataError> {
             cxr_path: cfg.cxr.join(cxr),
             cxr_time: *cxr_time,
             labs: Vec::new(),
+            bad_lab_row: None,
         });
     }
     collect_labs(cfg, &mut candidates, &mut policy)?;
@@ -335,18 +400,38 @@ fn collect_labs(cfg: &BuildMimicConfig, candidates: &mut [Candidate], policy: &m
     for (i, c) in candidates.iter().enumerate() {
         by_subject.entry(c.subject).or_default().push(i);
     }
-    let plain = cfg.hosp.join("labevents.csv");
-    let path = if plain.exists() { plain } else { cfg.hosp.join("labevents.csv.gz") };
+    let path = labevents_path(&cfg.hosp);
+    let in_window = |c: &Candidate, t: i64| t <= c.cxr_time && t >= c.cxr_time - LAB_WINDOW_S;
     for_each_lab_row(&path, |row| {
         let e = match row {
             Ok(e) => e,
-            Err(err) => return policy.bad_row(err, "labevents"),
+            Err(bad) => {
+                if policy.strict {
+                    return Err(bad.error);
+                }
+                // The admissions whose window the row falls in (every admission of its subject
+                // when its time is unreadable) are skipped; a row of no admission is reported alone.
+                let list = bad.subject_id.and_then(|s| by_subject.get(&s)).map_or(&[][..], Vec::as_slice);
+                let when = bad.charttime.as_deref().and_then(parse_datetime);
+                let hit: Vec<usize> = list.iter().copied().filter(|&i| when.is_none_or(|t| in_window(&candidates[i], t))).collect();
+                if hit.is_empty() {
+                    return policy.bad_row(bad.error, "labevents");
+                }
+                for i in hit {
+                    let c = &mut candidates[i];
+                    if c.bad_lab_row.is_none() {
+                        let file = bad.error.path().unwrap_or(&path).to_path_buf();
+                        c.bad_lab_row = Some((file, bad.error.line(), bad.error.detail()));
+                    }
+                }
+                return Ok(());
+            }
         };
         let Some(list) = e.subject_id.and_then(|s| by_subject.get(&s)) else { return Ok(()) };
         let Some(t) = parse_datetime(&e.charttime) else { return Ok(()) };
         for &i in list {
             let c = &mut candidates[i];
-            if t <= c.cxr_time && t >= c.cxr_time - LAB_WINDOW_S {
+            if in_window(c, t) {
                 c.labs.push(e.clone());
             }
         }
@@ -354,16 +439,43 @@ fn collect_labs(cfg: &BuildMimicConfig, candidates: &mut [Candidate], policy: &m
     })
 }
 
-/// Checks one candidate's files; `Err(reason)` to skip it.
+/// `hosp/labevents.csv`, else `hosp/labevents.csv.gz`.
+fn labevents_path(hosp: &Path) -> PathBuf {
+    let plain = hosp.join("labevents.csv");
+    if plain.exists() { plain } else { hosp.join("labevents.csv.gz") }
+}
+
+/// Checks one candidate's files with the readers training uses (the X-ray is decoded whole, so
+/// a truncated JPEG is caught); `Err(reason)` to skip it.
 fn check_files(c: &Candidate) -> Result<crate::wfdb::WfdbRecord, (&'static str, DataError)> {
     let rec = read_record(&c.ecg_stem).map_err(|e| ("unreadable ECG record", e))?;
     ecg_model_input(&rec, &c.ecg_stem).map_err(|e| ("ECG without the 12 standard leads", e))?;
-    let dims = image::ImageReader::open(&c.cxr_path)
-        .map_err(|e| DataError::io(&c.cxr_path, e))
-        .and_then(|r| r.with_guessed_format().map_err(|e| DataError::io(&c.cxr_path, e)))
-        .and_then(|r| r.into_dimensions().map_err(|e| DataError::Image { path: c.cxr_path.clone(), problem: e.to_string() }));
-    dims.map_err(|e| ("missing or unreadable CXR image", e))?;
+    crate::image::open_image(&c.cxr_path).map_err(|e| ("missing or unreadable CXR image", e))?;
     Ok(rec)
+}
+
+/// Refuses an output folder that is a file, or that holds anything unless `replace`; with
+/// `replace`, deletes what a previous build wrote there ([`OWNED_OUTPUTS`]).
+fn check_output_folder(out: &Path, replace: bool) -> Result<(), DataError> {
+    let entries = match std::fs::read_dir(out) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(DataError::io(out, e)),
+    };
+    let mut names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    if !replace {
+        return Err(DataError::OutputNotEmpty { path: out.to_path_buf(), holds: names.into_iter().take(3).collect::<Vec<_>>().join(", ") });
+    }
+    for name in OWNED_OUTPUTS.iter().filter(|n| names.iter().any(|have| have == *n)) {
+        let path = out.join(name);
+        let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        removed.map_err(|e| DataError::io(&path, e))?;
+    }
+    Ok(())
 }
 
 fn write_dataset(
@@ -385,18 +497,25 @@ fn write_dataset(
         skipped: BTreeMap::new(),
         by_split: BTreeMap::new(),
         by_disease: BTreeMap::new(),
+        skips: Vec::new(),
     };
-    for (k, c) in candidates.into_iter().enumerate() {
+    for (k, mut c) in candidates.into_iter().enumerate() {
         progress.inc(k + 1);
+        if let Some((file, line, problem)) = c.bad_lab_row.take() {
+            policy.skip(Skip { hadm_id: Some(c.hadm), reason: "bad labevents row in the lab window".into(), file, line, problem });
+            continue;
+        }
         if c.labs.is_empty() {
-            policy.skip("no labs in the 24 h before the CXR");
+            let problem = format!("no row of subject {} in the 24 h before the X-ray", c.subject);
+            let file = labevents_path(&cfg.hosp);
+            policy.skip(Skip { hadm_id: Some(c.hadm), reason: "no labs in the 24 h before the CXR".into(), file, line: None, problem });
             continue;
         }
         let rec = match check_files(&c) {
             Ok(rec) => rec,
             Err((_, e)) if cfg.strict => return Err(e),
-            Err((reason, _)) => {
-                policy.skip(reason);
+            Err((reason, e)) => {
+                policy.skip_for_error(Some(c.hadm), reason, &e, &c.ecg_stem);
                 continue;
             }
         };
@@ -458,6 +577,7 @@ fn write_dataset(
     write_jsonl(&cfg.out.join("qa.jsonl"), &samples)?;
     LabPercentiles::fit(train_labs.iter().map(Vec::as_slice)).save(&cfg.out.join("lab_percentiles.json"))?;
     report.skipped = policy.skipped;
+    report.skips = policy.skips;
     let path = cfg.out.join("build_report.json");
     let json = serde_json::to_string_pretty(&report).map_err(|e| DataError::Json { path: path.clone(), problem: e.to_string() })?;
     std::fs::write(&path, json).map_err(|e| DataError::io(&path, e))?;

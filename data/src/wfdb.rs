@@ -161,8 +161,10 @@ impl WfdbRecord {
     }
 
     /// Writes this record's header and data as `<stem>.hea` / `<stem>.dat` (all signals in one
-    /// file, interleaved), renaming it to the stem's file name. Checksums and init values are
-    /// recomputed from the data.
+    /// file, interleaved), renaming it to the stem's file name. The base time and date are kept;
+    /// a stored checksum that agrees with the data is written as it was read (WFDB allows it
+    /// signed or unsigned: `63717` stays `63717`, not `-1819`), any other is recomputed from the
+    /// data, as are the init values.
     pub fn write(&self, stem: &Path) -> Result<(), DataError> {
         let name = stem_name(stem)?;
         let hea = stem.with_extension("hea");
@@ -175,7 +177,15 @@ impl WfdbRecord {
         if self.adc.len() != self.signals.len() || self.adc.iter().any(|d| d.len() != self.n_samples) {
             return Err(DataError::arg("adc", "needs one row of n_samples per signal"));
         }
-        let mut head = format!("{name} {} {} {}\n", self.signals.len(), fmt_num(self.fs), self.n_samples);
+        let mut head = format!("{name} {} {} {}", self.signals.len(), fmt_num(self.fs), self.n_samples);
+        // The date can only follow a time.
+        if let Some(time) = &self.base_time {
+            head.push_str(&format!(" {time}"));
+            if let Some(date) = &self.base_date {
+                head.push_str(&format!(" {date}"));
+            }
+        }
+        head.push('\n');
         for (s, d) in self.signals.iter().zip(&self.adc) {
             head.push_str(&format!(
                 "{dat_name} {} {}({})/{} {} {} {} {} 0 {}\n",
@@ -186,7 +196,7 @@ impl WfdbRecord {
                 s.adc_resolution,
                 s.adc_zero,
                 d.first().copied().unwrap_or(s.adc_zero),
-                checksum(d),
+                s.checksum.filter(|&c| (c - checksum(d)).rem_euclid(65536) == 0).unwrap_or_else(|| checksum(d)),
                 s.description
             ));
         }
@@ -766,5 +776,39 @@ mod tests {
         assert_eq!(rec.adc, vec![a.adc[0].clone(), b.adc[0].clone(), b.adc[0].clone()]);
         assert_eq!(rec.physical()[0], vec![0.5, -0.25, 1.0]);
         assert_eq!(rec.signals[2].description, "II copy");
+    }
+
+    #[test]
+    fn rewriting_keeps_the_base_time_and_date_and_the_checksum_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        // Frames of leads (I, II, III). Lead I sums to -1819, stored unsigned as 63717 (as
+        // MIMIC-IV-ECG writes it); lead II sums to -1, stored signed (as wfdb-python writes it);
+        // lead III's stored checksum is wrong, so it is recomputed.
+        let samples: [i16; 6] = [30000, -2, 4, -31819, 1, 5];
+        let bytes: Vec<u8> = samples.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let src = dir.path().join("40689238");
+        std::fs::write(src.with_extension("dat"), bytes).unwrap();
+        std::fs::write(
+            src.with_extension("hea"),
+            "40689238 3 500 2 13:25:31 04/08/2181\n\
+             40689238.dat 16 200(0)/mV 16 0 30000 63717 0 I\n\
+             40689238.dat 16 200(0)/mV 16 0 -2 -1 0 II\n\
+             40689238.dat 16 200(0)/mV 16 0 4 77 0 III\n",
+        )
+        .unwrap();
+        let rec = read_record(&src).unwrap();
+        let out = dir.path().join("enc-1");
+        rec.write(&out).unwrap();
+        let text = std::fs::read_to_string(out.with_extension("hea")).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "enc-1 3 500 2 13:25:31 04/08/2181", "{text}");
+        let checksum_field = |line: &str| line.split_whitespace().nth(6).unwrap_or_default().to_string();
+        assert_eq!(checksum_field(lines[1]), "63717", "{text}");
+        assert_eq!(checksum_field(lines[2]), "-1", "{text}");
+        assert_eq!(checksum_field(lines[3]), "9", "{text}");
+        let back = read_record(&out).unwrap();
+        assert_eq!((back.base_time.as_deref(), back.base_date.as_deref()), (Some("13:25:31"), Some("04/08/2181")));
+        assert!(back.checksum_mismatches().is_empty());
+        assert_eq!(back.adc, rec.adc);
     }
 }

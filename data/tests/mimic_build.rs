@@ -104,7 +104,7 @@ fn fake_tree(root: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path:
 
 fn config(root: &Path, strict: bool) -> BuildMimicConfig {
     let (hosp, ecg, cxr) = fake_tree(root);
-    BuildMimicConfig { hosp, ecg, cxr, out: root.join("out"), strict, diseases: Disease::ALL.to_vec(), progress: false }
+    BuildMimicConfig { hosp, ecg, cxr, out: root.join("out"), strict, replace: false, diseases: Disease::ALL.to_vec(), progress: false }
 }
 
 #[test]
@@ -166,7 +166,101 @@ fn bad_table_rows_are_counted_or_named() {
     std::fs::write(&adm, &text).unwrap();
     let report = build_mimic(&cfg).unwrap();
     assert_eq!(report.skipped.get("bad row in admissions.csv"), Some(&1));
-    let strict = BuildMimicConfig { strict: true, ..cfg };
+    let skip = report.skips.iter().find(|s| s.reason == "bad row in admissions.csv").unwrap();
+    assert_eq!((skip.file.clone(), skip.line, skip.hadm_id), (adm.clone(), Some(9), None), "{skip:?}");
+    assert!(skip.problem.contains("admittime") && skip.problem.contains("not-a-time"), "{skip:?}");
+    let strict = BuildMimicConfig { strict: true, replace: true, ..cfg };
     let e = build_mimic(&strict).unwrap_err().to_string();
     assert!(e.contains("admissions.csv:9") && e.contains("admittime"), "{e}");
+}
+
+#[test]
+fn each_skipped_admission_is_named_with_its_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), false);
+    let report = build_mimic(&cfg).unwrap();
+    let skip = |hadm: u64| report.skips.iter().find(|s| s.hadm_id == Some(hadm)).unwrap_or_else(|| panic!("{hadm} not listed: {report:#?}"));
+    let admissions = cfg.hosp.join("admissions.csv");
+    // Admission k is on line k + 1 of admissions.csv.
+    let no_ecg = skip(20_000_003);
+    assert_eq!((no_ecg.reason.as_str(), &no_ecg.file, no_ecg.line), ("no ECG in admission", &admissions, Some(4)));
+    assert_eq!((skip(20_000_004).reason.as_str(), skip(20_000_004).line), ("no target diagnosis", Some(5)));
+    assert_eq!(skip(20_000_007).reason, "no CXR in admission");
+    let ecg = skip(20_000_005);
+    assert_eq!(ecg.reason, "unreadable ECG record");
+    assert!(ecg.file.ends_with("files/p1000/p10000005/s40000005/40000005.dat") && ecg.problem.contains("truncated"), "{ecg:?}");
+    let labs = skip(20_000_006);
+    assert!(labs.reason.starts_with("no labs") && labs.file.ends_with("labevents.csv.gz"), "{labs:?}");
+    assert_eq!(report.skips.len(), 5, "{report:#?}");
+    let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cfg.out.join("build_report.json")).unwrap()).unwrap();
+    assert_eq!(written["skips"][0]["hadm_id"], 20_000_003);
+    assert_eq!(written["skips"][0]["line"], 4);
+    assert!(written["skips"][0]["file"].as_str().unwrap().ends_with("admissions.csv"));
+}
+
+#[test]
+fn a_truncated_cxr_jpeg_skips_its_admission_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), false);
+    let jpg = cfg.cxr.join("files/p10/p10000001/s50000001/d1aa-bb.jpg");
+    let bytes = std::fs::read(&jpg).unwrap();
+    std::fs::write(&jpg, &bytes[..bytes.len() * 3 / 4]).unwrap();
+    let report = build_mimic(&cfg).unwrap();
+    assert_eq!(report.matched, 1, "{report:#?}");
+    let skip = report.skips.iter().find(|s| s.hadm_id == Some(20_000_001)).unwrap();
+    assert_eq!((skip.reason.as_str(), &skip.file), ("missing or unreadable CXR image", &jpg));
+    assert!(skip.problem.contains("truncated"), "{skip:?}");
+    let e = build_mimic(&BuildMimicConfig { strict: true, replace: true, ..cfg }).unwrap_err().to_string();
+    assert!(e.contains("d1aa-bb.jpg") && e.contains("truncated"), "{e}");
+}
+
+#[test]
+fn a_bad_lab_row_in_the_window_skips_the_sample_instead_of_vanishing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), false);
+    let gz = cfg.hosp.join("labevents.csv.gz");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(std::fs::File::open(&gz).unwrap()), &mut text).unwrap();
+    std::fs::remove_file(&gz).unwrap();
+    let lines = text.lines().count() as u64;
+    // Admission 1's window: its lactate row does not parse. Subject 4 has no sample.
+    text.push_str("900,10000001,,900,50813,,2150-01-01 21:00:00,,4.5,four point five,mmol/L,0.5,2.0,abnormal,STAT,\n");
+    text.push_str("901,10000004,,901,50813,,2150-04-01 21:00:00,,4.5,x,mmol/L,0.5,2.0,,STAT,\n");
+    let plain = cfg.hosp.join("labevents.csv");
+    std::fs::write(&plain, &text).unwrap();
+    let report = build_mimic(&cfg).unwrap();
+    assert_eq!(report.matched, 1, "{report:#?}");
+    let skip = report.skips.iter().find(|s| s.hadm_id == Some(20_000_001)).expect("admission 1 is skipped");
+    assert_eq!((skip.reason.as_str(), &skip.file, skip.line), ("bad labevents row in the lab window", &plain, Some(lines + 1)));
+    assert!(skip.problem.contains("valuenum") && skip.problem.contains("four point five"), "{skip:?}");
+    let row = report.skips.iter().find(|s| s.reason == "bad row in labevents").expect("the other row is reported");
+    assert_eq!((row.hadm_id, row.line), (None, Some(lines + 2)));
+    assert!(!read_jsonl(&cfg.out.join("qa.jsonl")).unwrap().iter().any(|s| s.encounter_id == "enc-20000001"));
+}
+
+#[test]
+fn a_non_empty_output_folder_is_refused_unless_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), false);
+    build_mimic(&cfg).unwrap();
+    let stale = cfg.out.join("ecg/enc-99999999.hea");
+    std::fs::write(&stale, "old build").unwrap();
+    std::fs::write(cfg.out.join("notes.txt"), "mine").unwrap();
+    let e = build_mimic(&cfg).unwrap_err().to_string();
+    assert!(e.contains(cfg.out.to_str().unwrap()) && e.contains("not empty"), "{e}");
+    assert!(stale.exists());
+    let report = build_mimic(&BuildMimicConfig { replace: true, ..cfg.clone() }).unwrap();
+    assert_eq!(report.matched, 2);
+    assert!(!stale.exists(), "the previous build's files are gone");
+    assert!(cfg.out.join("ecg/enc-20000001.hea").exists());
+    assert_eq!(std::fs::read_to_string(cfg.out.join("notes.txt")).unwrap(), "mine", "files the build does not own stay");
+}
+
+#[test]
+fn an_empty_table_is_said_to_be_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), false);
+    std::fs::write(cfg.hosp.join("patients.csv"), "").unwrap();
+    let e = build_mimic(&cfg).unwrap_err().to_string();
+    assert!(e.contains("patients.csv") && e.contains("is empty") && !e.contains("missing"), "{e}");
 }

@@ -679,6 +679,21 @@ impl MedTvt {
     /// absent from every row of the batch skips its encoder (zeros stand in).
     pub fn modality_embeddings(&self, batch: &PromptBatch, train: bool) -> (Tensor, Tensor) {
         let repeats = batch.repeats.max(1);
+        let (stacked, present) = self.adapted_modalities(batch, train);
+        let (modalities, gates) = self.perceive(&stacked, &present, train);
+        if repeats == 1 {
+            (modalities, gates)
+        } else {
+            let r = |t: &Tensor| t.repeat_interleave_self_int(repeats, 0, None::<i64>);
+            (r(&modalities), r(&gates))
+        }
+    }
+
+    /// Each distinct prompt's adapter outputs `[n, 3, d]` (before the MPL; zeros for a modality
+    /// absent from the whole batch) and which modalities it has `[n, 3]`; `n` is the batch size
+    /// divided by `repeats`.
+    fn adapted_modalities(&self, batch: &PromptBatch, train: bool) -> (Tensor, Tensor) {
+        let repeats = batch.repeats.max(1);
         let unique = |t: &Tensor| {
             if repeats == 1 {
                 t.shallow_clone()
@@ -695,20 +710,29 @@ impl MedTvt {
         let ecg = if any[0] { self.adapters[0].forward(&self.ecg_encoder.forward_t(&unique(&batch.ecg), train)) } else { absent() };
         let cxr = if any[1] { self.adapters[1].forward(&self.cxr_encoder.forward(&unique(&batch.cxr))) } else { absent() };
         let lab = if any[2] { self.adapters[2].forward(&self.lab_encoder.forward(&unique(&batch.lab))) } else { absent() };
-        let stacked = Tensor::stack(&[ecg, cxr, lab], 1); // [n, 3, d]
-        let (modalities, gates) = if self.use_mpl {
-            let out = self.mpl.forward_t(&stacked, &present, train);
+        (Tensor::stack(&[ecg, cxr, lab], 1), present) // [n, 3, d], [n, 3]
+    }
+
+    /// The MPL over adapter outputs (or, in PT, the bypass that zeroes absent modalities): the
+    /// vectors entering the decoder and the gates.
+    fn perceive(&self, stacked: &Tensor, present: &Tensor, train: bool) -> (Tensor, Tensor) {
+        if self.use_mpl {
+            let out = self.mpl.forward_t(stacked, present, train);
             (out.modalities, out.gates)
         } else {
             let present = present.to_kind(stacked.kind());
             (stacked * present.unsqueeze(-1), present)
-        };
-        if repeats == 1 {
-            (modalities, gates)
-        } else {
-            let r = |t: &Tensor| t.repeat_interleave_self_int(repeats, 0, None::<i64>);
-            (r(&modalities), r(&gates))
         }
+    }
+
+    /// For probing where the evidence goes (eval mode, no grad), for a batch without repeats:
+    /// the adapter outputs before the MPL with absent modalities zeroed, and the vectors the
+    /// decoder receives after it, both `[b, 3, d]`.
+    pub fn modality_vectors(&self, batch: &PromptBatch) -> (Tensor, Tensor) {
+        let _guard = tch::no_grad_guard();
+        let (stacked, present) = self.adapted_modalities(batch, false);
+        let (fused, _) = self.perceive(&stacked, &present, false);
+        (stacked * present.to_kind(fused.kind()).unsqueeze(-1), fused)
     }
 
     /// Decoder input embeddings `[b, t, d]` with each placeholder token's embedding replaced by

@@ -25,6 +25,7 @@ pub fn grpc_code(reason: ErrorReason) -> Code {
         ShuttingDown => Code::Unavailable,
         RendezvousTimeout => Code::DeadlineExceeded,
         Unauthenticated => Code::Unauthenticated,
+        PathNotAllowed => Code::PermissionDenied,
         Internal | Unspecified => Code::Internal,
     }
 }

@@ -175,6 +175,10 @@ class LocalCommandsTest(unittest.TestCase):
         self.assertEqual(learner1["env"]["OTEL_RESOURCE_ATTRIBUTES"], "k8s.pod.name=medtvt-learner-1,medtvt.rank=1")
         self.assertNotEqual(learner0["env"]["HOME"], learner1["env"]["HOME"])  # emptyDir is per pod
         self.assertEqual(coordinator["env"]["MEDTVT_RUN_DIR"], str(self.root / "volumes/medtvt-shared/runs/coordinator"))
+        # A comma-separated list of paths moves entry by entry.
+        shared = self.root / "volumes/medtvt-shared"
+        self.assertEqual(coordinator["env"]["MEDTVT_JOB_ROOTS"].split(","),
+                         [str(shared / sub) for sub in ("data", "models", "checkpoints", "runs")])
 
     def test_gpu_configs_get_their_absolute_paths_moved_onto_the_local_claim(self) -> None:
         processes = self.local(GPU, "--otlp-endpoint", "http://127.0.0.1:4317", "--env", "MEDTVT_DEVICE=cpu")

@@ -55,6 +55,17 @@ class CrossChecksTest(unittest.TestCase):
         found = failures(self.cpu, validate.check_paths)
         self.assertTrue(any("learner: run.out_dir = runs/demo/grpo is on the shared claim" in f for f in found), found)
 
+    def test_config_paths_must_lie_under_the_coordinators_job_roots(self) -> None:
+        container = find(self.gpu, "Deployment", "medtvt-coordinator")["spec"]["template"]["spec"]["containers"][0]
+        roots = next(e for e in container["env"] if e["name"] == "MEDTVT_JOB_ROOTS")
+        roots["value"] = "/models,/workspace/runs,/etc"
+        found = failures(self.gpu, validate.check_paths)
+        self.assertTrue(any("data.dir = /data/medtvt-qa lies under a job root" in f for f in found), found)
+        self.assertTrue(any("every job root is a mount of the shared claim: /etc" in f for f in found), found)
+        container["env"].remove(roots)
+        found = failures(self.gpu, validate.check_paths)
+        self.assertTrue(any("confines submitted jobs with MEDTVT_JOB_ROOTS" in f for f in found), found)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -63,8 +63,9 @@ pub fn start_coordinator(run_dir: &Path, configs: &[&Path]) -> (Proc, String) {
     start_coordinator_with(run_dir, configs, "127.0.0.1:0", &[])
 }
 
-/// [`start_coordinator`] listening on `listen`, with `extra` flags. Its log (stderr) is appended
-/// to `run_dir/coordinator.log`, so a restarted coordinator adds to the first one's.
+/// [`start_coordinator`] listening on `listen`, with `extra` flags. Jobs submitted to it may use
+/// paths under `run_dir` (`--job-root`). Its log (stderr) is appended to
+/// `run_dir/coordinator.log`, so a restarted coordinator adds to the first one's.
 pub fn start_coordinator_with(run_dir: &Path, configs: &[&Path], listen: &str, extra: &[&str]) -> (Proc, String) {
     let mut args: Vec<String> = vec!["coordinator".into()];
     for c in configs {
@@ -72,6 +73,7 @@ pub fn start_coordinator_with(run_dir: &Path, configs: &[&Path], listen: &str, e
         args.push(c.display().to_string());
     }
     args.extend(["--listen".into(), listen.into(), "--run-dir".into(), run_dir.display().to_string()]);
+    args.extend(["--job-root".into(), run_dir.display().to_string()]);
     args.extend(extra.iter().map(|s| s.to_string()));
     let log = std::fs::OpenOptions::new().create(true).append(true).open(run_dir.join("coordinator.log")).unwrap();
     let mut child = medtvt().args(&args).stdout(Stdio::piped()).stderr(log).spawn().unwrap();
