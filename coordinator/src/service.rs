@@ -1,5 +1,5 @@
 //! The tonic implementation of `medtvt.v1.Coordinator`: thin. Each handler converts the request,
-//! calls the state machine (`state.rs`) or the weight store (`weights.rs`) under its lock, and
+//! calls the state machine (`state/`) or the weight store (`weights.rs`) under its lock, and
 //! converts back. Long-polls wait on a revision counter that the state bumps on every change,
 //! so a waiting call wakes exactly when something it may need happened.
 

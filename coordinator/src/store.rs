@@ -3,7 +3,7 @@
 //! latest policy weights in `DIR/weights/`.
 //!
 //! Design: the state machine stays pure. It pushes a [`Durable`] record for every transition a
-//! resumed run needs (see `state.rs`); the service drains them after each call, under the state
+//! resumed run needs (see `state/journal.rs`); the service drains them after each call, under the state
 //! lock, and [`RunStore::apply`] writes each batch in one SQLite transaction before the call
 //! answers. Small per-job progress is stored as a snapshot row (replaced on each change);
 //! sealed steps are appended once and never change. [`RunStore::open`] reads it all back for
