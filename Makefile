@@ -16,10 +16,11 @@ demo: build
 	./target/release/medtvt demo
 
 # The peers the tests compare against (transformers, wfdb, scikit-learn, kubernetes-validate) go
-# into .venv first, so parity tests run instead of skipping.
+# into .venv first, so parity tests run instead of skipping; MEDTVT_REQUIRE_PEERS=1 makes a test
+# whose peer is still missing fail instead of skipping (model/tests/peers/mod.rs).
 test: setup
 	@scripts/setup_venv.sh scripts/requirements-fixtures.txt scripts/requirements-deploy.txt
-	$(CARGO) test --workspace --no-fail-fast
+	MEDTVT_REQUIRE_PEERS=1 $(CARGO) test --workspace --no-fail-fast
 	scripts/validate_deploy.sh
 
 # Fault injection with real processes (kill -9 a worker, a learner, the coordinator; a wrong

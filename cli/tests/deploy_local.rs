@@ -4,6 +4,9 @@
 //! with the real `medtvt` binary and checks that the coordinator serves and that every rollout
 //! worker and learner the manifests declare registers with it, token and all.
 
+#[path = "../../model/tests/peers/mod.rs"]
+mod peers;
+
 use medtvt_model::MedTvt;
 use medtvt_proto::v1::{Role, StatusRequest};
 use std::io::{BufRead, BufReader};
@@ -76,7 +79,7 @@ fn write_checkpoint(data_dir: &Path, out: &Path) {
 #[test]
 fn cpu_demo_overlay_processes_start_and_connect() {
     let Some(py) = python() else {
-        eprintln!("SKIPPED: .venv with pyyaml not found (make test installs scripts/requirements-deploy.txt)");
+        peers::peer_missing(".venv with pyyaml not found (make test installs scripts/requirements-deploy.txt)");
         return;
     };
     let root = tempfile::tempdir().expect("temp dir");

@@ -11,6 +11,9 @@
 
 mod common;
 
+#[path = "../../model/tests/peers/mod.rs"]
+mod peers;
+
 use common::*;
 use medtvt_model::medtvt::MedTvt;
 use std::path::{Path, PathBuf};
@@ -126,7 +129,7 @@ fn pt_sft_and_grpo_run_on_a_real_hf_base() {
 
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
     if !Command::new(&python).args(["-c", "import transformers"]).output().is_ok_and(|o| o.status.success()) {
-        eprintln!("SKIPPED the transformers read-back: {} cannot import transformers", python.display());
+        peers::peer_missing(&format!("the transformers read-back: {} cannot import transformers", python.display()));
         return;
     }
     let prompt = model.prompt_text("<ecg> <cxr> <lab> Which diseases?").unwrap();

@@ -9,6 +9,8 @@
 //! vocabulary, same prompt from `apply_chat_template`, same EOS ids. The Python checks skip (and
 //! say so) without `.venv/bin/python` and transformers.
 
+mod peers;
+
 use medtvt_config::TinyModel;
 use medtvt_eval::{DiagnosisReward, DiseaseVocabulary, NameMatching, RewardWeights};
 use medtvt_model::llama::{save_hf, Llama, LlamaConfig};
@@ -136,7 +138,7 @@ fn python() -> Option<PathBuf> {
     if ok.unwrap_or(false) {
         Some(python)
     } else {
-        eprintln!("SKIPPED: {} cannot import transformers (run `make fixtures`)", python.display());
+        peers::peer_missing(&format!("{} cannot import transformers (run `make fixtures`)", python.display()));
         None
     }
 }

@@ -5,6 +5,8 @@
 //! Needs `.venv/bin/python` with transformers (installed by `make fixtures` / `make bench`, not
 //! by `make test`); without it the test reports that it skipped and passes.
 
+mod peers;
+
 use medtvt_model::llama::{save_hf, Llama, Llama3RopeScaling, LlamaConfig};
 use std::path::Path;
 use std::process::Command;
@@ -27,7 +29,7 @@ fn python() -> Option<std::path::PathBuf> {
     if ok.unwrap_or(false) {
         Some(python)
     } else {
-        eprintln!("SKIPPED: {} cannot import transformers (run `make fixtures`)", python.display());
+        peers::peer_missing(&format!("{} cannot import transformers (run `make fixtures`)", python.display()));
         None
     }
 }

@@ -4,6 +4,8 @@
 //! Needs `.venv/bin/python` with `tokenizers` (installed with transformers by `make fixtures`);
 //! without it the test reports that it skipped and passes.
 
+mod peers;
+
 use medtvt_model::tokenizer::{MedTokenizer, MEDTVT_SPECIAL_TOKENS};
 use std::path::Path;
 use std::process::Command;
@@ -21,7 +23,7 @@ fn python_tokenizers_agrees_on_ids() {
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
     let available = Command::new(&python).args(["-c", "import tokenizers"]).output().map(|o| o.status.success());
     if !available.unwrap_or(false) {
-        eprintln!("SKIPPED: {} cannot import tokenizers (run `make fixtures`)", python.display());
+        peers::peer_missing(&format!("{} cannot import tokenizers (run `make fixtures`)", python.display()));
         return;
     }
     let corpus = [

@@ -1,0 +1,15 @@
+//! What a test does when the Python peer it compares against is missing: plain `cargo test` skips
+//! it with a note, but under `make test` (which installs the peers and sets
+//! `MEDTVT_REQUIRE_PEERS=1`) a missing peer is a failure, so that a parity test never passes by
+//! not running. Shared by model/tests and cli/tests (included there by path).
+
+/// The variable `make test` sets.
+pub const REQUIRE_PEERS: &str = "MEDTVT_REQUIRE_PEERS";
+
+/// Reports a missing peer: panics when [`REQUIRE_PEERS`] is set, else prints `SKIPPED: why`.
+pub fn peer_missing(why: &str) {
+    if std::env::var_os(REQUIRE_PEERS).is_some_and(|v| !v.is_empty() && v != "0") {
+        panic!("{why}, and {REQUIRE_PEERS} is set (make test installs the peers; run it again or check .venv)");
+    }
+    eprintln!("SKIPPED: {why}");
+}
