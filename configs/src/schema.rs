@@ -5,7 +5,8 @@ use crate::ConfigError;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// The paper's seven diseases, in canonical spelling; the default disease list.
+/// The paper's seven diseases, in canonical spelling; the default disease list. The one copy:
+/// medtvt-eval's `PAPER_DISEASES` is this list, and medtvt-data's `Disease` is tested against it.
 pub const DEFAULT_DISEASES: [&str; 7] = [
     "coronary artery disease",
     "acute renal failure",

@@ -120,6 +120,14 @@ pub fn parse_diseases(names: &[String]) -> Result<Vec<Disease>, String> {
 mod tests {
     use super::*;
 
+    /// The enum and the one disease list (the run config's default, which medtvt-eval's
+    /// vocabulary imports) name the same seven diseases in the same order.
+    #[test]
+    fn the_seven_are_the_one_disease_list() {
+        let names: Vec<&str> = Disease::ALL.iter().map(|d| d.name()).collect();
+        assert_eq!(names, medtvt_config::DEFAULT_DISEASES);
+    }
+
     #[test]
     fn icd_prefixes_map_to_diseases() {
         assert_eq!(Disease::from_icd("I2510", 10), Some(Disease::CoronaryArteryDisease));

@@ -52,16 +52,9 @@ pub enum AnswerItem {
     Unknown(String),
 }
 
-/// The paper's seven diseases, canonical spelling, in the paper's order.
-pub const PAPER_DISEASES: [&str; 7] = [
-    "coronary artery disease",
-    "acute renal failure",
-    "hypertension",
-    "atrial fibrillation",
-    "pneumonia",
-    "diabetes mellitus",
-    "sepsis",
-];
+/// The paper's seven diseases, canonical spelling, in the paper's order: the one list, owned by
+/// the run config (`medtvt_config::DEFAULT_DISEASES`) and imported here.
+pub use medtvt_config::DEFAULT_DISEASES as PAPER_DISEASES;
 
 /// Built-in synonyms, keyed by canonical name: the paper's seven, then the reference label map's
 /// wider ICD-10 list. Kept free of cross-entry clashes (a unit test checks this).
