@@ -55,7 +55,9 @@ fn grpo_job_trains_every_group_once_and_a_late_worker_gets_work() {
     wait_for(&rt, &url, 1, root, Duration::from_secs(120), succeeded);
 
     // The GRPO job starts from the PT output, which exists only now.
-    let steps = 6;
+    // Long enough that the worker joining after step 1 still finds prompts to lease (with 6 steps
+    // the job sometimes ended before the late worker's first lease).
+    let steps = 12;
     let grpo_text = grpo_config_text(root, &data, &root.join("pt").join("final"), steps);
     let job_id = rt.block_on(async {
         let mut client = medtvt_proto::client::connect(&url, None).await.unwrap();
@@ -81,9 +83,9 @@ fn grpo_job_trains_every_group_once_and_a_late_worker_gets_work() {
     assert!(late_log.contains("lease rolled out"), "the late worker never got a lease:\n{late_log}");
 
     // (e) The same GRPO config submitted again with more steps: the learners resume from the
-    // first job's checkpoint at step 6, which the new job cannot continue. It is refused at once
+    // first job's checkpoint at its last step, which the new job cannot continue. It is refused at once
     // (it used to wait forever for a step 6 it would never seal).
-    let again = grpo_text.replace(&format!("steps = {steps}\n"), "steps = 8\n");
+    let again = grpo_text.replace(&format!("steps = {steps}\n"), &format!("steps = {}\n", steps + 2));
     let submitted = std::time::Instant::now();
     let second = rt.block_on(async {
         let mut client = medtvt_proto::client::connect(&url, None).await.unwrap();

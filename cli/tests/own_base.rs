@@ -127,11 +127,7 @@ fn pt_sft_and_grpo_run_on_a_real_hf_base() {
     let vocab = expected["vocab_size"].as_i64().unwrap() + 3;
     assert_eq!(model.llm().config().vocab_size, vocab);
 
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    if !Command::new(&python).args(["-c", "import transformers"]).output().is_ok_and(|o| o.status.success()) {
-        peers::peer_missing(&format!("the transformers read-back: {} cannot import transformers", python.display()));
-        return;
-    }
+    let Some(python) = peers::venv_python_with("transformers") else { return };
     let prompt = model.prompt_text("<ecg> <cxr> <lab> Which diseases?").unwrap();
     let ids = model.tokenizer().encode(&prompt, false).unwrap();
     let reply = Command::new(&python).args(["-c", READ_BACK, &fin.display().to_string(), &format!("{ids:?}")]).output().unwrap();

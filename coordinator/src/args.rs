@@ -54,7 +54,23 @@ pub struct CoordinatorArgs {
     pub otlp_endpoint: Option<String>,
 }
 
-/// Runs the coordinator (logging/telemetry are the binary's to set up, see
+/// Runs the coordinator as a whole process: its tokio runtime, logging and OpenTelemetry export
+/// (service `medtvt-coordinator`), then [`run`]. Both the `medtvt-coordinator` binary and
+/// `medtvt coordinator` are this call.
+pub fn run_process(args: CoordinatorArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let mut telemetry = medtvt_telemetry::TelemetryConfig::new("medtvt-coordinator").with_attribute("medtvt.role", "coordinator");
+        telemetry.otlp_endpoint = args.otlp_endpoint.clone();
+        let guard = medtvt_telemetry::init(telemetry).context("setting up logging and OpenTelemetry")?;
+        let result = run(args).await;
+        guard.shutdown().await.context("flushing telemetry")?;
+        result
+    })
+}
+
+/// Runs the coordinator (logging/telemetry are the caller's to set up, see
 /// `medtvt_telemetry::init`) until SIGTERM/ctrl-c or a drained Shutdown request, announcing the
 /// bound address on stdout.
 pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {

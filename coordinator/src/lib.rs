@@ -26,7 +26,7 @@ pub mod store;
 pub mod tls;
 pub mod weights;
 
-pub use args::{run, run_until, CoordinatorArgs};
+pub use args::{run, run_process, run_until, CoordinatorArgs};
 pub use error::CoordinatorError;
 pub use ids::{JobId, JobState, LeaseId, PromptKey, Role, WorkerId};
 pub use server::{serve, Coordinator, ServerOptions};

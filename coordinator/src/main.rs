@@ -2,7 +2,6 @@
 //! without torch. It links no libtorch (`tests/no_libtorch.rs` checks its dynamic libraries) and
 //! takes exactly the flags of `medtvt coordinator`, which stays as a convenience.
 
-use anyhow::Context;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -13,14 +12,5 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Cli::parse().args;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
-    runtime.block_on(async {
-        let mut telemetry = medtvt_telemetry::TelemetryConfig::new("medtvt-coordinator").with_attribute("medtvt.role", "coordinator");
-        telemetry.otlp_endpoint = args.otlp_endpoint.clone();
-        let guard = medtvt_telemetry::init(telemetry).context("setting up logging and OpenTelemetry")?;
-        let result = medtvt_coordinator::run(args).await;
-        guard.shutdown().await.context("flushing telemetry")?;
-        result
-    })
+    medtvt_coordinator::run_process(Cli::parse().args)
 }

@@ -415,9 +415,12 @@ impl<P: Policy> Trainer<P> {
         for (slot, m) in sums.additive().into_iter().zip(mean) {
             *slot = m * world;
         }
-        let [mismatch_max, is_max] = self.max_over_ranks([local.mismatch.abs_max, local.is_weight_max])?;
-        sums.mismatch.abs_max = mismatch_max;
-        sums.is_weight_max = is_max;
+        // Only GRPO steps have maxima to reduce (every rank runs the same stage, so all skip or none).
+        if self.options.grpo.is_some() {
+            let [mismatch_max, is_max] = self.max_over_ranks([local.mismatch.abs_max, local.is_weight_max])?;
+            sums.mismatch.abs_max = mismatch_max;
+            sums.is_weight_max = is_max;
+        }
         Ok(sums)
     }
 

@@ -133,14 +133,7 @@ print(json.dumps({"logits": logits.flatten().tolist(), "vocab": model.config.voc
 "#;
 
 fn python() -> Option<PathBuf> {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    let ok = Command::new(&python).args(["-c", "import transformers"]).output().map(|o| o.status.success());
-    if ok.unwrap_or(false) {
-        Some(python)
-    } else {
-        peers::peer_missing(&format!("{} cannot import transformers (run `make fixtures`)", python.display()));
-        None
-    }
+    peers::venv_python_with("transformers")
 }
 
 #[test]

@@ -8,7 +8,7 @@
 mod peers;
 
 use medtvt_model::llama::{save_hf, Llama, Llama3RopeScaling, LlamaConfig};
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::Command;
 use tch::{nn, Device, Tensor};
 
@@ -23,15 +23,8 @@ print(json.dumps({"logits": logits.flatten().tolist(), "eos": model.config.eos_t
                   "tied": model.config.tie_word_embeddings}))
 "#;
 
-fn python() -> Option<std::path::PathBuf> {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    let ok = Command::new(&python).args(["-c", "import transformers"]).output().map(|o| o.status.success());
-    if ok.unwrap_or(false) {
-        Some(python)
-    } else {
-        peers::peer_missing(&format!("{} cannot import transformers (run `make fixtures`)", python.display()));
-        None
-    }
+fn python() -> Option<PathBuf> {
+    peers::venv_python_with("transformers")
 }
 
 #[test]

@@ -3,6 +3,9 @@
 //! `MEDTVT_REQUIRE_PEERS=1`) a missing peer is a failure, so that a parity test never passes by
 //! not running. Shared by model/tests and cli/tests (included there by path).
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
 /// The variable `make test` sets.
 pub const REQUIRE_PEERS: &str = "MEDTVT_REQUIRE_PEERS";
 
@@ -12,4 +15,20 @@ pub fn peer_missing(why: &str) {
         panic!("{why}, and {REQUIRE_PEERS} is set (make test installs the peers; run it again or check .venv)");
     }
     eprintln!("SKIPPED: {why}");
+}
+
+/// The repository's `.venv` Python when it can import `module`; otherwise reports the missing
+/// peer ([`peer_missing`]) and returns `None`. (Both crates that include this file sit one level
+/// below the repository root.)
+// Not every test file that includes this module compares with transformers.
+#[allow(dead_code)]
+pub fn venv_python_with(module: &str) -> Option<PathBuf> {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    let ok = Command::new(&python).args(["-c", &format!("import {module}")]).output().is_ok_and(|o| o.status.success());
+    if ok {
+        Some(python)
+    } else {
+        peer_missing(&format!("{} cannot import {module} (run `make fixtures`)", python.display()));
+        None
+    }
 }
