@@ -26,12 +26,12 @@ use medtvt_data::{read_jsonl, QaKind, QaSample};
 use medtvt_eval::vocabulary::{DiseaseVocabulary, NameMatching};
 use medtvt_eval::{DiagnosisReward, RewardWeights};
 use medtvt_learner::collective::SingleRank;
-use medtvt_role::inputs::InputLoader;
+use medtvt_learner::trainer::{StepData, Trainer, TrainerOptions};
 use medtvt_model::policy::medtvt::MedTvtPolicy;
 use medtvt_model::policy::{Policy, RolloutSampling};
-use medtvt_role::device::parse_device;
-use medtvt_learner::trainer::{StepData, Trainer, TrainerOptions};
 use medtvt_proto::v1::{Lease, Prompt};
+use medtvt_role::device::parse_device;
+use medtvt_role::inputs::InputLoader;
 use medtvt_rollout_worker::rollout::{roll_out, RolloutSettings};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -86,7 +86,11 @@ struct Row {
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    if s.is_empty() { f64::NAN } else { s[s.len() / 2] }
+    if s.is_empty() {
+        f64::NAN
+    } else {
+        s[s.len() / 2]
+    }
 }
 
 /// The shipped demo GRPO config with the benchmark's shapes and paths.
@@ -148,16 +152,19 @@ fn ours(a: &Args, cfg: &RunConfig, samples: &[QaSample], label: &str) -> Result<
     reference.set_trainable(cfg.run.stage, true);
     let loader = InputLoader::from_config(cfg, policy.image_size())?;
     let mut trainer = Trainer::new(policy, Some(reference), Box::new(SingleRank), TrainerOptions::from_config(cfg));
-    let reward = DiagnosisReward::new(DiseaseVocabulary::paper_default(NameMatching::Synonyms), RewardWeights::default());
+    let reward =
+        DiagnosisReward::new(DiseaseVocabulary::paper_default(NameMatching::Synonyms), RewardWeights::default());
     let settings = RolloutSettings {
         group_size: a.group,
         max_prompt_tokens: cfg.data.max_prompt_tokens,
         sampling: RolloutSampling { max_new_tokens: a.max_new, temperature: 1.0, top_p: 1.0, top_k: 0, seed: 0 },
     };
-    let mut row = Row { system: label.into(), step_s: vec![], rollout_s: vec![], completion_tokens: vec![], prompt_tokens: 0.0 };
+    let mut row =
+        Row { system: label.into(), step_s: vec![], rollout_s: vec![], completion_tokens: vec![], prompt_tokens: 0.0 };
     let mut prompt_tokens = Vec::new();
     for step in 0..=a.steps {
-        let batch: Vec<QaSample> = (0..a.prompts_per_step).map(|i| samples[(step * a.prompts_per_step + i) % samples.len()].clone()).collect();
+        let batch: Vec<QaSample> =
+            (0..a.prompts_per_step).map(|i| samples[(step * a.prompts_per_step + i) % samples.len()].clone()).collect();
         let lease = Lease {
             lease_id: step as u64 + 1,
             job_id: 1,
@@ -185,7 +192,10 @@ fn ours(a: &Args, cfg: &RunConfig, samples: &[QaSample], label: &str) -> Result<
         let tokens: usize = groups.iter().flat_map(|g| &g.completions).map(|c| c.token_ids.len()).sum();
         trainer.step(&StepData::Grpo { groups, prompts })?;
         let total = started.elapsed().as_secs_f64();
-        eprintln!("{label}: step {step}{} {total:.2} s (rollout {rollout:.2} s), {tokens} completion tokens", if step == 0 { " (warm-up)" } else { "" });
+        eprintln!(
+            "{label}: step {step}{} {total:.2} s (rollout {rollout:.2} s), {tokens} completion tokens",
+            if step == 0 { " (warm-up)" } else { "" }
+        );
         if step > 0 {
             row.step_s.push(total);
             row.rollout_s.push(rollout);
@@ -211,18 +221,36 @@ fn trl(a: &Args, cfg: &RunConfig, samples: &[QaSample], work: &Path) -> Result<R
         .arg(root.join("scripts/bench_grpo_trl.py"))
         .args(["--checkpoint", &checkpoint.display().to_string(), "--prompts", &prompts_file.display().to_string()])
         .args(["--group", &a.group.to_string(), "--prompts-per-step", &a.prompts_per_step.to_string()])
-        .args(["--max-new", &a.max_new.to_string(), "--steps", &a.steps.to_string(), "--threads", &a.threads.to_string()])
-        .args(["--lr", &a.lr.to_string(), "--beta", &a.beta.to_string(), "--out", &work.join("trl").display().to_string()])
+        .args([
+            "--max-new",
+            &a.max_new.to_string(),
+            "--steps",
+            &a.steps.to_string(),
+            "--threads",
+            &a.threads.to_string(),
+        ])
+        .args([
+            "--lr",
+            &a.lr.to_string(),
+            "--beta",
+            &a.beta.to_string(),
+            "--out",
+            &work.join("trl").display().to_string(),
+        ])
         .args(["--device", &a.device, "--dtype", &a.dtype])
         .output()
-        .with_context(|| format!("running {} scripts/bench_grpo_trl.py (make bench-grpo installs trl)", python.display()))?;
+        .with_context(|| {
+            format!("running {} scripts/bench_grpo_trl.py (make bench-grpo installs trl)", python.display())
+        })?;
     if !output.status.success() {
         bail!("the TRL side failed:\n{}", String::from_utf8_lossy(&output.stderr));
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
     let last = stdout.lines().last().context("the TRL side printed nothing")?;
     let v: serde_json::Value = serde_json::from_str(last).with_context(|| format!("TRL side output {last:?}"))?;
-    let floats = |key: &str| -> Vec<f64> { v[key].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default() };
+    let floats = |key: &str| -> Vec<f64> {
+        v[key].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default()
+    };
     Ok(Row {
         system: format!("TRL {} GRPOTrainer (text only)", v["trl_version"].as_str().unwrap_or("?")),
         step_s: floats("step_s"),
@@ -240,7 +268,8 @@ fn main() -> Result<()> {
     let data = work.path().join("data");
     let synth = SynthConfig { image_size: 64, ..SynthConfig::new(40, 0) };
     synthesize(&data, &synth)?;
-    let samples: Vec<QaSample> = read_jsonl(&data.join("qa.jsonl"))?.into_iter().filter(|s| s.kind == QaKind::Disease).collect();
+    let samples: Vec<QaSample> =
+        read_jsonl(&data.join("qa.jsonl"))?.into_iter().filter(|s| s.kind == QaKind::Disease).collect();
     let checkpoint = match &a.checkpoint {
         Some(dir) => dir.clone(),
         None => fresh_checkpoint(&data, &samples, work.path())?,

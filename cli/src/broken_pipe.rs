@@ -35,11 +35,8 @@ pub fn is_broken_pipe_panic(payload: &(dyn Any + Send)) -> bool {
 
 /// Whether an error returned by a command is a write to a closed pipe.
 pub fn is_broken_pipe_error(err: &anyhow::Error) -> bool {
-    err.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-    })
+    err.chain()
+        .any(|cause| cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
 /// Runs a command: its error is printed as anyhow's `main` would; a closed output pipe, as an
@@ -64,13 +61,10 @@ mod tests {
     #[test]
     fn a_closed_pipe_is_recognised_as_error_and_as_panic() {
         let io = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
-        assert!(is_broken_pipe_error(
-            &anyhow::Error::new(io).context("printing the report")
-        ));
+        assert!(is_broken_pipe_error(&anyhow::Error::new(io).context("printing the report")));
         assert!(!is_broken_pipe_error(&anyhow::anyhow!("no such file")));
-        let payload: Box<dyn Any + Send> = Box::new(String::from(
-            "failed printing to stdout: Broken pipe (os error 32)",
-        ));
+        let payload: Box<dyn Any + Send> =
+            Box::new(String::from("failed printing to stdout: Broken pipe (os error 32)"));
         assert!(is_broken_pipe_panic(payload.as_ref()));
         let other: Box<dyn Any + Send> = Box::new("index out of bounds");
         assert!(!is_broken_pipe_panic(other.as_ref()));

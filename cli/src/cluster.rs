@@ -150,7 +150,11 @@ fn wait_for_listen_line(stdout: std::process::ChildStdout, log: &Path) -> anyhow
         }
     });
     rx.recv_timeout(Duration::from_secs(60)).map_err(|_| {
-        anyhow::anyhow!("the coordinator did not report its address within 60 s; see {}:\n{}", log.display(), tail(log, 15))
+        anyhow::anyhow!(
+            "the coordinator did not report its address within 60 s; see {}:\n{}",
+            log.display(),
+            tail(log, 15)
+        )
     })
 }
 

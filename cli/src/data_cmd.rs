@@ -112,7 +112,8 @@ pub fn run(args: &DataArgs) -> anyhow::Result<()> {
                 progress: !a.quiet,
             };
             let start = std::time::Instant::now();
-            let summary = synthesize(&a.out, &cfg).with_context(|| format!("writing the synthetic set to {}", a.out.display()))?;
+            let summary = synthesize(&a.out, &cfg)
+                .with_context(|| format!("writing the synthetic set to {}", a.out.display()))?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
             eprintln!("wrote {} samples to {} in {:.1?}", summary.samples, a.out.display(), start.elapsed());
         }

@@ -10,9 +10,9 @@ use crate::train_cmd::{run_stage, shutdown, StageJob};
 use anyhow::Context;
 use medtvt_data::synth::{synthesize, SynthConfig};
 use medtvt_eval::{DiagnosisReward, DiseaseVocabulary, EvalReport, NameMatching, RewardWeights};
-use std::collections::HashMap;
 use medtvt_learner::metrics_log::{self, MetricsRecord};
 use medtvt_proto::client;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -43,7 +43,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let data_dir = run_dir.join("data");
     println!("== medtvt demo: PT -> SFT -> GRPO of the tiny MedTVT-R1 on synthetic MedTVT-QA (CPU) ==");
     if run_dir.exists() {
-        std::fs::remove_dir_all(&run_dir).with_context(|| format!("clearing the previous demo in {}", run_dir.display()))?;
+        std::fs::remove_dir_all(&run_dir)
+            .with_context(|| format!("clearing the previous demo in {}", run_dir.display()))?;
     }
 
     println!("\n[1/5] synthesising {} encounters into {}", args.encounters, data_dir.display());
@@ -52,7 +53,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     println!("      {} QA samples written", summary.samples);
 
     println!("\n[2/5] starting a local cluster: coordinator, 2 learners, 2 rollout workers (separate processes)");
-    let shape = ClusterShape { learners: 2, rollout_workers: 2, run_dir: run_dir.clone(), job_roots: vec![run_dir.clone()] };
+    let shape =
+        ClusterShape { learners: 2, rollout_workers: 2, run_dir: run_dir.clone(), job_roots: vec![run_dir.clone()] };
     let mut cluster = LocalCluster::start(&shape)?;
     println!("      coordinator at {}, logs in {}", cluster.url, cluster.log_dir.display());
 
@@ -67,13 +69,23 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             let job = StageJob { label: (*label).to_string(), config_toml: (*toml).to_string(), overrides: vec![] };
             let outcome = run_stage(&mut c, &job, Some(&mut cluster)).await?;
             let stage_dir = run_dir.join(dir);
-            println!("      {label} trained in {:.0?}; evaluating {} on the test split", stage_started.elapsed(), stage_dir.join("final").display());
-            let report = tokio::task::block_in_place(|| evaluate(&eval_args(&stage_dir.join("final"), &data_dir, args.eval_samples)))?;
+            println!(
+                "      {label} trained in {:.0?}; evaluating {} on the test split",
+                stage_started.elapsed(),
+                stage_dir.join("final").display()
+            );
+            let report = tokio::task::block_in_place(|| {
+                evaluate(&eval_args(&stage_dir.join("final"), &data_dir, args.eval_samples))
+            })?;
             let log = stage_dir.join("metrics.jsonl");
             if log.is_file() {
                 combined.extend(metrics_log::read_all(&log)?);
             }
-            combined.push(MetricsRecord { stage: (*dir).to_string(), step: outcome.steps, values: report_metrics(&report) });
+            combined.push(MetricsRecord {
+                stage: (*dir).to_string(),
+                step: outcome.steps,
+                values: report_metrics(&report),
+            });
             rows.push((label, report));
         }
         shutdown(&mut c).await
@@ -128,14 +140,21 @@ fn eval_args(checkpoint: &Path, data: &Path, limit: usize) -> EvalArgs {
 
 /// Per-sample Jaccard of GRPO minus SFT over the disease samples both answered: the mean
 /// difference, its standard error (paired: the same samples on both sides) and the count.
-fn paired_jaccard_difference(sft: &EvalReport, grpo: &EvalReport, references: &[medtvt_data::QaSample]) -> (f64, f64, usize) {
-    let reward = DiagnosisReward::new(DiseaseVocabulary::paper_default(NameMatching::Synonyms), RewardWeights::default());
+fn paired_jaccard_difference(
+    sft: &EvalReport,
+    grpo: &EvalReport,
+    references: &[medtvt_data::QaSample],
+) -> (f64, f64, usize) {
+    let reward =
+        DiagnosisReward::new(DiseaseVocabulary::paper_default(NameMatching::Synonyms), RewardWeights::default());
     let by_id: HashMap<&str, &str> = references.iter().map(|s| (s.id.as_str(), s.answer.as_str())).collect();
     let jaccards = |r: &EvalReport| -> HashMap<String, f64> {
         r.answers
             .iter()
             .filter(|a| a.kind == "disease")
-            .filter_map(|a| by_id.get(a.id.as_str()).map(|reference| (a.id.clone(), reward.score(&a.answer, reference).jaccard)))
+            .filter_map(|a| {
+                by_id.get(a.id.as_str()).map(|reference| (a.id.clone(), reward.score(&a.answer, reference).jaccard))
+            })
             .collect()
     };
     let (s, g) = (jaccards(sft), jaccards(grpo));
@@ -158,7 +177,8 @@ fn mean_and_standard_error(values: &[f64]) -> (f64, f64) {
 /// The demo's one-line answer to "did GRPO beat SFT?": only a difference beyond two standard
 /// errors counts as a change.
 fn grpo_verdict(diff: f64, se: f64, n: usize) -> String {
-    let measured = format!("GRPO - SFT sample-wise Jaccard on {n} test samples: {diff:+.4} (paired standard error {se:.4})");
+    let measured =
+        format!("GRPO - SFT sample-wise Jaccard on {n} test samples: {diff:+.4} (paired standard error {se:.4})");
     if diff > 2.0 * se {
         format!("GRPO improved the sample-wise Jaccard over SFT. {measured}.")
     } else if diff < -2.0 * se {
@@ -170,7 +190,8 @@ fn grpo_verdict(diff: f64, se: f64, n: usize) -> String {
 
 /// One row per stage: the disease-level headline numbers and the text overlap.
 fn comparison_table(rows: &[(&str, EvalReport)]) -> String {
-    let mut out = String::from("| Stage | Jaccard | Macro F1 | Micro F1 | Exact set | Valid format | BLEU-4 | ROUGE-L |\n");
+    let mut out =
+        String::from("| Stage | Jaccard | Macro F1 | Micro F1 | Exact set | Valid format | BLEU-4 | ROUGE-L |\n");
     out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for (label, r) in rows {
         let d = r.disease.as_ref();

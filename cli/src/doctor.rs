@@ -52,24 +52,29 @@ fn print_text(r: &Report) {
         (Some(path), None) => println!("           loaded from {path} (version file not found beside it)"),
         (None, _) => println!("           could not find libtorch_cpu.so in this process's memory map"),
     }
-    println!(
-        "           {} intra-op threads, MKL {}",
-        t.intra_op_threads,
-        if t.mkl_available { "yes" } else { "no" }
-    );
+    println!("           {} intra-op threads, MKL {}", t.intra_op_threads, if t.mkl_available { "yes" } else { "no" });
     if t.cuda_available {
         println!("cuda       yes: {} GPU(s) visible, cuDNN {}", t.cuda_device_count, yes_no(t.cudnn_available));
     } else if !t.cuda_library_loaded {
-        println!("cuda       no: libtorch_cuda.so is not loaded (a CPU-only libtorch, or the binary was linked without it)");
+        println!(
+            "cuda       no: libtorch_cuda.so is not loaded (a CPU-only libtorch, or the binary was linked without it)"
+        );
     } else if !r.nccl.cuda_driver_loadable {
         println!("cuda       no: libtorch_cuda is loaded but no CUDA driver (libcuda) was found; training runs on CPU");
     } else {
         println!("cuda       no: the CUDA driver loads but no GPU is visible (check CUDA_VISIBLE_DEVICES)");
     }
     println!("nccl       {}", r.nccl.explain());
-    println!("collective {}", if t.cuda_available && r.nccl.nccl_loadable { "NCCL all-reduce" } else { "CPU all-reduce over TCP" });
+    println!(
+        "collective {}",
+        if t.cuda_available && r.nccl.nccl_loadable { "NCCL all-reduce" } else { "CPU all-reduce over TCP" }
+    );
 }
 
 fn yes_no(b: bool) -> &'static str {
-    if b { "yes" } else { "no" }
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
 }

@@ -9,8 +9,8 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use medtvt_data::{load_inputs, read_jsonl, LabPercentiles, QaKind, QaSample, Split};
 use medtvt_eval::{
-    AnswerRecord, DiagnosisReward, DiseaseEvaluator, DiseaseVocabulary, EvalReport, ModalityGates, NameMatching, RewardWeights,
-    TextEvaluator,
+    AnswerRecord, DiagnosisReward, DiseaseEvaluator, DiseaseVocabulary, EvalReport, ModalityGates, NameMatching,
+    RewardWeights, TextEvaluator,
 };
 use medtvt_model::perception::SampleGates;
 use medtvt_model::{MedTvt, SamplingParams};
@@ -79,8 +79,14 @@ pub fn evaluate(args: &EvalArgs) -> anyhow::Result<EvalReport> {
     let qa = args.data.join("qa.jsonl");
     let samples = read_jsonl(&qa)?;
     let percentiles = LabPercentiles::load(&args.data.join("lab_percentiles.json"))?;
-    let names: Vec<String> = samples.iter().flat_map(|s| s.labels.iter().cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-    let names = if names.is_empty() { medtvt_eval::PAPER_DISEASES.iter().map(|s| s.to_string()).collect() } else { names };
+    let names: Vec<String> = samples
+        .iter()
+        .flat_map(|s| s.labels.iter().cloned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let names =
+        if names.is_empty() { medtvt_eval::PAPER_DISEASES.iter().map(|s| s.to_string()).collect() } else { names };
     let matching = if args.exact { NameMatching::Exact } else { NameMatching::Synonyms };
     let vocabulary = DiseaseVocabulary::from_names(&names, matching)?;
     let reward = DiagnosisReward::new(vocabulary, RewardWeights::default());
@@ -133,7 +139,10 @@ fn generate_answers(
     kind: QaKind,
 ) -> anyhow::Result<Vec<(String, SampleGates)>> {
     let bar = ProgressBar::new(samples.len() as u64).with_message(format!("eval {kind}"));
-    bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar.set_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     if bar.is_hidden() {
         println!("evaluating {} {kind} samples", samples.len());
     }

@@ -2,8 +2,8 @@
 //! this command sets up telemetry, builds the process's one tokio runtime and runs the learner.
 
 use anyhow::Context;
-use medtvt_model::policy::medtvt::MedTvtPolicy;
 use medtvt_learner::process::LearnerArgs;
+use medtvt_model::policy::medtvt::MedTvtPolicy;
 use medtvt_telemetry::TelemetryConfig;
 
 pub fn run(args: LearnerArgs) -> anyhow::Result<()> {
@@ -14,7 +14,8 @@ pub fn run(args: LearnerArgs) -> anyhow::Result<()> {
         telemetry = telemetry.with_otlp_endpoint(endpoint.clone());
     }
     let guard = medtvt_telemetry::init(telemetry).context("setting up telemetry")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
     let result = runtime.block_on(medtvt_learner::process::run::<MedTvtPolicy>(args));
     runtime.block_on(guard.shutdown()).context("flushing telemetry")?;
     result.context("learner")

@@ -7,12 +7,12 @@ mod coordinator_cmd;
 mod data_cmd;
 mod demo;
 mod doctor;
-mod learner_cmd;
 mod eval_cmd;
+mod learner_cmd;
 mod plot;
-mod worker_cmd;
 mod status_cmd;
 mod train_cmd;
+mod worker_cmd;
 
 use clap::{Parser, Subcommand};
 

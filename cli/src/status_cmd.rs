@@ -19,10 +19,8 @@ pub struct StatusArgs {
 }
 
 pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let token = args.auth_token_file.as_deref().map(client::read_token_file).transpose()?;
         let options = ConnectOptions { attempts: 3, ..ConnectOptions::default() };

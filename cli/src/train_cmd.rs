@@ -107,7 +107,11 @@ pub async fn shutdown(c: &mut Client) -> anyhow::Result<()> {
 
 /// Submits one job and waits for it, with a progress bar over its steps. `cluster`, when local,
 /// is checked for crashed processes while waiting.
-pub async fn run_stage(c: &mut Client, job: &StageJob, mut cluster: Option<&mut LocalCluster>) -> anyhow::Result<StageOutcome> {
+pub async fn run_stage(
+    c: &mut Client,
+    job: &StageJob,
+    mut cluster: Option<&mut LocalCluster>,
+) -> anyhow::Result<StageOutcome> {
     let job_id = c
         .submit_job(SubmitJobRequest { config_toml: job.config_toml.clone(), overrides: job.overrides.clone() })
         .await
@@ -177,7 +181,9 @@ mod tests {
         ];
         let files = vec![PathBuf::from("pt.toml"), PathBuf::from("sft.toml"), PathBuf::from("bad.toml")];
         let paths: Vec<String> = named_paths(&jobs, &files).iter().map(|p| p.display().to_string()).collect();
-        assert_eq!(paths, ["/models/ecg.safetensors", "/srv/data", "/srv/runs/pt", "/srv/runs/pt/final", "/srv/runs/sft"]);
+        assert_eq!(
+            paths,
+            ["/models/ecg.safetensors", "/srv/data", "/srv/runs/pt", "/srv/runs/pt/final", "/srv/runs/sft"]
+        );
     }
 }
-

@@ -16,7 +16,8 @@ pub fn run(args: RolloutWorkerArgs) -> anyhow::Result<()> {
         telemetry = telemetry.with_otlp_endpoint(endpoint.clone());
     }
     let guard = medtvt_telemetry::init(telemetry).context("setting up telemetry")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
     let result = runtime.block_on(medtvt_rollout_worker::run::<MedTvtPolicy>(args));
     runtime.block_on(guard.shutdown()).context("flushing telemetry")?;
     result.context("rollout worker")

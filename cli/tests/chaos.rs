@@ -38,12 +38,22 @@ fn scenario(fault: &str, expected: &str, body: impl FnOnce() -> String) {
     let (observed, verdict) = match &outcome {
         Ok(observed) => (observed.clone(), "pass"),
         Err(panic) => {
-            let text = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            let text = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
             (format!("FAILED: {}", text.lines().next().unwrap_or("panic")), "fail")
         }
     };
     let cell = |s: &str| s.replace('|', "/").replace('\n', " ");
-    let row = format!("| {} | {} | {} ({:.0} s) | {verdict} |", cell(fault), cell(expected), cell(&observed), started.elapsed().as_secs_f64());
+    let row = format!(
+        "| {} | {} | {} ({:.0} s) | {verdict} |",
+        cell(fault),
+        cell(expected),
+        cell(&observed),
+        started.elapsed().as_secs_f64()
+    );
     println!("{row}");
     if let Some(path) = std::env::var_os("MEDTVT_CHAOS_REPORT") {
         let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
@@ -62,7 +72,16 @@ fn one_learner(lease_timeout_s: f64) -> String {
 /// A from-scratch tiny MedTVT saved as a checkpoint, built in this process: the policy a GRPO
 /// job starts from, without running PT and SFT jobs first.
 fn initial_checkpoint(root: &Path, data: &Path) -> PathBuf {
-    let path = config_with_cluster(root, "init", "pt", data, None, "steps = 1\nbatch_size = 4\nlearning_rate = 0.001\n", &one_learner(60.0), "");
+    let path = config_with_cluster(
+        root,
+        "init",
+        "pt",
+        data,
+        None,
+        "steps = 1\nbatch_size = 4\nlearning_rate = 0.001\n",
+        &one_learner(60.0),
+        "",
+    );
     let cfg = medtvt_config::load_run_config(&path, &[]).unwrap();
     let samples = medtvt_data::read_jsonl(&data.join("qa.jsonl")).unwrap();
     let texts: Vec<String> = samples.into_iter().flat_map(|s| [s.question, s.answer]).collect();
@@ -76,8 +95,17 @@ fn initial_checkpoint(root: &Path, data: &Path) -> PathBuf {
 }
 
 /// A GRPO job for one learner: 2 prompts x 2 completions per step, no reference model.
-fn grpo_config(root: &Path, data: &Path, checkpoint: &Path, steps: u64, checkpoint_every: u64, lease_timeout_s: f64) -> PathBuf {
-    let train = format!("steps = {steps}\nlearning_rate = 0.001\ngrad_accumulation = 1\ncheckpoint_every = {checkpoint_every}\n");
+fn grpo_config(
+    root: &Path,
+    data: &Path,
+    checkpoint: &Path,
+    steps: u64,
+    checkpoint_every: u64,
+    lease_timeout_s: f64,
+) -> PathBuf {
+    let train = format!(
+        "steps = {steps}\nlearning_rate = 0.001\ngrad_accumulation = 1\ncheckpoint_every = {checkpoint_every}\n"
+    );
     let grpo = "\n[grpo]\ngroup_size = 2\nprompts_per_step = 2\nmax_new_tokens = 8\nbeta = 0.0\nmax_staleness = 2\n";
     config_with_cluster(root, "grpo", "grpo", data, Some(checkpoint), &train, &one_learner(lease_timeout_s), grpo)
 }
@@ -106,7 +134,9 @@ fn a_killed_rollout_worker_loses_no_prompt() {
             let _learner = learner(&url, 0, 1, root);
             let victim = worker(&url, "worker-a", root);
             let every = Duration::from_millis(20);
-            let held = wait_for_every(&rt, &url, 1, root, Duration::from_secs(120), every, |s| s.leased_prompts_outstanding > 0);
+            let held = wait_for_every(&rt, &url, 1, root, Duration::from_secs(120), every, |s| {
+                s.leased_prompts_outstanding > 0
+            });
             victim.kill();
             // Nobody works on the job until the lease expires and a second worker joins.
             wait_for(&rt, &url, 1, root, Duration::from_secs(30), |s| s.leases_expired >= 1);
@@ -149,7 +179,10 @@ fn a_killed_learner_resumes_and_trains_exactly_the_planned_steps() {
             let _second = learner(&url, 0, 1, &again);
             let status = wait_for(&rt, &url, 1, &again, Duration::from_secs(180), succeeded);
             let log = read(&again.join("learner-0.log"));
-            assert!(log.contains("resumed from checkpoint") && log.contains(&format!("step-{resume_from:08}")), "{log}");
+            assert!(
+                log.contains("resumed from checkpoint") && log.contains(&format!("step-{resume_from:08}")),
+                "{log}"
+            );
             let last = trainer_state(&medtvt_learner::checkpoint::step_dir(&checkpoints, steps));
             assert_eq!((status.step, last.step, last.adam_steps), (steps, steps, steps), "{status:#?}");
             assert_eq!(status.groups_trained, steps * 2);
@@ -238,14 +271,18 @@ fn a_worker_with_a_wrong_token_is_refused() {
             let rt = runtime();
             let deadline = Instant::now() + Duration::from_secs(60);
             let names = loop {
-                let names: Vec<String> = run_status(&rt, &url, Some("chaos-secret-1")).workers.into_iter().map(|w| w.name).collect();
+                let names: Vec<String> =
+                    run_status(&rt, &url, Some("chaos-secret-1")).workers.into_iter().map(|w| w.name).collect();
                 if !names.is_empty() || Instant::now() > deadline {
                     break names;
                 }
                 std::thread::sleep(Duration::from_millis(100));
             };
             assert_eq!(names, ["member"]);
-            format!("intruder exited with code {} saying it was refused (UNAUTHENTICATED); workers known: {names:?}", exit.code().unwrap_or(-1))
+            format!(
+                "intruder exited with code {} saying it was refused (UNAUTHENTICATED); workers known: {names:?}",
+                exit.code().unwrap_or(-1)
+            )
         },
     );
 }
@@ -260,7 +297,9 @@ fn a_corrupt_checkpoint_is_detected_and_the_previous_one_used() {
             let root = tmp.path();
             let data = dataset(root);
             let steps = 8;
-            let train = format!("steps = {steps}\nbatch_size = 4\nlearning_rate = 0.003\nwarmup_steps = 0\ncheckpoint_every = 2\n");
+            let train = format!(
+                "steps = {steps}\nbatch_size = 4\nlearning_rate = 0.003\nwarmup_steps = 0\ncheckpoint_every = 2\n"
+            );
             let cfg = config_with_cluster(root, "pt", "pt", &data, None, &train, &one_learner(60.0), "");
             let rt = runtime();
             let (_coordinator, url) = start_coordinator(root, &[&cfg]);
@@ -284,7 +323,10 @@ fn a_corrupt_checkpoint_is_detected_and_the_previous_one_used() {
             let _second = learner(&url, 0, 1, &again);
             let status = wait_for(&rt, &url, 1, &again, Duration::from_secs(150), succeeded);
             let log = read(&again.join("learner-0.log"));
-            assert!(log.contains("skipping an unusable checkpoint") && log.contains("weights.safetensors is corrupt"), "{log}");
+            assert!(
+                log.contains("skipping an unusable checkpoint") && log.contains("weights.safetensors is corrupt"),
+                "{log}"
+            );
             assert!(log.contains(&format!("step-{previous:08}")) && log.contains("resumed from checkpoint"), "{log}");
             let last = trainer_state(&medtvt_learner::checkpoint::step_dir(&checkpoints, steps));
             assert_eq!((status.step, last.step), (steps, steps));

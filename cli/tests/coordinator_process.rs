@@ -50,7 +50,8 @@ fn coordinator_process_announces_serves_and_stops_on_sigterm() {
     let mut stdout = BufReader::new(guard.0.stdout.take().unwrap());
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("coordinator listening on ").unwrap_or_else(|| panic!("unexpected line {line:?}"));
+    let addr =
+        line.trim().strip_prefix("coordinator listening on ").unwrap_or_else(|| panic!("unexpected line {line:?}"));
     assert!(!addr.ends_with(":0"), "the real port is printed: {addr}");
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

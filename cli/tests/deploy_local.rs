@@ -111,7 +111,8 @@ fn cpu_demo_overlay_processes_start_and_connect() {
     let mut expected_learners = 0;
     let mut coordinator_stdout = None;
     for pod in &pods {
-        let argv: Vec<String> = pod["argv"].as_array().expect("argv").iter().map(|a| a.as_str().expect("string arg").to_string()).collect();
+        let argv: Vec<String> =
+            pod["argv"].as_array().expect("argv").iter().map(|a| a.as_str().expect("string arg").to_string()).collect();
         let env = pod["env"].as_object().expect("env");
         // render.py maps absolute paths under the pods' mounts (e.g. /tmp), so the binary is
         // substituted here rather than passed with --binary.

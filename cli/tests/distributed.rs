@@ -61,7 +61,12 @@ fn grpo_job_trains_every_group_once_and_a_late_worker_gets_work() {
     let grpo_text = grpo_config_text(root, &data, &root.join("pt").join("final"), steps);
     let job_id = rt.block_on(async {
         let mut client = medtvt_proto::client::connect(&url, None).await.unwrap();
-        client.submit_job(SubmitJobRequest { config_toml: grpo_text.clone(), overrides: vec![] }).await.unwrap().into_inner().job_id
+        client
+            .submit_job(SubmitJobRequest { config_toml: grpo_text.clone(), overrides: vec![] })
+            .await
+            .unwrap()
+            .into_inner()
+            .job_id
     });
     wait_for(&rt, &url, job_id, root, Duration::from_secs(120), |s| s.step >= 1);
     // (c) A second worker joins mid-run.

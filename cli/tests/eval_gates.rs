@@ -62,7 +62,10 @@ fn eval_json_carries_each_answers_cao_gates_and_markdown_their_means() {
     let answers = report["answers"].as_array().unwrap();
     let expected = |kind| samples.iter().filter(|s| s.split == Split::Train && s.kind == kind).count().min(3);
     assert_eq!(answers.len(), expected(medtvt_data::QaKind::Disease) + expected(medtvt_data::QaKind::Physiological));
-    assert!(answers.iter().any(|a| a["id"] == samples[first_train].id.as_str()), "the sample without X-ray was evaluated");
+    assert!(
+        answers.iter().any(|a| a["id"] == samples[first_train].id.as_str()),
+        "the sample without X-ray was evaluated"
+    );
     let mut present = [0u64; 3];
     for answer in answers {
         let sample = by_id[answer["id"].as_str().unwrap()];

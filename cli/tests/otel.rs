@@ -11,7 +11,9 @@
 //! - the coordinator's pipeline gauges and the learner's step metrics.
 
 use medtvt_proto::v1::{JobState, ShutdownRequest, StatusRequest, SubmitJobRequest};
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{MetricsService, MetricsServiceServer};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
 use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
@@ -37,7 +39,10 @@ struct Received {
 
 #[tonic::async_trait]
 impl TraceService for Received {
-    async fn export(&self, request: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         self.traces.lock().unwrap().push(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
@@ -45,7 +50,10 @@ impl TraceService for Received {
 
 #[tonic::async_trait]
 impl MetricsService for Received {
-    async fn export(&self, request: tonic::Request<ExportMetricsServiceRequest>) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
         self.metrics.lock().unwrap().push(request.into_inner());
         Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
     }
@@ -120,7 +128,16 @@ fn summary<'a>(spans: impl IntoIterator<Item = &'a ReceivedSpan>) -> String {
     let hex = |bytes: &[u8]| bytes.iter().take(4).map(|b| format!("{b:02x}")).collect::<String>();
     spans
         .into_iter()
-        .map(|s| format!("{} {} trace {} span {} parent {}\n", s.service, s.name, hex(&s.trace_id), hex(&s.span_id), hex(&s.parent_span_id)))
+        .map(|s| {
+            format!(
+                "{} {} trace {} span {} parent {}\n",
+                s.service,
+                s.name,
+                hex(&s.trace_id),
+                hex(&s.span_id),
+                hex(&s.parent_span_id)
+            )
+        })
         .collect()
 }
 
@@ -148,7 +165,19 @@ fn medtvt(args: &[&str], log: &Path) -> Command {
 fn coordinator(dir: &Path, config: &Path, otlp: &str) -> (Role, String) {
     let (config, run_dir) = (config.display().to_string(), dir.join("coordinator").display().to_string());
     let root = dir.display().to_string();
-    let args = ["coordinator", "--config", &config, "--listen", "127.0.0.1:0", "--run-dir", &run_dir, "--job-root", &root, "--otlp-endpoint", otlp];
+    let args = [
+        "coordinator",
+        "--config",
+        &config,
+        "--listen",
+        "127.0.0.1:0",
+        "--run-dir",
+        &run_dir,
+        "--job-root",
+        &root,
+        "--otlp-endpoint",
+        otlp,
+    ];
     let mut child = medtvt(&args, &dir.join("coordinator.log")).stdout(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let role = Role { name: "coordinator", child };
@@ -163,13 +192,40 @@ fn coordinator(dir: &Path, config: &Path, otlp: &str) -> (Role, String) {
 }
 
 fn learner(dir: &Path, url: &str, otlp: &str) -> Role {
-    let args = ["learner", "--coordinator", url, "--rank", "0", "--world-size", "1", "--device", "cpu", "--otlp-endpoint", otlp];
+    let args = [
+        "learner",
+        "--coordinator",
+        url,
+        "--rank",
+        "0",
+        "--world-size",
+        "1",
+        "--device",
+        "cpu",
+        "--otlp-endpoint",
+        otlp,
+    ];
     Role { name: "learner", child: medtvt(&args, &dir.join("learner.log")).stdout(Stdio::null()).spawn().unwrap() }
 }
 
 fn worker(dir: &Path, url: &str, otlp: &str) -> Role {
-    let args = ["rollout-worker", "--coordinator", url, "--device", "cpu", "--name", "otel-worker", "--max-prompts", "2", "--otlp-endpoint", otlp];
-    Role { name: "rollout-worker", child: medtvt(&args, &dir.join("worker.log")).stdout(Stdio::null()).spawn().unwrap() }
+    let args = [
+        "rollout-worker",
+        "--coordinator",
+        url,
+        "--device",
+        "cpu",
+        "--name",
+        "otel-worker",
+        "--max-prompts",
+        "2",
+        "--otlp-endpoint",
+        otlp,
+    ];
+    Role {
+        name: "rollout-worker",
+        child: medtvt(&args, &dir.join("worker.log")).stdout(Stdio::null()).spawn().unwrap(),
+    }
 }
 
 fn logs(dir: &Path) -> String {
@@ -259,7 +315,8 @@ fn one_grpo_step_is_one_trace_across_worker_coordinator_and_learner() {
     wait_succeeded(&rt, &url, 1, dir, Duration::from_secs(60));
 
     // The GRPO job starts from the PT output, which exists only now: 1 step of 2 groups of 2.
-    let grpo_keys = "learning_rate = 0.001\n\n[grpo]\ngroup_size = 2\nprompts_per_step = 2\nmax_new_tokens = 6\nbeta = 0.0\n";
+    let grpo_keys =
+        "learning_rate = 0.001\n\n[grpo]\ngroup_size = 2\nprompts_per_step = 2\nmax_new_tokens = 6\nbeta = 0.0\n";
     let grpo = config(dir, "grpo", &data, Some(&dir.join("pt").join("final")), grpo_keys);
     let config_toml = std::fs::read_to_string(grpo).unwrap();
     let job_id = rt.block_on(async {
@@ -279,7 +336,8 @@ fn one_grpo_step_is_one_trace_across_worker_coordinator_and_learner() {
     let in_trace = |trace_id: &[u8]| spans.iter().filter(|s| s.trace_id == trace_id).collect::<Vec<_>>();
     let found = spans.iter().filter(|s| s.service == WORKER && s.name == "rollout").find_map(|root| {
         let trace = in_trace(&root.trace_id);
-        let submit = *trace.iter().find(|s| s.service == COORDINATOR && s.name == "medtvt.v1.Coordinator/SubmitGroups")?;
+        let submit =
+            *trace.iter().find(|s| s.service == COORDINATOR && s.name == "medtvt.v1.Coordinator/SubmitGroups")?;
         let group = *trace.iter().find(|s| s.service == LEARNER && s.name == "train_group")?;
         Some((root, trace, submit, group))
     });
@@ -295,10 +353,15 @@ fn one_grpo_step_is_one_trace_across_worker_coordinator_and_learner() {
         assert!(linked, "{span:?} has a parent outside its trace:\n{}", summary(trace.iter().copied()));
     }
     // The learner's step: its own trace, linked both ways with the group's.
-    let step = spans.iter().find(|s| s.service == LEARNER && s.name == "train_step" && group.links.contains(&s.span_id));
+    let step =
+        spans.iter().find(|s| s.service == LEARNER && s.name == "train_step" && group.links.contains(&s.span_id));
     let Some(step) = step else { panic!("train_group is not linked to a train_step span:\n{}", summary(&spans)) };
     assert!(step.links.contains(&root.span_id), "the train_step span links to the rollout span");
-    let pulled = spans.iter().any(|s| s.service == COORDINATOR && s.name == "medtvt.v1.Coordinator/PullTrainingBatch" && s.parent_span_id == step.span_id);
+    let pulled = spans.iter().any(|s| {
+        s.service == COORDINATOR
+            && s.name == "medtvt.v1.Coordinator/PullTrainingBatch"
+            && s.parent_span_id == step.span_id
+    });
     assert!(pulled, "no PullTrainingBatch span is a child of the train_step span:\n{}", summary(&spans));
 
     let metrics = metric_names(&received);
@@ -309,6 +372,9 @@ fn one_grpo_step_is_one_trace_across_worker_coordinator_and_learner() {
         (COORDINATOR, "medtvt.policy.lag"),
         (LEARNER, "medtvt.train.loss"),
     ] {
-        assert!(metrics.contains(&(service.to_string(), name.to_string())), "{service} exported no {name}: {metrics:?}");
+        assert!(
+            metrics.contains(&(service.to_string(), name.to_string())),
+            "{service} exported no {name}: {metrics:?}"
+        );
     }
 }

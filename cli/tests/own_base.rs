@@ -84,7 +84,8 @@ fn pt_sft_and_grpo_run_on_a_real_hf_base() {
     let supervised = "steps = 2\nbatch_size = 2\nlearning_rate = 0.001\nwarmup_steps = 0\ncheckpoint_every = 2\n";
     let pt = stage_config(root, "pt", &data, &fixture(), supervised, "");
     let sft = stage_config(root, "sft", &data, &root.join("pt/final"), supervised, "");
-    let grpo_table = "\n[grpo]\ngroup_size = 2\nprompts_per_step = 2\nmax_new_tokens = 8\nbeta = 0.04\nmax_staleness = 2\n";
+    let grpo_table =
+        "\n[grpo]\ngroup_size = 2\nprompts_per_step = 2\nmax_new_tokens = 8\nbeta = 0.04\nmax_staleness = 2\n";
     let grpo_train = "steps = 2\nlearning_rate = 0.001\nwarmup_steps = 0\ncheckpoint_every = 2\n";
     let grpo = stage_config(root, "grpo", &data, &root.join("sft/final"), grpo_train, grpo_table);
 
@@ -100,7 +101,8 @@ fn pt_sft_and_grpo_run_on_a_real_hf_base() {
     let mut train = Proc { name: "medtvt train".into(), child };
     let status = train.wait_exit(Duration::from_secs(600));
     let logs_dir = root.join("logs");
-    let report = || format!("{}\n{}", std::fs::read_to_string(root.join("train.log")).unwrap_or_default(), logs(&logs_dir));
+    let report =
+        || format!("{}\n{}", std::fs::read_to_string(root.join("train.log")).unwrap_or_default(), logs(&logs_dir));
     assert!(status.success(), "medtvt train failed:\n{}", report());
 
     for stage in ["pt", "sft", "grpo"] {
@@ -116,12 +118,14 @@ fn pt_sft_and_grpo_run_on_a_real_hf_base() {
 
     // The final checkpoint keeps the base's template and EOS ids.
     let fin = root.join("grpo/final");
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fin.join("tokenizer_config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fin.join("tokenizer_config.json")).unwrap()).unwrap();
     let base: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture().join("tokenizer_config.json")).unwrap()).unwrap();
     assert_eq!(config["chat_template"], base["chat_template"]);
     let model = MedTvt::load(&fin, tch::Device::Cpu, tch::Kind::Float).unwrap();
-    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("expected.json")).unwrap()).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("expected.json")).unwrap()).unwrap();
     let eos: Vec<i64> = serde_json::from_value(expected["eos_ids"].clone()).unwrap();
     assert_eq!(model.eos_token_ids(), eos.as_slice());
     let vocab = expected["vocab_size"].as_i64().unwrap() + 3;
@@ -130,7 +134,10 @@ fn pt_sft_and_grpo_run_on_a_real_hf_base() {
     let Some(python) = peers::venv_python_with("transformers") else { return };
     let prompt = model.prompt_text("<ecg> <cxr> <lab> Which diseases?").unwrap();
     let ids = model.tokenizer().encode(&prompt, false).unwrap();
-    let reply = Command::new(&python).args(["-c", READ_BACK, &fin.display().to_string(), &format!("{ids:?}")]).output().unwrap();
+    let reply = Command::new(&python)
+        .args(["-c", READ_BACK, &fin.display().to_string(), &format!("{ids:?}")])
+        .output()
+        .unwrap();
     assert!(reply.status.success(), "transformers failed: {}", String::from_utf8_lossy(&reply.stderr));
     let reply: serde_json::Value = serde_json::from_slice(&reply.stdout).unwrap();
     assert_eq!(reply["vocab"].as_i64(), Some(vocab));

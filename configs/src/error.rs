@@ -16,16 +16,8 @@ pub enum ConfigError {
 
 impl ConfigError {
     pub(crate) fn parse(file: &std::path::Path, text: &str, err: &toml::de::Error) -> Self {
-        let (line, column) = err
-            .span()
-            .map(|span| line_column(text, span.start))
-            .unwrap_or((0, 0));
-        ConfigError::Parse {
-            file: file.to_path_buf(),
-            line,
-            column,
-            message: err.message().to_string(),
-        }
+        let (line, column) = err.span().map(|span| line_column(text, span.start)).unwrap_or((0, 0));
+        ConfigError::Parse { file: file.to_path_buf(), line, column, message: err.message().to_string() }
     }
 
     pub(crate) fn invalid(file: &std::path::Path, key: &str, problem: impl Into<String>) -> Self {

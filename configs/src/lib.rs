@@ -17,10 +17,8 @@ use std::path::Path;
 
 /// Reads, overrides, types and validates a run config.
 pub fn load_run_config(path: &Path, overrides: &[String]) -> Result<RunConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        file: path.to_path_buf(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_path_buf(), source })?;
     parse_run_config(&text, path, overrides)
 }
 
@@ -155,7 +153,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let weights = tmp.path().join("ecg.safetensors");
         std::fs::write(&weights, b"not checked here").unwrap();
-        let with = |key: &str, path: &Path| MINIMAL.replace("[model]\n", &format!("[model]\n{key} = \"{}\"\n", path.display()));
+        let with = |key: &str, path: &Path| {
+            MINIMAL.replace("[model]\n", &format!("[model]\n{key} = \"{}\"\n", path.display()))
+        };
         let cfg = load_text(&with("ecg_encoder_weights", &weights)).unwrap();
         assert_eq!(cfg.model.encoder_weights(), vec![("model.ecg_encoder_weights", weights.as_path())]);
         let missing = tmp.path().join("cxr.safetensors");
@@ -181,22 +181,35 @@ mod tests {
     #[test]
     fn grpo_mismatch_options_and_answer_limit_are_validated() {
         let grpo = |extra: &str| {
-            format!("{MINIMAL}\n[grpo]\ngroup_size = 2\nprompts_per_step = 1\nmax_new_tokens = 4\n{extra}\n").replace("\"sft\"", "\"grpo\"")
+            format!("{MINIMAL}\n[grpo]\ngroup_size = 2\nprompts_per_step = 1\nmax_new_tokens = 4\n{extra}\n")
+                .replace("\"sft\"", "\"grpo\"")
         };
         let cfg = load_text(&grpo("")).unwrap();
         let g = cfg.grpo.unwrap();
-        assert_eq!((g.old_logprobs, g.importance_sampling, g.dual_clip), (OldLogprobs::Sampler, ImportanceSampling::None, None));
+        assert_eq!(
+            (g.old_logprobs, g.importance_sampling, g.dual_clip),
+            (OldLogprobs::Sampler, ImportanceSampling::None, None)
+        );
         assert_eq!((g.importance_sampling_cap, cfg.data.max_answer_tokens), (3.0, 600));
         let cfg = load_text(&grpo("old_logprobs = \"learner\"\nimportance_sampling = \"mask\"\nimportance_sampling_cap = 3.0\ndual_clip = 3.0")).unwrap();
         let g = cfg.grpo.unwrap();
-        assert_eq!((g.old_logprobs, g.importance_sampling, g.dual_clip), (OldLogprobs::Learner, ImportanceSampling::Mask, Some(3.0)));
+        assert_eq!(
+            (g.old_logprobs, g.importance_sampling, g.dual_clip),
+            (OldLogprobs::Learner, ImportanceSampling::Mask, Some(3.0))
+        );
         let err = load_text(&grpo("importance_sampling = \"truncate\"")).unwrap_err().to_string();
         assert!(err.contains("`grpo.importance_sampling` needs grpo.old_logprobs = \"learner\""), "{err}");
         let err = load_text(&grpo("dual_clip = 1.0")).unwrap_err().to_string();
         assert!(err.contains("`grpo.dual_clip` must be a finite number > 1"), "{err}");
-        let err = load_text(&grpo("old_logprobs = \"learner\"\nimportance_sampling = \"truncate\"\nimportance_sampling_cap = 0.5")).unwrap_err().to_string();
+        let err = load_text(&grpo(
+            "old_logprobs = \"learner\"\nimportance_sampling = \"truncate\"\nimportance_sampling_cap = 0.5",
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("`grpo.importance_sampling_cap`"), "{err}");
-        let err = load_text(&MINIMAL.replace("dir = \"DIR\"", "dir = \"DIR\"\nmax_answer_tokens = 0")).unwrap_err().to_string();
+        let err = load_text(&MINIMAL.replace("dir = \"DIR\"", "dir = \"DIR\"\nmax_answer_tokens = 0"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`data.max_answer_tokens` must be at least 1"), "{err}");
     }
 

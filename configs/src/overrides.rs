@@ -12,12 +12,8 @@ pub(crate) fn apply(root: &mut toml::Table, spec: &str) -> Result<(), String> {
     let (last, parents) = path.split_last().ok_or("empty key")?;
     let mut table = root;
     for part in parents {
-        let entry = table
-            .entry(part.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry
-            .as_table_mut()
-            .ok_or_else(|| format!("`{part}` is not a table"))?;
+        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().ok_or_else(|| format!("`{part}` is not a table"))?;
     }
     table.insert(last.to_string(), value);
     Ok(())

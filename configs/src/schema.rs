@@ -483,13 +483,22 @@ impl TinyModel {
             }
         }
         if !self.hidden_size.is_multiple_of(self.num_heads) {
-            return bad("model.tiny.hidden_size", format!("{} is not divisible by num_heads {}", self.hidden_size, self.num_heads));
+            return bad(
+                "model.tiny.hidden_size",
+                format!("{} is not divisible by num_heads {}", self.hidden_size, self.num_heads),
+            );
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
-            return bad("model.tiny.num_heads", format!("{} is not divisible by num_kv_heads {}", self.num_heads, self.num_kv_heads));
+            return bad(
+                "model.tiny.num_heads",
+                format!("{} is not divisible by num_kv_heads {}", self.num_heads, self.num_kv_heads),
+            );
         }
         if !self.image_size.is_multiple_of(self.vit_patch_size) {
-            return bad("model.tiny.image_size", format!("{} is not divisible by vit_patch_size {}", self.image_size, self.vit_patch_size));
+            return bad(
+                "model.tiny.image_size",
+                format!("{} is not divisible by vit_patch_size {}", self.image_size, self.vit_patch_size),
+            );
         }
         Ok(())
     }
@@ -552,7 +561,10 @@ impl GrpoSection {
         }
         if let Some(c) = self.dual_clip {
             if !(c > 1.0 && c.is_finite()) {
-                return bad("grpo.dual_clip", "must be a finite number > 1 (it caps a negative advantage's loss at c * |A|)");
+                return bad(
+                    "grpo.dual_clip",
+                    "must be a finite number > 1 (it caps a negative advantage's loss at c * |A|)",
+                );
             }
         }
         if !(self.importance_sampling_cap > 1.0 && self.importance_sampling_cap.is_finite()) {

@@ -59,9 +59,11 @@ pub struct CoordinatorArgs {
 /// `medtvt coordinator` are this call.
 pub fn run_process(args: CoordinatorArgs) -> anyhow::Result<()> {
     use anyhow::Context;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let mut telemetry = medtvt_telemetry::TelemetryConfig::new("medtvt-coordinator").with_attribute("medtvt.role", "coordinator");
+        let mut telemetry =
+            medtvt_telemetry::TelemetryConfig::new("medtvt-coordinator").with_attribute("medtvt.role", "coordinator");
         telemetry.otlp_endpoint = args.otlp_endpoint.clone();
         let guard = medtvt_telemetry::init(telemetry).context("setting up logging and OpenTelemetry")?;
         let result = run(args).await;
@@ -101,7 +103,10 @@ pub async fn run_until(
     let coordinator = Coordinator::bind(args.listen, options).await?;
     let configs = if coordinator.resumed() {
         if !args.configs.is_empty() {
-            tracing::info!(configs = args.configs.len(), "resuming a recorded run: --config files are not submitted again");
+            tracing::info!(
+                configs = args.configs.len(),
+                "resuming a recorded run: --config files are not submitted again"
+            );
         }
         &[][..]
     } else {
@@ -179,7 +184,8 @@ mod tests {
 
     #[test]
     fn flags_parse_with_defaults() {
-        let cli = Cli::try_parse_from(["medtvt", "--config", "a.toml", "--config", "b.toml", "--set", "train.steps=2"]).unwrap();
+        let cli = Cli::try_parse_from(["medtvt", "--config", "a.toml", "--config", "b.toml", "--set", "train.steps=2"])
+            .unwrap();
         assert_eq!(cli.args.configs, vec![PathBuf::from("a.toml"), PathBuf::from("b.toml")]);
         assert_eq!(cli.args.overrides, vec!["train.steps=2".to_string()]);
         assert_eq!(cli.args.listen, "127.0.0.1:50051".parse::<SocketAddr>().unwrap());

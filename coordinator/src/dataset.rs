@@ -79,9 +79,13 @@ pub fn load_samples(dir: &Path, stage: Stage, strict: bool) -> Result<JobSamples
     let path = dir.join(QA_FILE);
     let mut out = JobSamples::default();
     for (line, raw) in select_lines(&path, stage)? {
-        let refs: FileRefs = serde_json::from_slice(&raw)
-            .map_err(|e| DatasetError::BadLine { path: path.clone(), line, problem: format!("modality file fields: {e}") })?;
-        let files = medtvt_data::ModalityFiles { ecg: refs.ecg.as_deref(), cxr: refs.cxr.as_deref(), lab: refs.lab.as_deref() };
+        let refs: FileRefs = serde_json::from_slice(&raw).map_err(|e| DatasetError::BadLine {
+            path: path.clone(),
+            line,
+            problem: format!("modality file fields: {e}"),
+        })?;
+        let files =
+            medtvt_data::ModalityFiles { ecg: refs.ecg.as_deref(), cxr: refs.cxr.as_deref(), lab: refs.lab.as_deref() };
         match medtvt_data::check_files(dir, files) {
             Ok(()) => out.samples.push(raw),
             Err(e) => {
@@ -118,10 +122,7 @@ fn select_lines(path: &Path, stage: Stage) -> Result<Vec<(usize, Bytes)>, Datase
         let bad = |problem: String| DatasetError::BadLine { path: path.clone(), line, problem };
         let value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| bad(format!("not JSON: {e}")))?;
         let field = |name: &str| {
-            value
-                .get(name)
-                .and_then(|v| v.as_str())
-                .ok_or_else(|| bad(format!("missing string field `{name}`")))
+            value.get(name).and_then(|v| v.as_str()).ok_or_else(|| bad(format!("missing string field `{name}`")))
         };
         let (split, sample_kind) = (field("split")?, field("kind")?);
         if split == "train" && sample_kind == kind {
@@ -221,7 +222,8 @@ mod tests {
         std::fs::create_dir(dir.path().join("labs")).unwrap();
         let good_lab = "subject_id,hadm_id,specimen_id,itemid,charttime,value,valuenum,valueuom,ref_range_lower,ref_range_upper,flag\n";
         std::fs::write(dir.path().join("labs/good.csv"), good_lab).unwrap();
-        std::fs::write(dir.path().join("labs/bad.csv"), format!("{good_lab}1,2,3,xx,2020-01-01 00:00:00,1,1,mg,,,\n")).unwrap();
+        std::fs::write(dir.path().join("labs/bad.csv"), format!("{good_lab}1,2,3,xx,2020-01-01 00:00:00,1,1,mg,,,\n"))
+            .unwrap();
         let lines = [
             r#"{"split":"train","kind":"disease","id":"ok-1","lab":"labs/good.csv"}"#,
             r#"{"split":"train","kind":"disease","id":"bad-lab","lab":"labs/bad.csv"}"#,
@@ -233,7 +235,11 @@ mod tests {
         assert_eq!(loaded.samples, vec![Bytes::from(lines[0]), Bytes::from(lines[3])]);
         let skipped: Vec<(usize, &str)> = loaded.skipped.iter().map(|s| (s.line, s.sample.as_str())).collect();
         assert_eq!(skipped, vec![(2, "bad-lab"), (3, "no-ecg")]);
-        assert!(loaded.skipped[0].problem.contains("labs/bad.csv") && loaded.skipped[0].problem.contains("itemid"), "{:?}", loaded.skipped[0]);
+        assert!(
+            loaded.skipped[0].problem.contains("labs/bad.csv") && loaded.skipped[0].problem.contains("itemid"),
+            "{:?}",
+            loaded.skipped[0]
+        );
         assert!(loaded.skipped[1].problem.contains("missing.hea"), "{:?}", loaded.skipped[1]);
         let err = load_samples(dir.path(), Stage::Sft, true).unwrap_err().to_string();
         assert!(err.contains("qa.jsonl:2: sample bad-lab") && err.contains("labs/bad.csv"), "{err}");

@@ -21,7 +21,10 @@ impl tonic::service::Interceptor for IncomingCall {
         if let Some(expected) = &self.expected {
             let given = request.metadata().get("authorization").map(|v| v.as_bytes()).unwrap_or_default();
             if !constant_time_eq(given, expected) {
-                return Err(medtvt_proto::errors::reject(medtvt_proto::errors::ErrorReason::Unauthenticated, "missing or wrong `authorization: Bearer <token>` metadata"));
+                return Err(medtvt_proto::errors::reject(
+                    medtvt_proto::errors::ErrorReason::Unauthenticated,
+                    "missing or wrong `authorization: Bearer <token>` metadata",
+                ));
             }
         }
         Ok(extract_trace_context(request))

@@ -35,21 +35,13 @@ pub enum JobRootsError {
         path.display(),
         list(roots)
     )]
-    Outside {
-        key: String,
-        path: PathBuf,
-        roots: Vec<PathBuf>,
-    },
+    Outside { key: String, path: PathBuf, roots: Vec<PathBuf> },
     #[error("cannot resolve the job root {}: {problem}", path.display())]
     BadRoot { path: PathBuf, problem: String },
 }
 
 fn list(roots: &[PathBuf]) -> String {
-    roots
-        .iter()
-        .map(|r| r.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 impl JobRoots {
@@ -59,16 +51,11 @@ impl JobRoots {
         let resolved = roots
             .iter()
             .map(|r| {
-                resolve(r, base).ok_or_else(|| JobRootsError::BadRoot {
-                    path: r.clone(),
-                    problem: "it climbs above /".into(),
-                })
+                resolve(r, base)
+                    .ok_or_else(|| JobRootsError::BadRoot { path: r.clone(), problem: "it climbs above /".into() })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(JobRoots::Confined {
-            roots: resolved,
-            base: base.to_path_buf(),
-        })
+        Ok(JobRoots::Confined { roots: resolved, base: base.to_path_buf() })
     }
 
     /// `Ok` when every path `config` names lies under a root.
@@ -77,8 +64,7 @@ impl JobRoots {
             return Ok(());
         };
         for (key, path) in config.paths() {
-            let inside =
-                resolve(path, base).is_some_and(|p| roots.iter().any(|root| p.starts_with(root)));
+            let inside = resolve(path, base).is_some_and(|p| roots.iter().any(|root| p.starts_with(root)));
             if !inside {
                 return Err(JobRootsError::Outside {
                     key: key.to_string(),
@@ -94,11 +80,7 @@ impl JobRoots {
 /// `path` made absolute against `base`, normalised lexically, with its longest existing prefix
 /// canonicalised (symbolic links followed). `None` when `..` climbs above the root.
 pub fn resolve(path: &Path, base: &Path) -> Option<PathBuf> {
-    let joined = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base.join(path)
-    };
+    let joined = if path.is_absolute() { path.to_path_buf() } else { base.join(path) };
     let mut normal = PathBuf::new();
     for part in joined.components() {
         match part {
@@ -134,9 +116,7 @@ mod tests {
     use super::*;
 
     fn config(out_dir: &str, data_dir: &str, weights: Option<&str>) -> RunConfig {
-        let weights = weights
-            .map(|w| format!("cxr_encoder_weights = \"{w}\"\n"))
-            .unwrap_or_default();
+        let weights = weights.map(|w| format!("cxr_encoder_weights = \"{w}\"\n")).unwrap_or_default();
         let text = format!(
             "[run]\nname = \"t\"\nstage = \"pt\"\nout_dir = \"{out_dir}\"\n[data]\ndir = \"{data_dir}\"\n\
              [model]\n{weights}[train]\nsteps = 1\nbatch_size = 2\nlearning_rate = 0.001\n"
@@ -152,17 +132,9 @@ mod tests {
         std::fs::create_dir_all(base.join("data")).unwrap();
         let roots = JobRoots::confined(&[PathBuf::from("runs"), base.join("data")], &base).unwrap();
         roots.check(&config("runs/x/pt", "data/set", None)).unwrap();
-        roots
-            .check(&config(
-                &base.join("runs/new/deeper").display().to_string(),
-                "./data",
-                None,
-            ))
-            .unwrap();
+        roots.check(&config(&base.join("runs/new/deeper").display().to_string(), "./data", None)).unwrap();
 
-        let e = roots
-            .check(&config("/etc/cron.d", "data", None))
-            .unwrap_err();
+        let e = roots.check(&config("/etc/cron.d", "data", None)).unwrap_err();
         assert!(
             matches!(&e, JobRootsError::Outside { key, path, .. } if key == "run.out_dir" && path == Path::new("/etc/cron.d"))
         );
@@ -173,21 +145,11 @@ mod tests {
             "{message}"
         );
 
-        let e = roots
-            .check(&config("runs/../../escape", "data", None))
-            .unwrap_err();
+        let e = roots.check(&config("runs/../../escape", "data", None)).unwrap_err();
         assert!(e.to_string().contains("runs/../../escape"), "{e}");
-        let e = roots
-            .check(&config(
-                "runs/x",
-                "data",
-                Some("/home/someone/vit.safetensors"),
-            ))
-            .unwrap_err();
+        let e = roots.check(&config("runs/x", "data", Some("/home/someone/vit.safetensors"))).unwrap_err();
         assert!(e.to_string().contains("model.cxr_encoder_weights"), "{e}");
-        JobRoots::Any
-            .check(&config("/etc/cron.d", "/", None))
-            .unwrap();
+        JobRoots::Any.check(&config("/etc/cron.d", "/", None)).unwrap();
     }
 
     #[cfg(unix)]
@@ -199,19 +161,14 @@ mod tests {
         std::fs::create_dir_all(base.join("elsewhere")).unwrap();
         std::os::unix::fs::symlink(base.join("elsewhere"), base.join("runs/link")).unwrap();
         let roots = JobRoots::confined(&[base.join("runs")], &base).unwrap();
-        let e = roots
-            .check(&config("runs/link/out", "runs", None))
-            .unwrap_err();
+        let e = roots.check(&config("runs/link/out", "runs", None)).unwrap_err();
         assert!(e.to_string().contains("runs/link/out"), "{e}");
     }
 
     #[test]
     fn resolving_is_lexical_where_nothing_exists() {
         let base = Path::new("/nonexistent-base-for-medtvt-test");
-        assert_eq!(
-            resolve(Path::new("a/./b/../c"), base),
-            Some(base.join("a/c"))
-        );
+        assert_eq!(resolve(Path::new("a/./b/../c"), base), Some(base.join("a/c")));
         assert_eq!(resolve(Path::new("/../x"), base), None);
     }
 }

@@ -5,7 +5,11 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "medtvt-coordinator", version, about = "The MedTVT coordinator: schedules jobs, leases prompts, assembles training batches and relays weights")]
+#[command(
+    name = "medtvt-coordinator",
+    version,
+    about = "The MedTVT coordinator: schedules jobs, leases prompts, assembles training batches and relays weights"
+)]
 struct Cli {
     #[command(flatten)]
     args: medtvt_coordinator::CoordinatorArgs,

@@ -243,7 +243,13 @@ pub async fn serve(
 
 /// Expires leases and silent workers; frees the weights of ended jobs; records the pipeline
 /// gauges; stops the server `grace` after a requested shutdown has nothing left to run.
-async fn reap(shared: Arc<Shared>, stop_tx: Arc<watch::Sender<bool>>, metrics: RunMetrics, every: Duration, grace: Duration) {
+async fn reap(
+    shared: Arc<Shared>,
+    stop_tx: Arc<watch::Sender<bool>>,
+    metrics: RunMetrics,
+    every: Duration,
+    grace: Duration,
+) {
     let mut stop_rx = stop_tx.subscribe();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

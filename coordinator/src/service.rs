@@ -168,12 +168,20 @@ impl CoordinatorService {
     }
 
     /// Makes a complete published version the one FetchWeights serves.
-    fn install_weights(&self, version: WeightVersion, tensors: u32, bytes: u64) -> Result<Response<pb::PublishWeightsResponse>, Status> {
+    fn install_weights(
+        &self,
+        version: WeightVersion,
+        tensors: u32,
+        bytes: u64,
+    ) -> Result<Response<pb::PublishWeightsResponse>, Status> {
         let (job, number) = (version.job_id, version.version);
         {
             let mut store = self.shared.weights();
             if !store.accepts(job, number) {
-                return Err(reject(ErrorReason::AlreadyPublished, format!("job {job} already has weights of version {number} or newer")));
+                return Err(reject(
+                    ErrorReason::AlreadyPublished,
+                    format!("job {job} already has weights of version {number} or newer"),
+                ));
             }
             store.install(version);
         }
@@ -242,11 +250,9 @@ fn unix_ms_after(delay: Duration) -> u64 {
 
 fn running_job_fields(st: &RunState) -> (u64, u64, pb::JobState) {
     match st.running_job() {
-        Some(id) => (
-            id.0,
-            st.policy_version(id).unwrap_or(0),
-            st.job_state(id).map_or(pb::JobState::Unspecified, job_state_pb),
-        ),
+        Some(id) => {
+            (id.0, st.policy_version(id).unwrap_or(0), st.job_state(id).map_or(pb::JobState::Unspecified, job_state_pb))
+        }
         None => (0, 0, pb::JobState::Unspecified),
     }
 }
@@ -270,7 +276,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(worker_id = request.get_ref().worker_id))]
-    async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let worker = WorkerId(request.into_inner().worker_id);
         let stopping = self.shared.stopping();
         self.shared.with_state(|st| {
@@ -287,21 +296,31 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     }
 
     #[tracing::instrument(skip_all, fields(worker_id = request.get_ref().worker_id))]
-    async fn deregister(&self, request: Request<pb::DeregisterRequest>) -> Result<Response<pb::DeregisterResponse>, Status> {
+    async fn deregister(
+        &self,
+        request: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
         let worker = WorkerId(request.into_inner().worker_id);
         let returned = self.shared.with_state(|st| st.deregister(worker)).map_err(to_status)?;
         Ok(Response::new(pb::DeregisterResponse { prompts_returned: returned as u32 }))
     }
 
     #[tracing::instrument(skip_all, fields(job_id))]
-    async fn submit_job(&self, request: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let req = request.into_inner();
         let roots = self.shared.options.job_roots.clone();
         // Reading the dataset is file I/O: off the executor and outside the lock. The paths are
         // checked against the job roots before any of them is touched.
         let loaded = tokio::task::spawn_blocking(move || {
-            let config = medtvt_config::parse_run_config_unvalidated(&req.config_toml, Path::new("submitted config"), &req.overrides)
-                .map_err(|e| to_status(StateError::InvalidJob(e.to_string())))?;
+            let config = medtvt_config::parse_run_config_unvalidated(
+                &req.config_toml,
+                Path::new("submitted config"),
+                &req.overrides,
+            )
+            .map_err(|e| to_status(StateError::InvalidJob(e.to_string())))?;
             roots.check(&config).map_err(|e| {
                 tracing::warn!(error = %e, "refused a submitted job");
                 reject(ErrorReason::PathNotAllowed, e.to_string())
@@ -317,7 +336,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(worker_id = request.get_ref().worker_id, after = request.get_ref().after_job_id))]
-    async fn wait_for_job(&self, request: Request<pb::WaitForJobRequest>) -> Result<Response<pb::JobAssignment>, Status> {
+    async fn wait_for_job(
+        &self,
+        request: Request<pb::WaitForJobRequest>,
+    ) -> Result<Response<pb::JobAssignment>, Status> {
         let req = request.into_inner();
         let worker = WorkerId(req.worker_id);
         self.shared.with_state(|st| st.touch(Instant::now(), worker).map(drop)).map_err(to_status)?;
@@ -340,7 +362,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 name,
             },
             Some(Assignment::Shutdown) => pb::JobAssignment { shutdown: true, ..Default::default() },
-            Some(Assignment::Wait) | None => pb::JobAssignment { shutdown: self.shared.stopping(), ..Default::default() },
+            Some(Assignment::Wait) | None => {
+                pb::JobAssignment { shutdown: self.shared.stopping(), ..Default::default() }
+            }
         };
         Ok(Response::new(reply))
     }
@@ -392,12 +416,20 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 })
                 .collect();
             let pipeline = pipeline_pb(st);
-            Ok(Response::new(pb::RunStatus { jobs, workers, shutting_down: st.shutting_down(), pipeline: Some(pipeline) }))
+            Ok(Response::new(pb::RunStatus {
+                jobs,
+                workers,
+                shutting_down: st.shutting_down(),
+                pipeline: Some(pipeline),
+            }))
         })
     }
 
     #[tracing::instrument(skip_all, fields(job_id = request.get_ref().job_id))]
-    async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let id = JobId(request.into_inner().job_id);
         let state = self.shared.with_state(|st| st.cancel_job(id)).map_err(to_status)?;
         Ok(Response::new(pb::CancelJobResponse { state: job_state_pb(state) as i32 }))
@@ -420,7 +452,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let span = tracing::Span::current();
         span.record("policy_version", grant.policy_version);
         span.record("leased", grant.prompts.len());
-        let retry = if grant.prompts.is_empty() && !grant.job_done() { self.shared.options.lease_retry } else { Duration::ZERO };
+        let retry = if grant.prompts.is_empty() && !grant.job_done() {
+            self.shared.options.lease_retry
+        } else {
+            Duration::ZERO
+        };
         Ok(Response::new(pb::Lease {
             lease_id: grant.lease_id.map_or(0, |l| l.0),
             job_id: grant.job_id.0,
@@ -466,7 +502,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     }
 
     #[tracing::instrument(skip_all, fields(job_id = request.get_ref().job_id, rank = request.get_ref().rank, step = request.get_ref().step, policy_version))]
-    async fn pull_training_batch(&self, request: Request<pb::PullBatchRequest>) -> Result<Response<pb::TrainingBatch>, Status> {
+    async fn pull_training_batch(
+        &self,
+        request: Request<pb::PullBatchRequest>,
+    ) -> Result<Response<pb::TrainingBatch>, Status> {
         let req = request.into_inner();
         let job = JobId(req.job_id);
         let wait = self.shared.wait_for(req.wait_ms);
@@ -538,7 +577,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     }
 
     #[tracing::instrument(skip_all, fields(job_id = request.get_ref().job_id, rank = request.get_ref().rank))]
-    async fn finish_job(&self, request: Request<pb::FinishJobRequest>) -> Result<Response<pb::FinishJobResponse>, Status> {
+    async fn finish_job(
+        &self,
+        request: Request<pb::FinishJobRequest>,
+    ) -> Result<Response<pb::FinishJobResponse>, Status> {
         let req = request.into_inner();
         let state = self
             .shared
@@ -571,15 +613,17 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     return Err(to_status(StateError::JobNotRunning { job, state }));
                 }
                 if !self.shared.weights().accepts(job, version) {
-                    return Err(reject(ErrorReason::AlreadyPublished, format!(
-                        "job {job} already has weights of version {version} or newer"
-                    )));
+                    return Err(reject(
+                        ErrorReason::AlreadyPublished,
+                        format!("job {job} already has weights of version {version} or newer"),
+                    ));
                 }
             }
         }
         assembler.finish().map_err(weights_status)?;
         let version = complete.ok_or_else(|| weights_status(WeightsError::Incomplete))?;
-        let (job, number, tensors, bytes) = (version.job_id, version.version, version.tensors.len() as u32, version.total_bytes());
+        let (job, number, tensors, bytes) =
+            (version.job_id, version.version, version.tensors.len() as u32, version.total_bytes());
         if let Some(store) = self.shared.store.clone() {
             // Large, blocking writes: off the executor, and done before the version is served,
             // so a version a worker fetched is one a resumed coordinator still has.
@@ -588,7 +632,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             tokio::task::spawn_blocking(move || store.save_weights(&saving))
                 .await
                 .map_err(|e| reject(ErrorReason::Internal, format!("saving weights panicked: {e}")))?
-                .map_err(|e| reject(ErrorReason::Internal, format!("cannot save weights of job {job} version {number}: {e}")))?;
+                .map_err(|e| {
+                    reject(ErrorReason::Internal, format!("cannot save weights of job {job} version {number}: {e}"))
+                })?;
             return self.install_weights(Arc::unwrap_or_clone(version), tensors, bytes);
         }
         self.install_weights(version, tensors, bytes)
@@ -597,7 +643,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     type FetchWeightsStream = tokio_stream::Iter<std::vec::IntoIter<Result<pb::WeightChunk, Status>>>;
 
     #[tracing::instrument(skip_all, fields(job_id = request.get_ref().job_id, worker_id = request.get_ref().worker_id, have = request.get_ref().have_version, policy_version))]
-    async fn fetch_weights(&self, request: Request<pb::FetchWeightsRequest>) -> Result<Response<Self::FetchWeightsStream>, Status> {
+    async fn fetch_weights(
+        &self,
+        request: Request<pb::FetchWeightsRequest>,
+    ) -> Result<Response<Self::FetchWeightsStream>, Status> {
         let req = request.into_inner();
         let job = JobId(req.job_id);
         self.shared
@@ -620,7 +669,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     }
 
     #[tracing::instrument(skip_all, fields(job_id = request.get_ref().job_id, key = %request.get_ref().key, rank = request.get_ref().rank))]
-    async fn rendezvous(&self, request: Request<pb::RendezvousRequest>) -> Result<Response<pb::RendezvousResponse>, Status> {
+    async fn rendezvous(
+        &self,
+        request: Request<pb::RendezvousRequest>,
+    ) -> Result<Response<pb::RendezvousResponse>, Status> {
         let req = request.into_inner();
         let job = JobId(req.job_id);
         let wait = self.shared.options.max_wait;
@@ -633,10 +685,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .await?;
         match payloads {
             Some(payloads) => Ok(Response::new(pb::RendezvousResponse { payloads })),
-            None => Err(reject(ErrorReason::RendezvousTimeout, format!(
-                "rendezvous `{}` of job {job}: not every one of {} ranks arrived",
-                req.key, req.world_size
-            ))),
+            None => Err(reject(
+                ErrorReason::RendezvousTimeout,
+                format!("rendezvous `{}` of job {job}: not every one of {} ranks arrived", req.key, req.world_size),
+            )),
         }
     }
 }

@@ -60,7 +60,8 @@ fn agreement_line(metrics: &std::collections::HashMap<String, f64>) -> Option<St
 /// Renders the status as aligned columns.
 pub fn render(status: &pb::RunStatus) -> String {
     let mut rows = vec![[
-        "JOB", "NAME", "STAGE", "STATE", "STEP", "VERSION", "LEASED", "ACCEPTED", "TRAINED", "STALE", "DUP", "QUEUE", "OUT",
+        "JOB", "NAME", "STAGE", "STATE", "STEP", "VERSION", "LEASED", "ACCEPTED", "TRAINED", "STALE", "DUP", "QUEUE",
+        "OUT",
     ]
     .map(String::from)
     .to_vec()];
@@ -87,7 +88,11 @@ pub fn render(status: &pb::RunStatus) -> String {
         let _ = writeln!(out, "job {}: {}", j.job_id, j.message);
     }
     for j in status.jobs.iter().filter(|j| j.samples_skipped > 0) {
-        let _ = writeln!(out, "job {}: {} samples skipped for broken modality files (listed in events.jsonl)", j.job_id, j.samples_skipped);
+        let _ = writeln!(
+            out,
+            "job {}: {} samples skipped for broken modality files (listed in events.jsonl)",
+            j.job_id, j.samples_skipped
+        );
     }
     for j in status.jobs.iter().filter(|j| !j.latest_metrics.is_empty()) {
         let mut metrics: Vec<_> = j.latest_metrics.iter().collect();
@@ -130,8 +135,9 @@ fn pipeline_line(gauges: Option<&pb::PipelineGauges>) -> String {
 
 fn table(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> =
-        (0..columns).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for row in rows {
         let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
@@ -176,10 +182,19 @@ mod tests {
                 ..Default::default()
             }],
             shutting_down: false,
-            pipeline: Some(pb::PipelineGauges { job_id: 3, prompts_waiting: 6, leased_prompts: 4, queue_depth: 2, policy_lag: 1 }),
+            pipeline: Some(pb::PipelineGauges {
+                job_id: 3,
+                prompts_waiting: 6,
+                leased_prompts: 4,
+                queue_depth: 2,
+                policy_lag: 1,
+            }),
         };
         let text = render(&status);
-        assert!(text.contains("pipeline of job 3: 6 prompts waiting, 4 leased prompts, queue depth 2, policy lag 1"), "{text}");
+        assert!(
+            text.contains("pipeline of job 3: 6 prompts waiting, 4 leased prompts, queue depth 2, policy lag 1"),
+            "{text}"
+        );
         assert!(render(&pb::RunStatus::default()).contains("pipeline: no GRPO job running"));
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("JOB  NAME       STAGE  STATE"), "{text}");

@@ -168,7 +168,9 @@ impl RunStore {
                         params![job_id.0 as i64, config_toml, JobState::Queued.as_str()],
                     )
                     .map_err(&sql)?;
-                    let mut insert = tx.prepare_cached("INSERT INTO samples (job_id, idx, line) VALUES (?1, ?2, ?3)").map_err(&sql)?;
+                    let mut insert = tx
+                        .prepare_cached("INSERT INTO samples (job_id, idx, line) VALUES (?1, ?2, ?3)")
+                        .map_err(&sql)?;
                     for (idx, line) in samples.iter().enumerate() {
                         insert.execute(params![job_id.0 as i64, idx as i64, line.as_ref()]).map_err(&sql)?;
                     }
@@ -222,7 +224,9 @@ impl RunStore {
                 Durable::Ids(ids) => {
                     let mut upsert =
                         tx.prepare_cached("INSERT OR REPLACE INTO ids (name, value) VALUES (?1, ?2)").map_err(&sql)?;
-                    for (name, value) in [("next_job", ids.next_job), ("next_worker", ids.next_worker), ("next_lease", ids.next_lease)] {
+                    for (name, value) in
+                        [("next_job", ids.next_job), ("next_worker", ids.next_worker), ("next_lease", ids.next_lease)]
+                    {
                         upsert.execute(params![name, value as i64]).map_err(&sql)?;
                     }
                 }
@@ -288,7 +292,9 @@ impl RunStore {
         let weights = match running {
             Some(job) => {
                 let latest: Option<(i64, String)> = db
-                    .query_row("SELECT version, dir FROM weights WHERE job_id = ?1", [job.0 as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .query_row("SELECT version, dir FROM weights WHERE job_id = ?1", [job.0 as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
                     .optional()
                     .map_err(&sql)?;
                 match latest {
@@ -327,12 +333,19 @@ impl RunStore {
             if step == steps.len() {
                 steps.push(SealedStep::default());
             }
-            let key = PromptKey { prompt_id: row.get::<_, i64>(2).map_err(&sql)? as u64, epoch: row.get::<_, i64>(3).map_err(&sql)? as u64 };
+            let key = PromptKey {
+                prompt_id: row.get::<_, i64>(2).map_err(&sql)? as u64,
+                epoch: row.get::<_, i64>(3).map_err(&sql)? as u64,
+            };
             let sealed = &mut steps[step];
             sealed.keys.push(key);
             if let Some(pb) = row.get::<_, Option<Vec<u8>>>(4).map_err(&sql)? {
-                let group = RolloutGroup::decode(pb.as_slice())
-                    .map_err(|e| self.corrupt(format!("job {job} step {step}: step_groups.group_pb of prompt {}: {e}", key.prompt_id)))?;
+                let group = RolloutGroup::decode(pb.as_slice()).map_err(|e| {
+                    self.corrupt(format!(
+                        "job {job} step {step}: step_groups.group_pb of prompt {}: {e}",
+                        key.prompt_id
+                    ))
+                })?;
                 sealed.groups.push(Arc::new(group));
             }
         }
@@ -391,10 +404,17 @@ fn write_weights(dir: &Path, version: &WeightVersion) -> Result<(), StoreError> 
     for t in &version.tensors {
         data.write_all(&t.data).map_err(io(&data_path))?;
         let length = t.data.len() as u64;
-        manifest.push(ManifestEntry { name: t.name.clone(), dtype: t.dtype.clone(), shape: t.shape.clone(), offset, length });
+        manifest.push(ManifestEntry {
+            name: t.name.clone(),
+            dtype: t.dtype.clone(),
+            shape: t.shape.clone(),
+            offset,
+            length,
+        });
         offset += length;
     }
-    let file = data.into_inner().map_err(|e| StoreError::WeightsIo { path: data_path.clone(), source: e.into_error() })?;
+    let file =
+        data.into_inner().map_err(|e| StoreError::WeightsIo { path: data_path.clone(), source: e.into_error() })?;
     file.sync_all().map_err(io(&data_path))?;
     let manifest_path = dir.join(MANIFEST);
     let json = serde_json::to_vec_pretty(&manifest)
@@ -407,16 +427,24 @@ fn write_weights(dir: &Path, version: &WeightVersion) -> Result<(), StoreError> 
 fn read_weights(dir: &Path, job_id: JobId, version: u64) -> Result<WeightVersion, StoreError> {
     let manifest_path = dir.join(MANIFEST);
     let data_path = dir.join(TENSORS);
-    let text = std::fs::read(&manifest_path).map_err(|source| StoreError::WeightsIo { path: manifest_path.clone(), source })?;
-    let manifest: Vec<ManifestEntry> =
-        serde_json::from_slice(&text).map_err(|e| StoreError::Manifest { path: manifest_path.clone(), problem: e.to_string() })?;
-    let data = Bytes::from(std::fs::read(&data_path).map_err(|source| StoreError::WeightsIo { path: data_path.clone(), source })?);
+    let text = std::fs::read(&manifest_path)
+        .map_err(|source| StoreError::WeightsIo { path: manifest_path.clone(), source })?;
+    let manifest: Vec<ManifestEntry> = serde_json::from_slice(&text)
+        .map_err(|e| StoreError::Manifest { path: manifest_path.clone(), problem: e.to_string() })?;
+    let data = Bytes::from(
+        std::fs::read(&data_path).map_err(|source| StoreError::WeightsIo { path: data_path.clone(), source })?,
+    );
     let mut tensors = Vec::with_capacity(manifest.len());
     for entry in manifest {
         let end = entry.offset.checked_add(entry.length).filter(|end| *end <= data.len() as u64).ok_or_else(|| {
             StoreError::Manifest {
                 path: manifest_path.clone(),
-                problem: format!("tensor `{}` lies past the end of {} ({} bytes)", entry.name, data_path.display(), data.len()),
+                problem: format!(
+                    "tensor `{}` lies past the end of {} ({} bytes)",
+                    entry.name,
+                    data_path.display(),
+                    data.len()
+                ),
             }
         })?;
         let bytes = data.slice(entry.offset as usize..end as usize);
@@ -434,8 +462,18 @@ mod tests {
             job_id: JobId(2),
             version: v,
             tensors: vec![
-                TensorBytes { name: "a".into(), dtype: "f32".into(), shape: vec![2], data: Bytes::from(vec![v as u8; 8]) },
-                TensorBytes { name: "b".into(), dtype: "bf16".into(), shape: vec![1, 3], data: Bytes::from(vec![7u8; 6]) },
+                TensorBytes {
+                    name: "a".into(),
+                    dtype: "f32".into(),
+                    shape: vec![2],
+                    data: Bytes::from(vec![v as u8; 8]),
+                },
+                TensorBytes {
+                    name: "b".into(),
+                    dtype: "bf16".into(),
+                    shape: vec![1, 3],
+                    data: Bytes::from(vec![7u8; 6]),
+                },
             ],
         }
     }
@@ -447,7 +485,8 @@ mod tests {
         assert!(resumed.is_none(), "a fresh directory holds no run");
         store.save_weights(&version(1)).unwrap();
         store.save_weights(&version(2)).unwrap();
-        let kept: Vec<_> = std::fs::read_dir(dir.path().join(WEIGHTS_DIR)).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let kept: Vec<_> =
+            std::fs::read_dir(dir.path().join(WEIGHTS_DIR)).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(kept, vec![std::ffi::OsString::from("job2-v2")]);
         assert_eq!(read_weights(&dir.path().join(WEIGHTS_DIR).join("job2-v2"), JobId(2), 2).unwrap(), version(2));
     }

@@ -41,9 +41,11 @@ impl TlsFiles {
         let key = read_pem(&self.key, "private key", "PRIVATE KEY")?;
         let config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
         // The acceptor is built (and the pair parsed) here, at start.
-        Server::builder()
-            .tls_config(config.clone())
-            .map_err(|e| TlsError::Invalid { cert: self.cert.clone(), key: self.key.clone(), detail: with_causes(&e) })?;
+        Server::builder().tls_config(config.clone()).map_err(|e| TlsError::Invalid {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            detail: with_causes(&e),
+        })?;
         Ok(config)
     }
 }

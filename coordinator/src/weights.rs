@@ -51,11 +51,30 @@ pub enum WeightsError {
 
 /// The dtype names a chunk may carry (case-insensitive), with their element sizes.
 const DTYPE_SIZES: &[(&str, u64)] = &[
-    ("f64", 8), ("float64", 8), ("f32", 4), ("float32", 4), ("f16", 2), ("float16", 2), ("bf16", 2), ("bfloat16", 2),
-    ("f8e4m3", 1), ("f8e5m2", 1), ("i64", 8), ("int64", 8), ("i32", 4), ("int32", 4), ("i16", 2), ("int16", 2),
-    ("i8", 1), ("int8", 1), ("u8", 1), ("uint8", 1), ("bool", 1),
+    ("f64", 8),
+    ("float64", 8),
+    ("f32", 4),
+    ("float32", 4),
+    ("f16", 2),
+    ("float16", 2),
+    ("bf16", 2),
+    ("bfloat16", 2),
+    ("f8e4m3", 1),
+    ("f8e5m2", 1),
+    ("i64", 8),
+    ("int64", 8),
+    ("i32", 4),
+    ("int32", 4),
+    ("i16", 2),
+    ("int16", 2),
+    ("i8", 1),
+    ("int8", 1),
+    ("u8", 1),
+    ("uint8", 1),
+    ("bool", 1),
 ];
-const KNOWN_DTYPES: &[&str] = &["f64", "f32", "f16", "bf16", "f8e4m3", "f8e5m2", "i64", "i32", "i16", "i8", "u8", "bool"];
+const KNOWN_DTYPES: &[&str] =
+    &["f64", "f32", "f16", "bf16", "f8e4m3", "f8e5m2", "i64", "i32", "i16", "i8", "u8", "bool"];
 
 /// Checks that a tensor's metadata adds up: shape product x dtype size = total_bytes.
 fn check_tensor_size(name: &str, dtype: &str, shape: &[i64], total: u64) -> Result<(), WeightsError> {
@@ -65,11 +84,18 @@ fn check_tensor_size(name: &str, dtype: &str, shape: &[i64], total: u64) -> Resu
     };
     let mut expected = size;
     for dim in shape {
-        let dim = u64::try_from(*dim).map_err(|_| WeightsError::NegativeDim { name: name.into(), shape: shape.to_vec() })?;
+        let dim =
+            u64::try_from(*dim).map_err(|_| WeightsError::NegativeDim { name: name.into(), shape: shape.to_vec() })?;
         expected = expected.saturating_mul(dim);
     }
     if expected != total {
-        return Err(WeightsError::SizeMismatch { name: name.into(), shape: shape.to_vec(), dtype: dtype.into(), expected, total });
+        return Err(WeightsError::SizeMismatch {
+            name: name.into(),
+            shape: shape.to_vec(),
+            dtype: dtype.into(),
+            expected,
+            total,
+        });
     }
     Ok(())
 }
@@ -165,7 +191,12 @@ impl VersionAssembler {
         }
         let (job, version) = *self.target.get_or_insert((JobId(chunk.job_id), chunk.policy_version));
         if (job.0, version) != (chunk.job_id, chunk.policy_version) {
-            return Err(WeightsError::MixedVersions { job, version, got_job: chunk.job_id, got_version: chunk.policy_version });
+            return Err(WeightsError::MixedVersions {
+                job,
+                version,
+                got_job: chunk.job_id,
+                got_version: chunk.policy_version,
+            });
         }
         if version == 0 {
             return Err(WeightsError::VersionZero);
@@ -175,13 +206,25 @@ impl VersionAssembler {
                 return Err(WeightsError::Unnamed);
             }
         } else {
-            self.push_tensor_chunk(chunk.tensor_name, chunk.dtype, chunk.shape, chunk.data, chunk.offset, chunk.total_bytes, chunk.last_of_tensor)?;
+            self.push_tensor_chunk(
+                chunk.tensor_name,
+                chunk.dtype,
+                chunk.shape,
+                chunk.data,
+                chunk.offset,
+                chunk.total_bytes,
+                chunk.last_of_tensor,
+            )?;
         }
         if !chunk.last_of_version {
             return Ok(None);
         }
         if let Some(open) = &self.current {
-            return Err(WeightsError::Short { name: open.name.clone(), got: open.data.len() as u64, total: open.total });
+            return Err(WeightsError::Short {
+                name: open.name.clone(),
+                got: open.data.len() as u64,
+                total: open.total,
+            });
         }
         if self.tensors.is_empty() {
             return Err(WeightsError::Empty);
@@ -206,8 +249,11 @@ impl VersionAssembler {
                 return Err(WeightsError::Interleaved { current: open.name.clone(), got: name });
             }
             Some(open) => {
-                if (open.dtype.as_str(), open.shape.as_slice(), open.total) != (dtype.as_str(), shape.as_slice(), total) {
-                    let describe = |dtype: &str, shape: &[i64], total: u64| format!("dtype {dtype}, shape {shape:?}, total_bytes {total}");
+                if (open.dtype.as_str(), open.shape.as_slice(), open.total) != (dtype.as_str(), shape.as_slice(), total)
+                {
+                    let describe = |dtype: &str, shape: &[i64], total: u64| {
+                        format!("dtype {dtype}, shape {shape:?}, total_bytes {total}")
+                    };
                     return Err(WeightsError::InconsistentChunk {
                         name,
                         got: describe(&dtype, &shape, total),
@@ -239,7 +285,12 @@ impl VersionAssembler {
                 return Err(WeightsError::Short { name: open.name.clone(), got, total: open.total });
             }
             if let Some(done) = self.current.take() {
-                self.tensors.push(TensorBytes { name: done.name, dtype: done.dtype, shape: done.shape, data: done.data.freeze() });
+                self.tensors.push(TensorBytes {
+                    name: done.name,
+                    dtype: done.dtype,
+                    shape: done.shape,
+                    data: done.data.freeze(),
+                });
             }
         }
         Ok(())

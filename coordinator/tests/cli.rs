@@ -69,10 +69,7 @@ async fn command_line_configs_become_jobs_and_the_address_is_announced() {
     let mut c = medtvt_proto::client::connect(&format!("http://{addr}"), Some("tok-123")).await.unwrap();
     let status = c.get_status(pb::StatusRequest::default()).await.unwrap().into_inner();
     let jobs: Vec<_> = status.jobs.iter().map(|j| (j.name.as_str(), j.state, j.total_steps)).collect();
-    assert_eq!(
-        jobs,
-        vec![("test-pt", pb::JobState::Running as i32, 7), ("test-sft", pb::JobState::Queued as i32, 7)]
-    );
+    assert_eq!(jobs, vec![("test-pt", pb::JobState::Running as i32, 7), ("test-sft", pb::JobState::Queued as i32, 7)]);
     stop_tx.send(()).unwrap();
     running.await.unwrap().unwrap();
     let events = std::fs::read_to_string(run_dir.join("events.jsonl")).unwrap();
@@ -95,7 +92,14 @@ async fn an_invalid_command_line_config_is_an_error_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[run]\n").unwrap();
-    let cli = Cli::try_parse_from(["medtvt".as_ref(), "--listen".as_ref(), "127.0.0.1:0".as_ref(), "--config".as_ref(), bad.as_os_str()]).unwrap();
+    let cli = Cli::try_parse_from([
+        "medtvt".as_ref(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--config".as_ref(),
+        bad.as_os_str(),
+    ])
+    .unwrap();
     let err = run_until(cli.args, async {}, |_| Ok(())).await.unwrap_err();
     assert!(format!("{err:#}").contains("bad.toml"), "{err:#}");
 }
@@ -105,7 +109,10 @@ async fn beyond_loopback_the_coordinator_needs_a_token_or_insecure() {
     let cli = Cli::try_parse_from(["medtvt", "--listen", "0.0.0.0:0"]).unwrap();
     let err = run_until(cli.args, async {}, |_| Ok(())).await.unwrap_err();
     let message = format!("{err:#}");
-    assert!(message.contains("0.0.0.0:0") && message.contains("--auth-token-file") && message.contains("--insecure"), "{message}");
+    assert!(
+        message.contains("0.0.0.0:0") && message.contains("--auth-token-file") && message.contains("--insecure"),
+        "{message}"
+    );
 
     let cli = Cli::try_parse_from(["medtvt", "--listen", "0.0.0.0:0", "--insecure"]).unwrap();
     let (addr, stop_tx, running) = start(cli.args).await;
@@ -121,19 +128,32 @@ async fn jobs_submitted_over_the_network_stay_under_the_job_roots() {
     std::fs::create_dir_all(&data).unwrap();
     write_dataset(&data, 4);
     let outside = dir.path().join("elsewhere/out");
-    let text = config_text(&data, "pt", "").replace("out_dir = \"out\"", &format!("out_dir = \"{}\"", outside.display()));
+    let text =
+        config_text(&data, "pt", "").replace("out_dir = \"out\"", &format!("out_dir = \"{}\"", outside.display()));
     let root = data.display().to_string();
     let cli = Cli::try_parse_from(["medtvt", "--listen", "127.0.0.1:0", "--job-root", &root]).unwrap();
     let (addr, stop_tx, running) = start(cli.args).await;
     let mut c = medtvt_proto::client::connect(&format!("http://{addr}"), None).await.unwrap();
-    let refused = c.submit_job(pb::SubmitJobRequest { config_toml: text.clone(), overrides: vec![] }).await.unwrap_err();
+    let refused =
+        c.submit_job(pb::SubmitJobRequest { config_toml: text.clone(), overrides: vec![] }).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
-    assert!(refused.message().contains("run.out_dir") && refused.message().contains(&outside.display().to_string()), "{}", refused.message());
+    assert!(
+        refused.message().contains("run.out_dir") && refused.message().contains(&outside.display().to_string()),
+        "{}",
+        refused.message()
+    );
     // An override is checked too, and nothing was queued.
     let inside = data.join("out").display().to_string();
-    let req = pb::SubmitJobRequest { config_toml: text.clone(), overrides: vec![format!("run.out_dir={inside}"), "model.lab_encoder_weights=/etc/passwd".into()] };
+    let req = pb::SubmitJobRequest {
+        config_toml: text.clone(),
+        overrides: vec![format!("run.out_dir={inside}"), "model.lab_encoder_weights=/etc/passwd".into()],
+    };
     let refused = c.submit_job(req).await.unwrap_err();
-    assert!(refused.message().contains("model.lab_encoder_weights") && refused.message().contains("/etc/passwd"), "{}", refused.message());
+    assert!(
+        refused.message().contains("model.lab_encoder_weights") && refused.message().contains("/etc/passwd"),
+        "{}",
+        refused.message()
+    );
     assert!(c.get_status(pb::StatusRequest::default()).await.unwrap().into_inner().jobs.is_empty());
     let req = pb::SubmitJobRequest { config_toml: text.clone(), overrides: vec![format!("run.out_dir={inside}")] };
     c.submit_job(req).await.unwrap();

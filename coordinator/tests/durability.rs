@@ -95,7 +95,11 @@ async fn a_killed_coordinator_resumes_pt_and_grpo_jobs_from_its_run_dir() {
     assert_eq!(after.jobs[0].latest_metrics, before.jobs[0].latest_metrics);
     assert!(after.workers.is_empty(), "processes register again");
     for rank in 0..2 {
-        assert_eq!(pull(&mut c, pt, rank, 1, 0).await.samples, step1[rank as usize], "re-pulled step 1 is the same shard");
+        assert_eq!(
+            pull(&mut c, pt, rank, 1, 0).await.samples,
+            step1[rank as usize],
+            "re-pulled step 1 is the same shard"
+        );
     }
     pt_samples.extend(step1.concat());
     // Rank 0's report of step 1 survived: rank 1's completes the step.

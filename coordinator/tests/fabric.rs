@@ -45,15 +45,26 @@ async fn weights_round_trip_byte_identical_with_a_version_bump() {
     chunks.last_mut().unwrap().last_of_version = true;
 
     // Nothing newer than the starting checkpoint yet: an empty stream.
-    let mut none = c.fetch_weights(pb::FetchWeightsRequest { job_id: job, have_version: 0, worker_id: worker }).await.unwrap().into_inner();
+    let mut none = c
+        .fetch_weights(pb::FetchWeightsRequest { job_id: job, have_version: 0, worker_id: worker })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(none.message().await.unwrap().is_none());
 
     let published = c.publish_weights(tokio_stream::iter(chunks.clone())).await.unwrap().into_inner();
-    assert_eq!((published.policy_version, published.tensors, published.bytes), (1, 2, (big.len() + small.len()) as u64));
+    assert_eq!(
+        (published.policy_version, published.tensors, published.bytes),
+        (1, 2, (big.len() + small.len()) as u64)
+    );
     let hb = c.heartbeat(pb::HeartbeatRequest { worker_id: worker }).await.unwrap().into_inner();
     assert_eq!(hb.policy_version, 1);
 
-    let mut stream = c.fetch_weights(pb::FetchWeightsRequest { job_id: job, have_version: 0, worker_id: worker }).await.unwrap().into_inner();
+    let mut stream = c
+        .fetch_weights(pb::FetchWeightsRequest { job_id: job, have_version: 0, worker_id: worker })
+        .await
+        .unwrap()
+        .into_inner();
     let mut tensors: Vec<(String, Vec<u8>, Vec<i64>, String)> = Vec::new();
     let mut last_of_version = 0;
     while let Some(chunk) = stream.message().await.unwrap() {
@@ -74,7 +85,11 @@ async fn weights_round_trip_byte_identical_with_a_version_bump() {
     assert_eq!((tensors[0].2.clone(), tensors[0].3.as_str()), (vec![big.len() as i64 / 2], "bf16"));
     assert_eq!(tensors[1].1, small);
 
-    let mut current = c.fetch_weights(pb::FetchWeightsRequest { job_id: job, have_version: 1, worker_id: worker }).await.unwrap().into_inner();
+    let mut current = c
+        .fetch_weights(pb::FetchWeightsRequest { job_id: job, have_version: 1, worker_id: worker })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(current.message().await.unwrap().is_none(), "up to date: nothing to send");
     let err = c.publish_weights(tokio_stream::iter(chunks.clone())).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "versions only move forward");
@@ -95,7 +110,13 @@ async fn rendezvous_gathers_every_rank_payload_in_rank_order() {
     let call = |rank: u32, payload: &'static str| {
         let mut c = c.clone();
         async move {
-            let req = pb::RendezvousRequest { job_id: job, key: "collective/0".into(), rank, world_size: 2, payload: payload.into() };
+            let req = pb::RendezvousRequest {
+                job_id: job,
+                key: "collective/0".into(),
+                rank,
+                world_size: 2,
+                payload: payload.into(),
+            };
             c.rendezvous(req).await.map(|r| r.into_inner().payloads)
         }
     };
@@ -104,7 +125,8 @@ async fn rendezvous_gathers_every_rank_payload_in_rank_order() {
     let expected: Vec<prost::bytes::Bytes> = vec!["10.0.0.1:29500".into(), "10.0.0.2:29500".into()];
     assert_eq!(rank0.await.unwrap().unwrap(), expected);
     assert_eq!(rank1.await.unwrap().unwrap(), expected);
-    let bad = pb::RendezvousRequest { job_id: job, key: "k".into(), rank: 2, world_size: 2, payload: Default::default() };
+    let bad =
+        pb::RendezvousRequest { job_id: job, key: "k".into(), rank: 2, world_size: 2, payload: Default::default() };
     assert_eq!(c.rendezvous(bad).await.unwrap_err().code(), Code::InvalidArgument);
     server.stop().await;
 }

@@ -30,7 +30,8 @@ struct Recorded {
 impl Recorded {
     fn new() -> Recorded {
         let exporter = InMemoryMetricExporter::default();
-        let provider = SdkMeterProvider::builder().with_reader(PeriodicReader::builder(exporter.clone()).build()).build();
+        let provider =
+            SdkMeterProvider::builder().with_reader(PeriodicReader::builder(exporter.clone()).build()).build();
         Recorded { provider, exporter }
     }
 
@@ -44,7 +45,11 @@ impl Recorded {
         self.provider.force_flush().expect("flushing the meter provider");
         let exported = self.exporter.get_finished_metrics().expect("reading the in-memory exporter");
         GAUGES.map(|name| {
-            let data = exported.iter().flat_map(|rm| rm.scope_metrics()).flat_map(|sm| sm.metrics()).find(|m| m.name() == name)?;
+            let data = exported
+                .iter()
+                .flat_map(|rm| rm.scope_metrics())
+                .flat_map(|sm| sm.metrics())
+                .find(|m| m.name() == name)?;
             match data.data() {
                 AggregatedMetrics::U64(MetricData::Gauge(gauge)) => gauge.data_points().last().map(|p| p.value()),
                 _ => panic!("{name} is not a u64 gauge"),
@@ -60,7 +65,10 @@ impl Recorded {
             if latest == expected.map(Some) {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "{when}: gauges {GAUGES:?} are {latest:?}, expected {expected:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{when}: gauges {GAUGES:?} are {latest:?}, expected {expected:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -81,7 +89,8 @@ async fn the_reaper_records_the_running_jobs_pipeline() {
     let first = lease(&mut c, me, job, 3).await;
     recorded.expect([3, 3, 0, 0], "three prompts leased").await;
     // GetStatus (what `medtvt status` prints) reports the same values.
-    let pipeline = c.get_status(pb::StatusRequest::default()).await.unwrap().into_inner().pipeline.expect("the pipeline gauges");
+    let pipeline =
+        c.get_status(pb::StatusRequest::default()).await.unwrap().into_inner().pipeline.expect("the pipeline gauges");
     assert_eq!(
         (pipeline.job_id, pipeline.prompts_waiting, pipeline.leased_prompts, pipeline.queue_depth, pipeline.policy_lag),
         (job, 3, 3, 0, 0)

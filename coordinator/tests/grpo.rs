@@ -78,7 +78,8 @@ async fn learner(mut c: Client, job: u64, rank: u32, steps: u64) -> Vec<(u64, u6
     }
     assert!(pull(&mut c, job, rank, steps, 0).await.done);
     if rank == 0 {
-        let finish = pb::FinishJobRequest { job_id: job, rank: 0, checkpoint_dir: "ckpt".into(), failure: String::new() };
+        let finish =
+            pb::FinishJobRequest { job_id: job, rank: 0, checkpoint_dir: "ckpt".into(), failure: String::new() };
         c.finish_job(finish).await.unwrap();
     }
     trained
@@ -90,10 +91,8 @@ async fn every_prompt_group_is_trained_exactly_once_across_steps() {
     let mut c = server.client().await;
     let steps = 5;
     let job = submit(&mut c, server.config("grpo", ""), &["train.steps=5", "grpo.prompts_per_step=4"]).await;
-    let workers = [
-        tokio::spawn(rollout_worker(c.clone(), job, "w0")),
-        tokio::spawn(rollout_worker(c.clone(), job, "w1")),
-    ];
+    let workers =
+        [tokio::spawn(rollout_worker(c.clone(), job, "w0")), tokio::spawn(rollout_worker(c.clone(), job, "w1"))];
     let learners = [tokio::spawn(learner(c.clone(), job, 0, steps)), tokio::spawn(learner(c.clone(), job, 1, steps))];
     let mut trained = Vec::new();
     for l in learners {
@@ -149,7 +148,13 @@ async fn expired_lease_is_re_leased_and_late_or_duplicate_submissions_are_ignore
 
     let status = job_status(&mut c, job).await;
     assert_eq!(
-        (status.groups_accepted, status.late_groups_ignored, status.duplicates_ignored, status.unknown_lease_groups, status.queue_depth),
+        (
+            status.groups_accepted,
+            status.late_groups_ignored,
+            status.duplicates_ignored,
+            status.unknown_lease_groups,
+            status.queue_depth
+        ),
         (2, 2, 2, 2, 2)
     );
     // Both groups go into step 0, once.
@@ -241,7 +246,10 @@ async fn silent_worker_is_marked_dead_and_its_leases_return() {
     assert!(hb.heartbeat_interval_ms <= 100, "a third of the job's timeout");
     let l = lease(&mut c, me, job, 2).await;
     assert_eq!(l.prompts.len(), 2);
-    let status = eventually(&mut c, job, "the worker to be declared dead", |s| s.workers.iter().any(|w| w.worker_id == me && !w.alive)).await;
+    let status = eventually(&mut c, job, "the worker to be declared dead", |s| {
+        s.workers.iter().any(|w| w.worker_id == me && !w.alive)
+    })
+    .await;
     assert_eq!(status.jobs[0].leased_prompts_outstanding, 0);
     assert_eq!(status.jobs[0].leases_expired, 1);
     // It comes back with a heartbeat, but its old lease stays void.

@@ -40,15 +40,25 @@ async fn unknown_job_ids_are_not_found_naming_the_job() {
     let wrong = 99;
     let errors = [
         c.lease_prompts(pb::LeaseRequest { worker_id: worker, job_id: wrong, max_prompts: 1 }).await.unwrap_err(),
-        c.pull_training_batch(pb::PullBatchRequest { job_id: wrong, rank: 0, world_size: 2, step: 0, wait_ms: 10 }).await.unwrap_err(),
-        c.report_step(pb::StepReport { job_id: wrong, rank: 0, step: 0, ..Default::default() }).await.unwrap_err(),
-        c.finish_job(pb::FinishJobRequest { job_id: wrong, ..Default::default() }).await.unwrap_err(),
-        c.fetch_weights(pb::FetchWeightsRequest { worker_id: worker, job_id: wrong, have_version: 0 }).await.unwrap_err(),
-        c.get_status(pb::StatusRequest { job_id: wrong }).await.unwrap_err(),
-        c.cancel_job(pb::CancelJobRequest { job_id: wrong }).await.unwrap_err(),
-        c.rendezvous(pb::RendezvousRequest { job_id: wrong, key: "k".into(), rank: 0, world_size: 1, payload: Default::default() })
+        c.pull_training_batch(pb::PullBatchRequest { job_id: wrong, rank: 0, world_size: 2, step: 0, wait_ms: 10 })
             .await
             .unwrap_err(),
+        c.report_step(pb::StepReport { job_id: wrong, rank: 0, step: 0, ..Default::default() }).await.unwrap_err(),
+        c.finish_job(pb::FinishJobRequest { job_id: wrong, ..Default::default() }).await.unwrap_err(),
+        c.fetch_weights(pb::FetchWeightsRequest { worker_id: worker, job_id: wrong, have_version: 0 })
+            .await
+            .unwrap_err(),
+        c.get_status(pb::StatusRequest { job_id: wrong }).await.unwrap_err(),
+        c.cancel_job(pb::CancelJobRequest { job_id: wrong }).await.unwrap_err(),
+        c.rendezvous(pb::RendezvousRequest {
+            job_id: wrong,
+            key: "k".into(),
+            rank: 0,
+            world_size: 1,
+            payload: Default::default(),
+        })
+        .await
+        .unwrap_err(),
     ];
     for err in errors {
         assert_eq!(err.code(), Code::NotFound, "{err:?}");
@@ -94,7 +104,11 @@ async fn weight_chunks_whose_metadata_does_not_add_up_are_invalid_naming_the_ten
         (vec![chunk("q4_k", vec![4], 4, vec![0; 4], true)], "unknown dtype `q4_k`"),
         (vec![chunk("f32", vec![-1, 4], 16, vec![0; 16], true)], "negative dimension"),
         (
-            vec![chunk("f32", vec![4], 16, vec![0; 8], false), { let mut c = chunk("f16", vec![4], 16, vec![0; 8], true); c.offset = 8; c }],
+            vec![chunk("f32", vec![4], 16, vec![0; 8], false), {
+                let mut c = chunk("f16", vec![4], 16, vec![0; 8], true);
+                c.offset = 8;
+                c
+            }],
             "a chunk says dtype f16",
         ),
     ];

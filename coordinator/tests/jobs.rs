@@ -12,7 +12,8 @@ use tonic::Code;
 async fn invalid_config_or_dataset_is_invalid_argument_naming_the_problem() {
     let server = TestServer::start(options()).await;
     let mut c = server.client().await;
-    let bad_key = pb::SubmitJobRequest { config_toml: server.config("pt", ""), overrides: vec!["train.learning_rate=-1".into()] };
+    let bad_key =
+        pb::SubmitJobRequest { config_toml: server.config("pt", ""), overrides: vec!["train.learning_rate=-1".into()] };
     let err = c.submit_job(bad_key).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("`train.learning_rate`"), "{}", err.message());
@@ -21,7 +22,10 @@ async fn invalid_config_or_dataset_is_invalid_argument_naming_the_problem() {
     let err = c.submit_job(unknown).await.unwrap_err();
     assert!(err.code() == Code::InvalidArgument && err.message().contains("bogus_key"), "{}", err.message());
 
-    let uneven = pb::SubmitJobRequest { config_toml: server.config("grpo", ""), overrides: vec!["grpo.prompts_per_step=3".into()] };
+    let uneven = pb::SubmitJobRequest {
+        config_toml: server.config("grpo", ""),
+        overrides: vec!["grpo.prompts_per_step=3".into()],
+    };
     let err = c.submit_job(uneven).await.unwrap_err();
     assert!(err.message().contains("`grpo.prompts_per_step`"), "{}", err.message());
 
@@ -45,7 +49,11 @@ async fn pt_batches_are_sharded_disjointly_idempotent_and_jobs_run_in_order() {
     let sft = submit(&mut c, server.config("sft", ""), &[]).await;
     let learner0 = register(&mut c, pb::Role::Learner, "l0", 0).await;
 
-    let assignment = c.wait_for_job(pb::WaitForJobRequest { worker_id: learner0, after_job_id: 0, wait_ms: 5_000 }).await.unwrap().into_inner();
+    let assignment = c
+        .wait_for_job(pb::WaitForJobRequest { worker_id: learner0, after_job_id: 0, wait_ms: 5_000 })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((assignment.job_id, assignment.stage), (pt, pb::Stage::Pt as i32));
     assert!(assignment.config_toml.contains("stage = \"pt\""), "{}", assignment.config_toml);
     assert_eq!(job_status(&mut c, sft).await.state, pb::JobState::Queued as i32);
@@ -65,17 +73,25 @@ async fn pt_batches_are_sharded_disjointly_idempotent_and_jobs_run_in_order() {
         report(&mut c, pt, 1, step, step + 1).await;
     }
     assert!(pull(&mut c, pt, 0, 3, 0).await.done);
-    let err = c.pull_training_batch(pb::PullBatchRequest { job_id: pt, rank: 0, world_size: 3, step: 0, wait_ms: 0 }).await.unwrap_err();
+    let err = c
+        .pull_training_batch(pb::PullBatchRequest { job_id: pt, rank: 0, world_size: 3, step: 0, wait_ms: 0 })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
-    let finish = pb::FinishJobRequest { job_id: pt, rank: 0, checkpoint_dir: "out/final".into(), failure: String::new() };
+    let finish =
+        pb::FinishJobRequest { job_id: pt, rank: 0, checkpoint_dir: "out/final".into(), failure: String::new() };
     assert_eq!(c.finish_job(finish).await.unwrap().into_inner().state, pb::JobState::Succeeded as i32);
     let done = job_status(&mut c, pt).await;
     assert_eq!((done.step, done.policy_version), (3, 3));
     assert_eq!(done.latest_metrics.get("loss"), Some(&(1.0 / 3.0)));
 
     // The learner stays attached and gets the next job.
-    let next = c.wait_for_job(pb::WaitForJobRequest { worker_id: learner0, after_job_id: pt, wait_ms: 5_000 }).await.unwrap().into_inner();
+    let next = c
+        .wait_for_job(pb::WaitForJobRequest { worker_id: learner0, after_job_id: pt, wait_ms: 5_000 })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((next.job_id, next.stage), (sft, pb::Stage::Sft as i32));
     let batch = pull(&mut c, sft, 1, 0, 0).await;
     assert!(batch.samples.iter().all(|s| String::from_utf8_lossy(s).contains("\"kind\":\"disease\"")));
@@ -105,11 +121,17 @@ async fn cancel_ends_the_job_for_learners_and_shutdown_stops_the_server() {
     let waiter = {
         let mut c = c.clone();
         tokio::spawn(async move {
-            c.wait_for_job(pb::WaitForJobRequest { worker_id: worker, after_job_id: job, wait_ms: 10_000 }).await.unwrap().into_inner()
+            c.wait_for_job(pb::WaitForJobRequest { worker_id: worker, after_job_id: job, wait_ms: 10_000 })
+                .await
+                .unwrap()
+                .into_inner()
         })
     };
     c.shutdown(pb::ShutdownRequest { drain: true }).await.unwrap();
-    let err = c.submit_job(pb::SubmitJobRequest { config_toml: server.config("pt", ""), overrides: vec![] }).await.unwrap_err();
+    let err = c
+        .submit_job(pb::SubmitJobRequest { config_toml: server.config("pt", ""), overrides: vec![] })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     assert!(waiter.await.unwrap().shutdown);
     server.join().await;

@@ -19,7 +19,10 @@ fn write_certificates(dir: &Path) -> (PathBuf, TlsFiles) {
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
     let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
     let files = TlsFiles { cert: dir.join("cert.pem"), key: dir.join("key.pem") };
     std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
     std::fs::write(&files.cert, cert.pem()).unwrap();
@@ -35,7 +38,8 @@ fn connect_options(ca: Option<PathBuf>) -> ConnectOptions {
 async fn tls_serves_clients_that_trust_the_ca_and_still_checks_the_token() {
     let certs = tempfile::tempdir().unwrap();
     let (ca, files) = write_certificates(certs.path());
-    let server = TestServer::start(ServerOptions { tls: Some(files), auth_token: Some("s3cret".into()), ..options() }).await;
+    let server =
+        TestServer::start(ServerOptions { tls: Some(files), auth_token: Some("s3cret".into()), ..options() }).await;
     let https = format!("https://{}", server.addr);
 
     let mut trusted = client::connect_with(&https, Some("s3cret"), &connect_options(Some(ca.clone()))).await.unwrap();
@@ -65,7 +69,10 @@ async fn tls_serves_clients_that_trust_the_ca_and_still_checks_the_token() {
     match untrusted {
         Err(ClientError::Connect { .. }) => {}
         Err(other) => panic!("unexpected error: {other}"),
-        Ok(mut c) => assert!(c.get_status(pb::StatusRequest::default()).await.is_err(), "a certificate from an unknown CA was accepted"),
+        Ok(mut c) => assert!(
+            c.get_status(pb::StatusRequest::default()).await.is_err(),
+            "a certificate from an unknown CA was accepted"
+        ),
     }
     server.stop().await;
 }
@@ -77,19 +84,22 @@ async fn bad_certificate_or_key_files_stop_the_start_naming_the_file() {
     let addr = "127.0.0.1:0".parse().unwrap();
 
     let missing = TlsFiles { key: certs.path().join("missing-key.pem"), ..files.clone() };
-    let err = Coordinator::bind(addr, ServerOptions { tls: Some(missing), ..options() }).await.err().unwrap().to_string();
+    let err =
+        Coordinator::bind(addr, ServerOptions { tls: Some(missing), ..options() }).await.err().unwrap().to_string();
     assert!(err.contains("missing-key.pem"), "{err}");
 
     // A certificate where the key should be.
     let swapped = TlsFiles { cert: files.cert.clone(), key: files.cert.clone() };
-    let err = Coordinator::bind(addr, ServerOptions { tls: Some(swapped), ..options() }).await.err().unwrap().to_string();
+    let err =
+        Coordinator::bind(addr, ServerOptions { tls: Some(swapped), ..options() }).await.err().unwrap().to_string();
     assert!(err.contains("cert.pem") && err.contains("PRIVATE KEY"), "{err}");
 
     // Another certificate's key: a valid PEM, but not a pair with the certificate.
     let other = tempfile::tempdir().unwrap();
     let (_, other_files) = write_certificates(other.path());
     let mismatched = TlsFiles { cert: files.cert.clone(), key: other_files.key.clone() };
-    let err = Coordinator::bind(addr, ServerOptions { tls: Some(mismatched), ..options() }).await.err().unwrap().to_string();
+    let err =
+        Coordinator::bind(addr, ServerOptions { tls: Some(mismatched), ..options() }).await.err().unwrap().to_string();
     assert!(err.contains("cert.pem") && err.contains("key.pem") && err.contains("not a usable pair"), "{err}");
 
     let err = client::connect_with("https://127.0.0.1:1", None, &connect_options(Some(certs.path().join("no-ca.pem"))))

@@ -40,7 +40,11 @@ async fn weights_relay_throughput() {
     c.publish_weights(tokio_stream::iter(chunks)).await.unwrap();
     let publish = start.elapsed().as_secs_f64();
     let start = Instant::now();
-    let mut stream = c.fetch_weights(pb::FetchWeightsRequest { job_id: job, have_version: 0, worker_id: 0 }).await.unwrap().into_inner();
+    let mut stream = c
+        .fetch_weights(pb::FetchWeightsRequest { job_id: job, have_version: 0, worker_id: 0 })
+        .await
+        .unwrap()
+        .into_inner();
     let mut received = 0usize;
     while let Some(chunk) = stream.message().await.unwrap() {
         received += chunk.data.len();

@@ -49,7 +49,11 @@ mod tests {
     #[test]
     fn opens_a_synthetic_set_and_selects_by_split_and_kind() {
         let dir = tempfile::tempdir().unwrap();
-        crate::synth::synthesize(dir.path(), &crate::synth::SynthConfig { image_size: 32, ..crate::synth::SynthConfig::new(20, 2) }).unwrap();
+        crate::synth::synthesize(
+            dir.path(),
+            &crate::synth::SynthConfig { image_size: 32, ..crate::synth::SynthConfig::new(20, 2) },
+        )
+        .unwrap();
         let ds = Dataset::open(dir.path()).unwrap();
         let train: Vec<&QaSample> = ds.select(Split::Train, QaKind::Disease).collect();
         assert_eq!(train.len(), 16);

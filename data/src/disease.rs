@@ -105,9 +105,8 @@ impl fmt::Display for Disease {
 pub fn parse_diseases(names: &[String]) -> Result<Vec<Disease>, String> {
     let mut out = Vec::new();
     for n in names {
-        let d = Disease::from_name(n).ok_or_else(|| {
-            format!("unknown disease {n:?}; known: {}", Disease::ALL.map(Disease::name).join(", "))
-        })?;
+        let d = Disease::from_name(n)
+            .ok_or_else(|| format!("unknown disease {n:?}; known: {}", Disease::ALL.map(Disease::name).join(", ")))?;
         if !out.contains(&d) {
             out.push(d);
         }
@@ -142,7 +141,10 @@ mod tests {
 
     #[test]
     fn names_parse_and_unknown_is_named() {
-        assert_eq!(parse_diseases(&["Sepsis".into(), " pneumonia".into()]), Ok(vec![Disease::Pneumonia, Disease::Sepsis]));
+        assert_eq!(
+            parse_diseases(&["Sepsis".into(), " pneumonia".into()]),
+            Ok(vec![Disease::Pneumonia, Disease::Sepsis])
+        );
         assert!(parse_diseases(&["gout".into()]).unwrap_err().contains("\"gout\""));
     }
 }

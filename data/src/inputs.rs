@@ -125,7 +125,10 @@ mod tests {
         let cfg = crate::synth::SynthConfig { image_size: 16, ..crate::synth::SynthConfig::new(4, 3) };
         crate::synth::synthesize(dir.path(), &cfg).unwrap();
         let samples = crate::sample::read_jsonl(&dir.path().join("qa.jsonl")).unwrap();
-        let full = samples.iter().find(|s| s.ecg.is_some() && s.cxr.is_some() && s.lab.is_some()).expect("a sample with all three");
+        let full = samples
+            .iter()
+            .find(|s| s.ecg.is_some() && s.cxr.is_some() && s.lab.is_some())
+            .expect("a sample with all three");
         check_files(dir.path(), full.into()).unwrap();
         let path = |rel: &str| dir.path().join(rel);
 

@@ -53,8 +53,19 @@ pub enum InspectReport {
         checksum_mismatches: Vec<String>,
         comments: Vec<String>,
     },
-    Image { path: PathBuf, width: u32, height: u32, channels: u8, color: String, mean_intensity: f64 },
-    Labs { path: PathBuf, rows: usize, items: Vec<LabItemSummary> },
+    Image {
+        path: PathBuf,
+        width: u32,
+        height: u32,
+        channels: u8,
+        color: String,
+        mean_intensity: f64,
+    },
+    Labs {
+        path: PathBuf,
+        rows: usize,
+        items: Vec<LabItemSummary>,
+    },
     QaSet {
         path: PathBuf,
         samples: usize,
@@ -64,7 +75,11 @@ pub enum InspectReport {
         by_label: BTreeMap<String, usize>,
         missing_modality: BTreeMap<String, usize>,
     },
-    QaSample { path: PathBuf, line: usize, sample: QaSample },
+    QaSample {
+        path: PathBuf,
+        line: usize,
+        sample: QaSample,
+    },
 }
 
 /// Inspects `arg`: a path, or `FILE.jsonl:LINE` for one sample.
@@ -224,10 +239,23 @@ impl fmt::Display for InspectReport {
             InspectReport::Wfdb { path, record, fs, n_samples, duration_s, leads, checksum_mismatches, comments } => {
                 writeln!(f, "WFDB record {record} ({})", path.display())?;
                 writeln!(f, "fs {fs} Hz, {n_samples} samples ({duration_s:.2} s), {} leads", leads.len())?;
-                writeln!(f, "{:<6} {:>4} {:>6} {:>10} {:>8}  first samples", "lead", "fmt", "units", "gain", "baseline")?;
+                writeln!(
+                    f,
+                    "{:<6} {:>4} {:>6} {:>10} {:>8}  first samples",
+                    "lead", "fmt", "units", "gain", "baseline"
+                )?;
                 for l in leads {
                     let first: Vec<String> = l.first.iter().map(|v| opt(*v)).collect();
-                    writeln!(f, "{:<6} {:>4} {:>6} {:>10} {:>8}  {}", l.name, l.format, l.units, l.gain, l.baseline, first.join(" "))?;
+                    writeln!(
+                        f,
+                        "{:<6} {:>4} {:>6} {:>10} {:>8}  {}",
+                        l.name,
+                        l.format,
+                        l.units,
+                        l.gain,
+                        l.baseline,
+                        first.join(" ")
+                    )?;
                 }
                 if !checksum_mismatches.is_empty() {
                     writeln!(f, "checksum mismatch in: {}", checksum_mismatches.join(", "))?;
@@ -287,7 +315,11 @@ mod tests {
     #[test]
     fn inspects_each_kind_of_file() {
         let dir = tempfile::tempdir().unwrap();
-        crate::synth::synthesize(dir.path(), &crate::synth::SynthConfig { image_size: 32, ..crate::synth::SynthConfig::new(5, 1) }).unwrap();
+        crate::synth::synthesize(
+            dir.path(),
+            &crate::synth::SynthConfig { image_size: 32, ..crate::synth::SynthConfig::new(5, 1) },
+        )
+        .unwrap();
         let p = |rel: &str| dir.path().join(rel).to_string_lossy().into_owned();
         let t = inspect(&p("ecg/enc-000001")).unwrap().to_string();
         assert!(t.contains("fs 500 Hz, 5000 samples (10.00 s), 12 leads") && t.contains("aVF"), "{t}");
@@ -299,7 +331,10 @@ mod tests {
         let t = inspect(&format!("{}:2", p("qa.jsonl"))).unwrap().to_string();
         assert!(t.contains("enc-000001-dx"), "{t}");
         let json = serde_json::to_value(inspect(&p("cxr/enc-000002.png")).unwrap()).unwrap();
-        assert_eq!((json["type"].as_str(), json["width"].as_u64(), json["channels"].as_u64()), (Some("image"), Some(32), Some(1)));
+        assert_eq!(
+            (json["type"].as_str(), json["width"].as_u64(), json["channels"].as_u64()),
+            (Some("image"), Some(32), Some(1))
+        );
         let labs = std::fs::read_dir(dir.path().join("labs")).unwrap().next().unwrap().unwrap().path();
         let t = inspect(&labs.to_string_lossy()).unwrap().to_string();
         assert!(t.contains("50912 creatinine"), "{t}");

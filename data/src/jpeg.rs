@@ -26,21 +26,15 @@ pub fn check_complete(bytes: &[u8]) -> Result<(), String> {
     if !is_jpeg(bytes) {
         return Err("not a JPEG file (no start-of-image marker)".into());
     }
-    let truncated = || {
-        Err(format!(
-            "the file is truncated: its {} bytes end before the JPEG end-of-image marker",
-            bytes.len()
-        ))
-    };
+    let truncated =
+        || Err(format!("the file is truncated: its {} bytes end before the JPEG end-of-image marker", bytes.len()));
     let mut pos = 2;
     loop {
         // A marker: one or more FF bytes, then its code.
         if bytes.get(pos) != Some(&0xFF) {
             return match bytes.get(pos) {
                 None => truncated(),
-                Some(b) => Err(format!(
-                    "byte {pos}: expected a JPEG marker, found {b:#04x}"
-                )),
+                Some(b) => Err(format!("byte {pos}: expected a JPEG marker, found {b:#04x}")),
             };
         }
         while bytes.get(pos) == Some(&0xFF) {
@@ -61,9 +55,7 @@ pub fn check_complete(bytes: &[u8]) -> Result<(), String> {
         };
         let length = usize::from(u16::from_be_bytes([hi, lo]));
         if length < 2 {
-            return Err(format!(
-                "byte {pos}: marker {code:#04x} has an impossible segment length {length}"
-            ));
+            return Err(format!("byte {pos}: marker {code:#04x} has an impossible segment length {length}"));
         }
         pos += length;
         if pos > bytes.len() {
@@ -115,14 +107,7 @@ pub(crate) mod tests {
         let mut padded = bytes.clone();
         padded.extend_from_slice(&[0, 0, 0]);
         check_complete(&padded).unwrap();
-        for cut in [
-            3,
-            20,
-            200,
-            bytes.len() / 2,
-            bytes.len() - 2,
-            bytes.len() - 1,
-        ] {
+        for cut in [3, 20, 200, bytes.len() / 2, bytes.len() - 2, bytes.len() - 1] {
             let e = check_complete(&bytes[..cut]).unwrap_err();
             assert!(e.contains("truncated"), "cut at {cut}: {e}");
         }
@@ -130,9 +115,7 @@ pub(crate) mod tests {
 
     #[test]
     fn not_a_jpeg_is_said_so() {
-        assert!(check_complete(b"\x89PNG\r\n")
-            .unwrap_err()
-            .contains("not a JPEG"));
+        assert!(check_complete(b"\x89PNG\r\n").unwrap_err().contains("not a JPEG"));
         assert!(!is_jpeg(b"\xFF\xD8"));
     }
 }

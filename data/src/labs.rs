@@ -184,7 +184,12 @@ pub struct BadLabRow {
 pub(crate) fn csv_header<R: Read>(path: &Path, reader: &mut csv::Reader<R>) -> Result<csv::StringRecord, DataError> {
     let header = reader
         .headers()
-        .map_err(|e| DataError::Csv { path: path.to_path_buf(), line: 1, column: "header".into(), problem: e.to_string() })?
+        .map_err(|e| DataError::Csv {
+            path: path.to_path_buf(),
+            line: 1,
+            column: "header".into(),
+            problem: e.to_string(),
+        })?
         .clone();
     if header.iter().all(|h| h.trim().is_empty()) {
         return Err(DataError::EmptyFile { path: path.to_path_buf() });
@@ -229,7 +234,11 @@ pub fn for_each_lab_row(
                 } else {
                     parse_row(path, line, &record, &idx)
                 };
-                f(parsed.map_err(|error| BadLabRow { error, subject_id: lenient_subject(&record, &idx), charttime: lenient_time(&record, &idx) }))?;
+                f(parsed.map_err(|error| BadLabRow {
+                    error,
+                    subject_id: lenient_subject(&record, &idx),
+                    charttime: lenient_time(&record, &idx),
+                }))?;
             }
             Err(e) => {
                 let line = e.position().map_or(0, |p| p.line());
@@ -322,7 +331,12 @@ fn parse_row(path: &Path, line: u64, rec: &csv::StringRecord, idx: &[Option<usiz
 
 /// Writes rows in the full MIMIC-IV labevents schema (empty cells for `None`).
 pub fn write_lab_csv(path: &Path, events: &[LabEvent]) -> Result<(), DataError> {
-    let io = |e: csv::Error| DataError::Csv { path: path.to_path_buf(), line: 0, column: "-".into(), problem: e.to_string() };
+    let io = |e: csv::Error| DataError::Csv {
+        path: path.to_path_buf(),
+        line: 0,
+        column: "-".into(),
+        problem: e.to_string(),
+    };
     let mut w = csv::Writer::from_path(path).map_err(io)?;
     w.write_record(LABEVENTS_COLUMNS).map_err(io)?;
     let s = |v: &Option<String>| v.clone().unwrap_or_default();
@@ -438,7 +452,8 @@ impl LabPercentiles {
 
     /// Writes the tables as JSON.
     pub fn save(&self, path: &Path) -> Result<(), DataError> {
-        let text = serde_json::to_string(self).map_err(|e| DataError::Json { path: path.to_path_buf(), problem: e.to_string() })?;
+        let text = serde_json::to_string(self)
+            .map_err(|e| DataError::Json { path: path.to_path_buf(), problem: e.to_string() })?;
         std::fs::write(path, text).map_err(|e| DataError::io(path, e))
     }
 
@@ -455,7 +470,9 @@ impl LabPercentiles {
             return Err(json(format!("fields `quantiles` and `counts` need {N_LAB_ITEMS} entries")));
         }
         for (i, q) in p.quantiles.iter().enumerate() {
-            if !(q.is_empty() || q.len() == N_QUANTILES) || q.windows(2).any(|w| w[0].partial_cmp(&w[1]).is_none_or(|o| o.is_gt())) {
+            if !(q.is_empty() || q.len() == N_QUANTILES)
+                || q.windows(2).any(|w| w[0].partial_cmp(&w[1]).is_none_or(|o| o.is_gt()))
+            {
                 return Err(json(format!(
                     "field `quantiles[{i}]` (itemid {}) must be empty or {N_QUANTILES} ascending numbers",
                     want[i]
@@ -581,7 +598,11 @@ mod tests {
         })
         .unwrap();
         let bad = bad.expect("the short row is reported");
-        assert!(bad.error.to_string().contains("labs.csv:2") && bad.error.to_string().contains("4 fields"), "{}", bad.error);
+        assert!(
+            bad.error.to_string().contains("labs.csv:2") && bad.error.to_string().contains("4 fields"),
+            "{}",
+            bad.error
+        );
         assert_eq!((bad.subject_id, bad.charttime.as_deref()), (Some(7), Some("2020-01-01 00:00:00")));
     }
 }

@@ -23,6 +23,6 @@ pub mod wfdb;
 
 pub use dataset::Dataset;
 pub use error::DataError;
-pub use sample::{read_jsonl, write_jsonl, QaKind, QaSample, Split};
 pub use inputs::{check_files, load_inputs, ModalityFiles, ModalityInputs};
 pub use labs::{lab_vector, LabEvent, LabPercentiles};
+pub use sample::{read_jsonl, write_jsonl, QaKind, QaSample, Split};

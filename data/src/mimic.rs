@@ -52,7 +52,8 @@ pub struct BuildMimicConfig {
 }
 
 /// What a build writes in its output folder, and deletes first when asked to replace it.
-pub const OWNED_OUTPUTS: [&str; 7] = ["ecg", "cxr", "labs", "qa.jsonl", "lab_percentiles.json", "build_report.json", "README.md"];
+pub const OWNED_OUTPUTS: [&str; 7] =
+    ["ecg", "cxr", "labs", "qa.jsonl", "lab_percentiles.json", "build_report.json", "README.md"];
 
 /// What the build did.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -134,8 +135,18 @@ impl Table {
     fn open(dir: &Path, name: &str) -> Result<Table, DataError> {
         let plain = dir.join(format!("{name}.csv"));
         let gz = dir.join(format!("{name}.csv.gz"));
-        let path = if plain.exists() { plain } else if gz.exists() { gz } else {
-            return Err(DataError::io(plain, std::io::Error::new(std::io::ErrorKind::NotFound, format!("neither {name}.csv nor {name}.csv.gz exists"))));
+        let path = if plain.exists() {
+            plain
+        } else if gz.exists() {
+            gz
+        } else {
+            return Err(DataError::io(
+                plain,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("neither {name}.csv nor {name}.csv.gz exists"),
+                ),
+            ));
         };
         let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(open_maybe_gz(&path)?);
         let header = csv_header(&path, &mut reader)?;
@@ -207,7 +218,13 @@ impl RowPolicy {
 
     /// A skipped admission whose reason shows in its own row of the admissions table.
     fn skip_admission(&mut self, a: &Admission, table: &Path, reason: &str, problem: String) {
-        self.skip(Skip { hadm_id: Some(a.hadm), reason: reason.into(), file: table.to_path_buf(), line: Some(a.line), problem });
+        self.skip(Skip {
+            hadm_id: Some(a.hadm),
+            reason: reason.into(),
+            file: table.to_path_buf(),
+            line: Some(a.line),
+            problem,
+        });
     }
 }
 
@@ -240,7 +257,8 @@ fn read_patients(hosp: &Path, policy: &mut RowPolicy) -> Result<BTreeSet<u64>, D
 fn read_admissions(hosp: &Path, policy: &mut RowPolicy) -> Result<(Vec<Admission>, PathBuf), DataError> {
     let t = Table::open(hosp, "admissions")?;
     let path = t.path.clone();
-    let (cs, ch, ca, cd) = (t.column("subject_id")?, t.column("hadm_id")?, t.column("admittime")?, t.column("dischtime")?);
+    let (cs, ch, ca, cd) =
+        (t.column("subject_id")?, t.column("hadm_id")?, t.column("admittime")?, t.column("dischtime")?);
     let mut out = Vec::new();
     t.rows(policy, |r| {
         out.push(Admission {
@@ -256,7 +274,11 @@ fn read_admissions(hosp: &Path, policy: &mut RowPolicy) -> Result<(Vec<Admission
     Ok((out, path))
 }
 
-fn read_diagnoses(hosp: &Path, allowed: &[Disease], policy: &mut RowPolicy) -> Result<HashMap<u64, BTreeSet<Disease>>, DataError> {
+fn read_diagnoses(
+    hosp: &Path,
+    allowed: &[Disease],
+    policy: &mut RowPolicy,
+) -> Result<HashMap<u64, BTreeSet<Disease>>, DataError> {
     let t = Table::open(hosp, "diagnoses_icd")?;
     let (ch, cc, cv) = (t.column("hadm_id")?, t.column("icd_code")?, t.column("icd_version")?);
     let mut out: HashMap<u64, BTreeSet<Disease>> = HashMap::new();
@@ -295,8 +317,13 @@ fn read_cxr_list(root: &Path, policy: &mut RowPolicy) -> Result<HashMap<u64, Vec
         Ok(t) => t,
         Err(_) => Table::open(root, "metadata")?,
     };
-    let (cdcm, cs, cst, cd, ct) =
-        (t.column("dicom_id")?, t.column("subject_id")?, t.column("study_id")?, t.column("StudyDate")?, t.column("StudyTime")?);
+    let (cdcm, cs, cst, cd, ct) = (
+        t.column("dicom_id")?,
+        t.column("subject_id")?,
+        t.column("study_id")?,
+        t.column("StudyDate")?,
+        t.column("StudyTime")?,
+    );
     let cview = t.column("ViewPosition").ok();
     let mut out: HashMap<u64, Vec<(i64, String)>> = HashMap::new();
     let mut lateral = 0;
@@ -312,7 +339,8 @@ fn read_cxr_list(root: &Path, policy: &mut RowPolicy) -> Result<HashMap<u64, Vec
         let study = id(r, cst, "study_id")?;
         let dicom = field(r, cdcm, "dicom_id")?;
         let (d, tm) = (field(r, cd, "StudyDate")?, field(r, ct, "StudyTime")?);
-        let when = parse_study_datetime(d, tm).ok_or_else(|| ("StudyTime".to_string(), format!("{d:?} {tm:?} is not a date and time")))?;
+        let when = parse_study_datetime(d, tm)
+            .ok_or_else(|| ("StudyTime".to_string(), format!("{d:?} {tm:?} is not a date and time")))?;
         let s = subject.to_string();
         let rel = format!("files/p{}/p{s}/s{study}/{dicom}.jpg", &s[..2.min(s.len())]);
         out.entry(subject).or_default().push((when, rel));
@@ -375,7 +403,8 @@ pub fn build_mimic(cfg: &BuildMimicConfig) -> Result<BuildReport, DataError> {
             continue;
         };
         let Some((cxr_time, cxr)) = first_within(cxrs.get(&a.subject), a.admit, a.disch) else {
-            let problem = format!("the CXR metadata has no PA/AP image of subject {} between admittime and dischtime", a.subject);
+            let problem =
+                format!("the CXR metadata has no PA/AP image of subject {} between admittime and dischtime", a.subject);
             policy.skip_admission(a, table, "no CXR in admission", problem);
             continue;
         };
@@ -413,7 +442,8 @@ fn collect_labs(cfg: &BuildMimicConfig, candidates: &mut [Candidate], policy: &m
                 // when its time is unreadable) are skipped; a row of no admission is reported alone.
                 let list = bad.subject_id.and_then(|s| by_subject.get(&s)).map_or(&[][..], Vec::as_slice);
                 let when = bad.charttime.as_deref().and_then(parse_datetime);
-                let hit: Vec<usize> = list.iter().copied().filter(|&i| when.is_none_or(|t| in_window(&candidates[i], t))).collect();
+                let hit: Vec<usize> =
+                    list.iter().copied().filter(|&i| when.is_none_or(|t| in_window(&candidates[i], t))).collect();
                 if hit.is_empty() {
                     return policy.bad_row(bad.error, "labevents");
                 }
@@ -442,7 +472,11 @@ fn collect_labs(cfg: &BuildMimicConfig, candidates: &mut [Candidate], policy: &m
 /// `hosp/labevents.csv`, else `hosp/labevents.csv.gz`.
 fn labevents_path(hosp: &Path) -> PathBuf {
     let plain = hosp.join("labevents.csv");
-    if plain.exists() { plain } else { hosp.join("labevents.csv.gz") }
+    if plain.exists() {
+        plain
+    } else {
+        hosp.join("labevents.csv.gz")
+    }
 }
 
 /// Checks one candidate's files with the readers training uses (the X-ray is decoded whole, so
@@ -468,7 +502,10 @@ fn check_output_folder(out: &Path, replace: bool) -> Result<(), DataError> {
     }
     names.sort();
     if !replace {
-        return Err(DataError::OutputNotEmpty { path: out.to_path_buf(), holds: names.into_iter().take(3).collect::<Vec<_>>().join(", ") });
+        return Err(DataError::OutputNotEmpty {
+            path: out.to_path_buf(),
+            holds: names.into_iter().take(3).collect::<Vec<_>>().join(", "),
+        });
     }
     for name in OWNED_OUTPUTS.iter().filter(|n| names.iter().any(|have| have == *n)) {
         let path = out.join(name);
@@ -502,13 +539,25 @@ fn write_dataset(
     for (k, mut c) in candidates.into_iter().enumerate() {
         progress.inc(k + 1);
         if let Some((file, line, problem)) = c.bad_lab_row.take() {
-            policy.skip(Skip { hadm_id: Some(c.hadm), reason: "bad labevents row in the lab window".into(), file, line, problem });
+            policy.skip(Skip {
+                hadm_id: Some(c.hadm),
+                reason: "bad labevents row in the lab window".into(),
+                file,
+                line,
+                problem,
+            });
             continue;
         }
         if c.labs.is_empty() {
             let problem = format!("no row of subject {} in the 24 h before the X-ray", c.subject);
             let file = labevents_path(&cfg.hosp);
-            policy.skip(Skip { hadm_id: Some(c.hadm), reason: "no labs in the 24 h before the CXR".into(), file, line: None, problem });
+            policy.skip(Skip {
+                hadm_id: Some(c.hadm),
+                reason: "no labs in the 24 h before the CXR".into(),
+                file,
+                line: None,
+                problem,
+            });
             continue;
         }
         let rec = match check_files(&c) {
@@ -579,7 +628,8 @@ fn write_dataset(
     report.skipped = policy.skipped;
     report.skips = policy.skips;
     let path = cfg.out.join("build_report.json");
-    let json = serde_json::to_string_pretty(&report).map_err(|e| DataError::Json { path: path.clone(), problem: e.to_string() })?;
+    let json = serde_json::to_string_pretty(&report)
+        .map_err(|e| DataError::Json { path: path.clone(), problem: e.to_string() })?;
     std::fs::write(&path, json).map_err(|e| DataError::io(&path, e))?;
     let readme = cfg.out.join("README.md");
     let text = format!(

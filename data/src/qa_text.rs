@@ -113,7 +113,11 @@ pub fn num(x: f64) -> String {
     } else {
         format!("{x:.3}")
     };
-    if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s }
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
 }
 
 fn placeholders(f: &Findings) -> String {
@@ -231,7 +235,10 @@ pub fn physiological_answer(f: &Findings) -> String {
             let shown: Vec<String> = f.labs.iter().take(MAX_LABS_DESCRIBED).map(LabFinding::describe).collect();
             think.push(format!("Labs: {}.", shown.join("; ")));
             abnormal.extend(
-                f.labs.iter().take(MAX_LABS_DESCRIBED).map(|l| format!("{} {}", if l.is_high() { "high" } else { "low" }, l.name)),
+                f.labs
+                    .iter()
+                    .take(MAX_LABS_DESCRIBED)
+                    .map(|l| format!("{} {}", if l.is_high() { "high" } else { "low" }, l.name)),
             );
         }
     }
@@ -374,7 +381,10 @@ mod tests {
         let f = findings();
         assert_eq!(physiological_question(&f), "<ecg> <lab> Describe the findings of each modality.");
         let p = physiological_answer(&f);
-        assert!(p.contains("irregular rhythm without P waves, 112 bpm") && p.contains("lactate 4.25 mmol/L high (0.5-2)"), "{p}");
+        assert!(
+            p.contains("irregular rhythm without P waves, 112 bpm") && p.contains("lactate 4.25 mmol/L high (0.5-2)"),
+            "{p}"
+        );
         assert!(p.ends_with("<answer>irregular rhythm; tachycardia; high lactate</answer>"), "{p}");
         let d = disease_answer(&f, &[Disease::AtrialFibrillation, Disease::Sepsis, Disease::Pneumonia]);
         assert!(d.contains("Lactate 4.25 mmol/L and heart rate 112 bpm suggest sepsis."), "{d}");

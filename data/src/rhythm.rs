@@ -99,7 +99,16 @@ mod tests {
             block_size: 0,
             description: "II".into(),
         };
-        WfdbRecord { name: "x".into(), fs, n_samples: 5000, signals: vec![spec], base_time: None, base_date: None, comments: vec![], adc: vec![adc] }
+        WfdbRecord {
+            name: "x".into(),
+            fs,
+            n_samples: 5000,
+            signals: vec![spec],
+            base_time: None,
+            base_date: None,
+            comments: vec![],
+            adc: vec![adc],
+        }
     }
 
     #[test]

@@ -116,9 +116,7 @@ impl QaSample {
                     }
                 }
                 None if n != 0 => {
-                    return Err(format!(
-                        "field `question` contains {placeholder} but `{field}` is null"
-                    ));
+                    return Err(format!("field `question` contains {placeholder} but `{field}` is null"));
                 }
                 None => {}
             }

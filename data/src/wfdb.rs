@@ -27,8 +27,7 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 
 /// The standard 12-lead order of the model input.
-pub const ECG_LEADS: [&str; 12] =
-    ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"];
+pub const ECG_LEADS: [&str; 12] = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"];
 /// Sampling rate of the model input.
 pub const ECG_MODEL_FS: f64 = 100.0;
 /// Samples per lead of the model input (10 s at 100 Hz).
@@ -138,9 +137,7 @@ impl WfdbRecord {
             .zip(&self.adc)
             .map(|(s, d)| {
                 let invalid = s.format.invalid_value();
-                d.iter()
-                    .map(|&v| if v == invalid { f64::NAN } else { (v - s.baseline) as f64 / s.gain })
-                    .collect()
+                d.iter().map(|&v| if v == invalid { f64::NAN } else { (v - s.baseline) as f64 / s.gain }).collect()
             })
             .collect()
     }
@@ -270,16 +267,7 @@ pub fn write_record(
     for s in &mut signals {
         s.file_name = dat_name.clone();
     }
-    let rec = WfdbRecord {
-        name,
-        fs,
-        n_samples,
-        signals,
-        base_time: None,
-        base_date: None,
-        comments: Vec::new(),
-        adc,
-    };
+    let rec = WfdbRecord { name, fs, n_samples, signals, base_time: None, base_date: None, comments: Vec::new(), adc };
     rec.write(stem)?;
     Ok(rec)
 }
@@ -293,7 +281,11 @@ fn stem_name(stem: &Path) -> Result<String, DataError> {
 }
 
 fn fmt_num(x: f64) -> String {
-    if x.fract() == 0.0 && x.abs() < 1e15 { format!("{}", x as i64) } else { format!("{x}") }
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        format!("{}", x as i64)
+    } else {
+        format!("{x}")
+    }
 }
 
 /// The WFDB checksum: the sum of the samples, kept to 16 bits, as a signed value.
@@ -322,9 +314,7 @@ fn encode(format: SignalFormat, samples: &[i32]) -> Vec<u8> {
 
 fn decode(format: SignalFormat, bytes: &[u8], n: usize) -> Vec<i32> {
     match format {
-        SignalFormat::F16 => {
-            bytes.chunks_exact(2).take(n).map(|c| i16::from_le_bytes([c[0], c[1]]) as i32).collect()
-        }
+        SignalFormat::F16 => bytes.chunks_exact(2).take(n).map(|c| i16::from_le_bytes([c[0], c[1]]) as i32).collect(),
         SignalFormat::F212 => {
             let mut out = Vec::with_capacity(n + 1);
             let twelve = |v: u32| if v > 2047 { v as i32 - 4096 } else { v as i32 };
@@ -400,7 +390,11 @@ fn parse_header(path: &Path, text: &str) -> Result<WfdbHeader, DataError> {
                 .unwrap_or(t)
                 .parse()
                 .map_err(|_| err(rec_line, "sampling frequency", format!("{t:?} is not a number")))?;
-            if v > 0.0 { v } else { DEFAULT_FS }
+            if v > 0.0 {
+                v
+            } else {
+                DEFAULT_FS
+            }
         }
     };
     let n_samples_hdr: usize = match toks.get(3) {
@@ -449,9 +443,7 @@ fn parse_signal_line(line: &str) -> Result<SignalSpec, (&'static str, String)> {
     let fmt_tok = toks.get(1).ok_or(("format", "missing".to_string()))?;
     let (format, byte_offset) = parse_format(fmt_tok).map_err(|p| ("format", p))?;
     let int = |i: usize, field: &'static str| -> Result<Option<i64>, (&'static str, String)> {
-        toks.get(i)
-            .map(|t| t.parse::<i64>().map_err(|_| (field, format!("{t:?} is not an integer"))))
-            .transpose()
+        toks.get(i).map(|t| t.parse::<i64>().map_err(|_| (field, format!("{t:?} is not an integer")))).transpose()
     };
     let adc_res = int(3, "ADC resolution")?.filter(|&v| v > 0).map_or(format.default_resolution(), |v| v as u32);
     let adc_zero = int(4, "ADC zero")?.unwrap_or(0) as i32;
@@ -562,7 +554,8 @@ pub fn parse_record(
     for (file, idx) in &files {
         let first = &rec.signals[idx[0]];
         let path = dir.join(file);
-        if idx.iter().any(|&i| rec.signals[i].format != first.format || rec.signals[i].byte_offset != first.byte_offset) {
+        if idx.iter().any(|&i| rec.signals[i].format != first.format || rec.signals[i].byte_offset != first.byte_offset)
+        {
             return Err(DataError::WfdbSignal {
                 path: hea.to_path_buf(),
                 problem: format!("signals in {file} mix formats or byte offsets"),
@@ -614,10 +607,7 @@ pub fn resample(x: &[f32], fs_in: f64, fs_out: f64) -> Vec<f32> {
     let half = (taps.len() / 2) as isize;
     let last = clean.len() as isize - 1;
     let filtered_at = |i: isize| -> f64 {
-        taps.iter()
-            .enumerate()
-            .map(|(k, &h)| h * clean[(i + k as isize - half).clamp(0, last) as usize] as f64)
-            .sum()
+        taps.iter().enumerate().map(|(k, &h)| h * clean[(i + k as isize - half).clamp(0, last) as usize] as f64).sum()
     };
     (0..n_out)
         .map(|j| {
@@ -641,7 +631,11 @@ fn lowpass_taps(cutoff: f64, ratio: f64) -> Vec<f64> {
     let mut h: Vec<f64> = (-m..=m)
         .map(|n| {
             let x = n as f64;
-            let sinc = if n == 0 { 2.0 * cutoff } else { (2.0 * std::f64::consts::PI * cutoff * x).sin() / (std::f64::consts::PI * x) };
+            let sinc = if n == 0 {
+                2.0 * cutoff
+            } else {
+                (2.0 * std::f64::consts::PI * cutoff * x).sin() / (std::f64::consts::PI * x)
+            };
             let w = 0.54 + 0.46 * (2.0 * std::f64::consts::PI * x / (len - 1.0)).cos();
             sinc * w
         })
@@ -693,7 +687,8 @@ mod tests {
 
     #[test]
     fn header_defaults_follow_the_spec() {
-        let h = parse_header(Path::new("x.hea"), "r1 2\n# a comment\nr1.dat 212\nr1.dat 212 0 0 7 3 0 0 V1 lead\n").unwrap();
+        let h = parse_header(Path::new("x.hea"), "r1 2\n# a comment\nr1.dat 212\nr1.dat 212 0 0 7 3 0 0 V1 lead\n")
+            .unwrap();
         assert_eq!(h.fs, 250.0);
         assert_eq!(h.n_samples, 0);
         assert_eq!(h.comments, vec!["a comment"]);
@@ -723,7 +718,8 @@ mod tests {
     /// number used to panic on a byte slice inside it.
     #[test]
     fn non_ascii_after_the_format_is_an_error_not_a_panic() {
-        let crash = b"ouour121\x08&&&&&&&&&&wf16 01 520 1000\nwt 16\xe0\xb6\xb512\xe0\xb6\xb7\xe0\xb6\xb7r 200. 131 3 -61";
+        let crash =
+            b"ouour121\x08&&&&&&&&&&wf16 01 520 1000\nwt 16\xe0\xb6\xb512\xe0\xb6\xb7\xe0\xb6\xb7r 200. 131 3 -61";
         let text = std::str::from_utf8(crash).unwrap();
         let e = parse_record(Path::new("fuzz.hea"), text, |_| Ok(Vec::new())).unwrap_err().to_string();
         assert!(e.contains("fuzz.hea") && e.contains("`format`"), "{e}");
@@ -746,7 +742,8 @@ mod tests {
     #[test]
     fn resample_decimates_low_frequencies_and_removes_aliases() {
         let fs = 500.0;
-        let slow: Vec<f32> = (0..5000).map(|i| (2.0 * std::f64::consts::PI * 5.0 * i as f64 / fs).sin() as f32).collect();
+        let slow: Vec<f32> =
+            (0..5000).map(|i| (2.0 * std::f64::consts::PI * 5.0 * i as f64 / fs).sin() as f32).collect();
         let r = resample(&slow, fs, 100.0);
         assert_eq!(r.len(), 1000);
         for (j, v) in r.iter().enumerate().skip(20).take(900) {
@@ -754,7 +751,8 @@ mod tests {
             assert!((v - want).abs() < 0.02, "{j}: {v} vs {want}");
         }
         // 120 Hz would alias to 20 Hz at 100 Hz without the low-pass.
-        let fast: Vec<f32> = (0..5000).map(|i| (2.0 * std::f64::consts::PI * 120.0 * i as f64 / fs).sin() as f32).collect();
+        let fast: Vec<f32> =
+            (0..5000).map(|i| (2.0 * std::f64::consts::PI * 120.0 * i as f64 / fs).sin() as f32).collect();
         let r = resample(&fast, fs, 100.0);
         let peak = r[50..950].iter().fold(0f32, |m, v| m.max(v.abs()));
         assert!(peak < 0.02, "aliased amplitude {peak}");
@@ -765,8 +763,26 @@ mod tests {
     #[test]
     fn signals_spread_over_two_files_and_a_byte_offset() {
         let dir = tempfile::tempdir().unwrap();
-        let a = write_record(&dir.path().join("a"), 500.0, &["I"], &[vec![0.5, -0.25, 1.0]], SignalFormat::F16, &[200.0], &[0]).unwrap();
-        let b = write_record(&dir.path().join("b"), 500.0, &["II"], &[vec![0.1, 0.2, 0.3]], SignalFormat::F212, &[100.0], &[7]).unwrap();
+        let a = write_record(
+            &dir.path().join("a"),
+            500.0,
+            &["I"],
+            &[vec![0.5, -0.25, 1.0]],
+            SignalFormat::F16,
+            &[200.0],
+            &[0],
+        )
+        .unwrap();
+        let b = write_record(
+            &dir.path().join("b"),
+            500.0,
+            &["II"],
+            &[vec![0.1, 0.2, 0.3]],
+            SignalFormat::F212,
+            &[100.0],
+            &[7],
+        )
+        .unwrap();
         // b.dat again, behind 4 bytes of preamble.
         let mut shifted = vec![9u8; 4];
         shifted.extend(std::fs::read(dir.path().join("b.dat")).unwrap());

@@ -3,11 +3,11 @@
 //! files/pNN/pSUBJECT/sSTUDY/DICOM.jpg), written by the test into a temporary directory.
 
 use flate2::write::GzEncoder;
+use medtvt_data::disease::Disease;
 use medtvt_data::labs::{read_lab_csv, LabPercentiles};
 use medtvt_data::mimic::{build_mimic, BuildMimicConfig};
 use medtvt_data::synth::ecg::{synthesize_ecg, EcgSigns};
 use medtvt_data::wfdb::{write_record, SignalFormat, ECG_LEADS};
-use medtvt_data::disease::Disease;
 use medtvt_data::{load_inputs, read_jsonl, QaKind};
 use rand::SeedableRng;
 use std::io::Write;
@@ -62,7 +62,9 @@ fn fake_tree(root: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path:
             let dicom = format!("d{k}aa-bb");
             cxr_image(&cxr, subject, cstudy, &dicom);
             meta.push_str(&format!("{dicom},{subject},{cstudy},CHEST (PA AND LAT),PA,40,48,21500{k}02,101500.000\n"));
-            meta.push_str(&format!("{dicom}-lat,{subject},{cstudy},CHEST (PA AND LAT),LATERAL,40,48,21500{k}02,101600.000\n"));
+            meta.push_str(&format!(
+                "{dicom}-lat,{subject},{cstudy},CHEST (PA AND LAT),LATERAL,40,48,21500{k}02,101600.000\n"
+            ));
         }
     }
     dx.push_str("10000001,20000001,1,I10,10\n10000001,20000001,2,E119,10\n10000001,20000001,3,K219,10\n");
@@ -83,7 +85,9 @@ fn fake_tree(root: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path:
     let mut row = |subject: u64, itemid: u32, time: &str, v: f64, lo: f64, hi: f64| {
         id += 1;
         let flag = if v < lo || v > hi { "abnormal" } else { "" };
-        labs.push_str(&format!("{id},{subject},,{id},{itemid},,{time},{time},{v},{v},mg/dL,{lo},{hi},{flag},ROUTINE,\n"));
+        labs.push_str(&format!(
+            "{id},{subject},,{id},{itemid},,{time},{time},{v},{v},mg/dL,{lo},{hi},{flag},ROUTINE,\n"
+        ));
     };
     for k in 1..=6u64 {
         let subject = 10_000_000 + k;
@@ -104,7 +108,16 @@ fn fake_tree(root: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path:
 
 fn config(root: &Path, strict: bool) -> BuildMimicConfig {
     let (hosp, ecg, cxr) = fake_tree(root);
-    BuildMimicConfig { hosp, ecg, cxr, out: root.join("out"), strict, replace: false, diseases: Disease::ALL.to_vec(), progress: false }
+    BuildMimicConfig {
+        hosp,
+        ecg,
+        cxr,
+        out: root.join("out"),
+        strict,
+        replace: false,
+        diseases: Disease::ALL.to_vec(),
+        progress: false,
+    }
 }
 
 #[test]
@@ -132,7 +145,8 @@ fn pairs_admissions_and_counts_skips_by_reason() {
     let phys1 = samples.iter().find(|s| s.id == "enc-20000001-phys").unwrap();
     assert_eq!(phys1.kind, QaKind::Physiological);
     // The rate is measured from the record (drawn at 72 bpm with beat-to-beat jitter).
-    let bpm: f64 = phys1.answer.split("sinus rhythm, ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
+    let bpm: f64 =
+        phys1.answer.split("sinus rhythm, ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
     assert!((68.0..=76.0).contains(&bpm), "{}", phys1.answer);
 
     // The lab slice holds the 24 h before the X-ray only.
@@ -179,7 +193,13 @@ fn each_skipped_admission_is_named_with_its_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), false);
     let report = build_mimic(&cfg).unwrap();
-    let skip = |hadm: u64| report.skips.iter().find(|s| s.hadm_id == Some(hadm)).unwrap_or_else(|| panic!("{hadm} not listed: {report:#?}"));
+    let skip = |hadm: u64| {
+        report
+            .skips
+            .iter()
+            .find(|s| s.hadm_id == Some(hadm))
+            .unwrap_or_else(|| panic!("{hadm} not listed: {report:#?}"))
+    };
     let admissions = cfg.hosp.join("admissions.csv");
     // Admission k is on line k + 1 of admissions.csv.
     let no_ecg = skip(20_000_003);
@@ -188,11 +208,15 @@ fn each_skipped_admission_is_named_with_its_file_and_line() {
     assert_eq!(skip(20_000_007).reason, "no CXR in admission");
     let ecg = skip(20_000_005);
     assert_eq!(ecg.reason, "unreadable ECG record");
-    assert!(ecg.file.ends_with("files/p1000/p10000005/s40000005/40000005.dat") && ecg.problem.contains("truncated"), "{ecg:?}");
+    assert!(
+        ecg.file.ends_with("files/p1000/p10000005/s40000005/40000005.dat") && ecg.problem.contains("truncated"),
+        "{ecg:?}"
+    );
     let labs = skip(20_000_006);
     assert!(labs.reason.starts_with("no labs") && labs.file.ends_with("labevents.csv.gz"), "{labs:?}");
     assert_eq!(report.skips.len(), 5, "{report:#?}");
-    let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cfg.out.join("build_report.json")).unwrap()).unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cfg.out.join("build_report.json")).unwrap()).unwrap();
     assert_eq!(written["skips"][0]["hadm_id"], 20_000_003);
     assert_eq!(written["skips"][0]["line"], 4);
     assert!(written["skips"][0]["file"].as_str().unwrap().ends_with("admissions.csv"));
@@ -220,7 +244,8 @@ fn a_bad_lab_row_in_the_window_skips_the_sample_instead_of_vanishing() {
     let cfg = config(dir.path(), false);
     let gz = cfg.hosp.join("labevents.csv.gz");
     let mut text = String::new();
-    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(std::fs::File::open(&gz).unwrap()), &mut text).unwrap();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(std::fs::File::open(&gz).unwrap()), &mut text)
+        .unwrap();
     std::fs::remove_file(&gz).unwrap();
     let lines = text.lines().count() as u64;
     // Admission 1's window: its lactate row does not parse. Subject 4 has no sample.
@@ -231,7 +256,10 @@ fn a_bad_lab_row_in_the_window_skips_the_sample_instead_of_vanishing() {
     let report = build_mimic(&cfg).unwrap();
     assert_eq!(report.matched, 1, "{report:#?}");
     let skip = report.skips.iter().find(|s| s.hadm_id == Some(20_000_001)).expect("admission 1 is skipped");
-    assert_eq!((skip.reason.as_str(), &skip.file, skip.line), ("bad labevents row in the lab window", &plain, Some(lines + 1)));
+    assert_eq!(
+        (skip.reason.as_str(), &skip.file, skip.line),
+        ("bad labevents row in the lab window", &plain, Some(lines + 1))
+    );
     assert!(skip.problem.contains("valuenum") && skip.problem.contains("four point five"), "{skip:?}");
     let row = report.skips.iter().find(|s| s.reason == "bad row in labevents").expect("the other row is reported");
     assert_eq!((row.hadm_id, row.line), (None, Some(lines + 2)));
@@ -253,7 +281,11 @@ fn a_non_empty_output_folder_is_refused_unless_replaced() {
     assert_eq!(report.matched, 2);
     assert!(!stale.exists(), "the previous build's files are gone");
     assert!(cfg.out.join("ecg/enc-20000001.hea").exists());
-    assert_eq!(std::fs::read_to_string(cfg.out.join("notes.txt")).unwrap(), "mine", "files the build does not own stay");
+    assert_eq!(
+        std::fs::read_to_string(cfg.out.join("notes.txt")).unwrap(),
+        "mine",
+        "files the build does not own stay"
+    );
 }
 
 #[test]

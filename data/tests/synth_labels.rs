@@ -4,10 +4,10 @@
 //! with the files; and the same seed gives byte-identical output.
 
 use medtvt_data::disease::Disease;
-use medtvt_data::labs::{latest_values, read_lab_csv, item_index, LabPercentiles};
+use medtvt_data::labs::{item_index, latest_values, read_lab_csv, LabPercentiles};
+use medtvt_data::rhythm::{measure_rhythm, r_peaks};
 use medtvt_data::synth::cxr::{LEFT_LUNG_MID, RIGHT_LUNG_MID};
 use medtvt_data::synth::{synthesize, SynthConfig};
-use medtvt_data::rhythm::{measure_rhythm, r_peaks};
 use medtvt_data::wfdb::{read_record, ECG_LEADS};
 use medtvt_data::{load_inputs, read_jsonl, QaKind, QaSample};
 use std::collections::BTreeMap;
@@ -44,7 +44,8 @@ fn read_ecg(stem: &Path, seen: &mut Seen) {
         let k = (r as f64 + dt * fs).round() as isize;
         x[k.clamp(0, n as isize - 1) as usize]
     };
-    let beats: Vec<usize> = peaks.iter().copied().filter(|&r| r as f64 > 0.2 * fs && (r as f64) < n as f64 - 0.45 * fs).collect();
+    let beats: Vec<usize> =
+        peaks.iter().copied().filter(|&r| r as f64 > 0.2 * fs && (r as f64) < n as f64 - 0.45 * fs).collect();
     let avg = |f: &dyn Fn(usize) -> f64| beats.iter().map(|&r| f(r)).sum::<f64>() / beats.len().max(1) as f64;
     let baseline = |x: &[f64], r: usize| (at(x, r, -0.09) + at(x, r, -0.07) + at(x, r, -0.06)) / 3.0;
     let (v1, v3, v5, v6) = (&leads[6], &leads[8], &leads[10], &leads[11]);
@@ -63,7 +64,8 @@ fn read_cxr(path: &Path, seen: &mut Seen) {
     let img = image::open(path).unwrap().to_luma8();
     let (w, h) = img.dimensions();
     let mean_in = |b: [f64; 4]| {
-        let (x0, x1, y0, y1) = ((b[0] * w as f64) as u32, (b[1] * w as f64) as u32, (b[2] * h as f64) as u32, (b[3] * h as f64) as u32);
+        let (x0, x1, y0, y1) =
+            ((b[0] * w as f64) as u32, (b[1] * w as f64) as u32, (b[2] * h as f64) as u32, (b[3] * h as f64) as u32);
         let mut s = 0.0;
         for y in y0..y1 {
             for x in x0..x1 {

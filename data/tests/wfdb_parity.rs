@@ -86,7 +86,8 @@ fn our_record() -> (Vec<Vec<f32>>, Vec<f64>, Vec<i32>) {
                         return f32::NAN;
                     }
                     let x = t as f32 / 500.0;
-                    0.9 * (std::f32::consts::TAU * (lead as f32 + 1.0) * x).sin() + 0.05 * ((t * 7 + lead) % 13) as f32 - 0.3
+                    0.9 * (std::f32::consts::TAU * (lead as f32 + 1.0) * x).sin() + 0.05 * ((t * 7 + lead) % 13) as f32
+                        - 0.3
                 })
                 .collect()
         })
@@ -148,7 +149,10 @@ fn our_written_records_read_the_same_in_wfdb() {
         for ext in ["hea", "dat"] {
             let committed = std::fs::read(fixtures().join(format!("{name}.{ext}"))).unwrap();
             let now = std::fs::read(stem.with_extension(ext)).unwrap();
-            assert!(committed == now, "{name}.{ext} differs from the committed fixture (rerun with MEDTVT_BLESS=1 and the fixture script)");
+            assert!(
+                committed == now,
+                "{name}.{ext} differs from the committed fixture (rerun with MEDTVT_BLESS=1 and the fixture script)"
+            );
         }
         // wfdb's reading of the committed copy (made by the fixture script) equals ours.
         let wfdb_json = fixtures().join(format!("{name}.json"));
@@ -162,7 +166,8 @@ fn our_written_records_read_the_same_in_wfdb() {
             let expected = dir.path().join(format!("{name}.expected.json"));
             std::fs::write(&expected, describe(&rec).to_string()).unwrap();
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make_data_fixtures.py");
-            let out = std::process::Command::new(py).arg(script).arg("verify").arg(&stem).arg(&expected).output().unwrap();
+            let out =
+                std::process::Command::new(py).arg(script).arg("verify").arg(&stem).arg(&expected).output().unwrap();
             assert!(out.status.success(), "wfdb disagrees: {}", String::from_utf8_lossy(&out.stdout));
         } else {
             eprintln!("no .venv with wfdb: live wfdb check skipped, committed fixture checked");

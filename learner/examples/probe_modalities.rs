@@ -18,8 +18,8 @@
 use anyhow::{bail, Context, Result};
 use medtvt_config::{Stage, DEFAULT_DISEASES};
 use medtvt_data::{LabPercentiles, QaKind, QaSample, Split};
-use medtvt_role::inputs::{InputLoader, LAB_PERCENTILES_FILE};
 use medtvt_model::medtvt::{MedTvt, PromptBatch};
+use medtvt_role::inputs::{InputLoader, LAB_PERCENTILES_FILE};
 use std::path::PathBuf;
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
@@ -37,16 +37,23 @@ fn main() -> Result<()> {
         bail!("usage: probe_modalities CHECKPOINT_DIR DATA_DIR");
     };
     let (checkpoint, data) = (PathBuf::from(checkpoint), PathBuf::from(data));
-    let mut model = MedTvt::load(&checkpoint, Device::Cpu, Kind::Float).with_context(|| format!("loading {}", checkpoint.display()))?;
+    let mut model = MedTvt::load(&checkpoint, Device::Cpu, Kind::Float)
+        .with_context(|| format!("loading {}", checkpoint.display()))?;
     // SFT wiring: the MPL is used (a PT checkpoint's MPL is untrained, but shows what it passes).
     model.set_trainable(Stage::Sft, true);
     let samples = medtvt_data::read_jsonl(&data.join("qa.jsonl"))?;
     let percentiles = LabPercentiles::load(&data.join(LAB_PERCENTILES_FILE))?;
     let loader = InputLoader::new(data.clone(), percentiles, model.image_size() as u32);
-    let split = |which: Split| -> Vec<QaSample> { samples.iter().filter(|s| s.kind == QaKind::Disease && s.split == which).cloned().collect() };
+    let split = |which: Split| -> Vec<QaSample> {
+        samples.iter().filter(|s| s.kind == QaKind::Disease && s.split == which).cloned().collect()
+    };
     let train = features(&model, &loader, &split(Split::Train))?;
     let val = features(&model, &loader, &split(Split::Val))?;
-    println!("{} train and {} validation disease-level samples; balanced accuracy of a linear probe per disease\n", train.labels.size()[0], val.labels.size()[0]);
+    println!(
+        "{} train and {} validation disease-level samples; balanced accuracy of a linear probe per disease\n",
+        train.labels.size()[0],
+        val.labels.size()[0]
+    );
     println!("| input | mean train | mean val | {} |", DEFAULT_DISEASES.join(" | "));
     println!("|---|---:|---:|{}", "---:|".repeat(DEFAULT_DISEASES.len()));
     for ((name, x_train), (_, x_val)) in train.sets.iter().zip(&val.sets) {
@@ -80,7 +87,9 @@ fn features(model: &MedTvt, loader: &InputLoader, samples: &[QaSample]) -> Resul
     let sets = names
         .iter()
         .enumerate()
-        .map(|(i, name)| (name.clone(), Tensor::cat(&parts.iter().map(|p| p[i].1.shallow_clone()).collect::<Vec<_>>(), 0)))
+        .map(|(i, name)| {
+            (name.clone(), Tensor::cat(&parts.iter().map(|p| p[i].1.shallow_clone()).collect::<Vec<_>>(), 0))
+        })
         .collect();
     let labels = Tensor::from_slice(&labels).view([samples.len() as i64, DEFAULT_DISEASES.len() as i64]);
     Ok(Features { sets, labels })
@@ -144,8 +153,9 @@ fn probe(x_train: &Tensor, y_train: &Tensor, x_val: &Tensor, y_val: &Tensor) -> 
     let weights = y_train * (0.5 / positive) + (1.0 - y_train) * (0.5 / (1.0 - positive));
     for _ in 0..300 {
         let logits = xt.matmul(&w).squeeze_dim(1) + &bias;
-        let loss = logits.binary_cross_entropy_with_logits::<&Tensor>(y_train, Some(&weights), None, tch::Reduction::Mean)
-            + w.square().sum(Kind::Float) * 1e-3;
+        let loss =
+            logits.binary_cross_entropy_with_logits::<&Tensor>(y_train, Some(&weights), None, tch::Reduction::Mean)
+                + w.square().sum(Kind::Float) * 1e-3;
         opt.backward_step(&loss);
     }
     let balanced = |x: &Tensor, y: &Tensor| {

@@ -13,7 +13,9 @@ pub enum BatchError {
     Sample { index: usize, source: serde_json::Error },
     #[error("training batch: group of prompt {prompt_id} (epoch {epoch}) carries no prompt sample")]
     MissingPrompt { prompt_id: u64, epoch: u64 },
-    #[error("training batch: group of prompt {prompt_id} has {got} completions, expected grpo.group_size = {expected}")]
+    #[error(
+        "training batch: group of prompt {prompt_id} has {got} completions, expected grpo.group_size = {expected}"
+    )]
     GroupSize { prompt_id: u64, got: usize, expected: usize },
     #[error("training batch: a completion of prompt {prompt_id} has {tokens} tokens but {logprobs} log-probs")]
     LogprobCount { prompt_id: u64, tokens: usize, logprobs: usize },
@@ -25,7 +27,9 @@ pub enum BatchError {
 pub fn parse_samples<B: AsRef<[u8]>>(raw: &[B]) -> Result<Vec<QaSample>, BatchError> {
     raw.iter()
         .enumerate()
-        .map(|(index, line)| serde_json::from_slice(line.as_ref()).map_err(|source| BatchError::Sample { index, source }))
+        .map(|(index, line)| {
+            serde_json::from_slice(line.as_ref()).map_err(|source| BatchError::Sample { index, source })
+        })
         .collect()
 }
 
@@ -81,18 +85,28 @@ pub fn group_prompts(groups: &[RolloutGroup], group_size: usize) -> Result<Vec<Q
         .iter()
         .map(|g| {
             if g.completions.len() != group_size {
-                return Err(BatchError::GroupSize { prompt_id: g.prompt_id, got: g.completions.len(), expected: group_size });
+                return Err(BatchError::GroupSize {
+                    prompt_id: g.prompt_id,
+                    got: g.completions.len(),
+                    expected: group_size,
+                });
             }
             for c in &g.completions {
                 if c.token_ids.is_empty() {
                     return Err(BatchError::EmptyCompletion { prompt_id: g.prompt_id });
                 }
                 if c.token_ids.len() != c.logprobs.len() {
-                    return Err(BatchError::LogprobCount { prompt_id: g.prompt_id, tokens: c.token_ids.len(), logprobs: c.logprobs.len() });
+                    return Err(BatchError::LogprobCount {
+                        prompt_id: g.prompt_id,
+                        tokens: c.token_ids.len(),
+                        logprobs: c.logprobs.len(),
+                    });
                 }
             }
-            let prompt = g.prompt.as_ref().ok_or(BatchError::MissingPrompt { prompt_id: g.prompt_id, epoch: g.epoch })?;
-            serde_json::from_slice(&prompt.sample_json).map_err(|source| BatchError::Sample { index: g.prompt_id as usize, source })
+            let prompt =
+                g.prompt.as_ref().ok_or(BatchError::MissingPrompt { prompt_id: g.prompt_id, epoch: g.epoch })?;
+            serde_json::from_slice(&prompt.sample_json)
+                .map_err(|source| BatchError::Sample { index: g.prompt_id as usize, source })
         })
         .collect()
 }
@@ -133,7 +147,10 @@ pub fn assemble_grpo(groups: &[RolloutGroup], pad_id: i64, device: Device) -> Gr
         ids: Tensor::from_slice(&ids).view(shape).to_device(device),
         mask: Tensor::from_slice(&mask).view(shape).to_device(device),
         logp_old: Tensor::from_slice(&logp_old).view(shape).to_device(device),
-        rewards: Tensor::from_slice(&rewards).view([groups.len() as i64, g as i64]).to_kind(Kind::Float).to_device(device),
+        rewards: Tensor::from_slice(&rewards)
+            .view([groups.len() as i64, g as i64])
+            .to_kind(Kind::Float)
+            .to_device(device),
     }
 }
 

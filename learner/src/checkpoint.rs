@@ -78,7 +78,8 @@ pub fn save(root: &Path, mut content: CheckpointContent<'_>) -> Result<PathBuf, 
     content.state.weights_sha256 = write_tensors(&tmp.join("weights.safetensors"), content.weights)?;
     content.state.optimizer_sha256 = write_tensors(&tmp.join("optimizer.safetensors"), content.optimizer)?;
     let state_path = tmp.join("trainer_state.json");
-    let json = serde_json::to_vec_pretty(&content.state).map_err(|source| CheckpointError::State { path: tmp.clone(), source })?;
+    let json = serde_json::to_vec_pretty(&content.state)
+        .map_err(|source| CheckpointError::State { path: tmp.clone(), source })?;
     write_synced(&state_path, &json)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
@@ -92,7 +93,8 @@ pub fn save(root: &Path, mut content: CheckpointContent<'_>) -> Result<PathBuf, 
 pub fn load(dir: &Path) -> Result<LoadedCheckpoint, CheckpointError> {
     let state_path = dir.join("trainer_state.json");
     let text = std::fs::read(&state_path).map_err(|source| CheckpointError::Io { path: state_path.clone(), source })?;
-    let state: TrainerState = serde_json::from_slice(&text).map_err(|source| CheckpointError::State { path: dir.to_path_buf(), source })?;
+    let state: TrainerState =
+        serde_json::from_slice(&text).map_err(|source| CheckpointError::State { path: dir.to_path_buf(), source })?;
     let weights = read_verified(dir, "weights.safetensors", &state.weights_sha256)?;
     let optimizer = read_verified(dir, "optimizer.safetensors", &state.optimizer_sha256)?;
     Ok(LoadedCheckpoint { path: dir.to_path_buf(), weights, optimizer, state })
@@ -130,8 +132,10 @@ pub fn find<'a>(tensors: &'a [(String, Tensor)], name: &str, path: &Path) -> Res
 }
 
 fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<String, CheckpointError> {
-    let cpu: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
-    Tensor::write_safetensors(&cpu, path).map_err(|source| CheckpointError::Tensor { path: path.to_path_buf(), source })?;
+    let cpu: Vec<(String, Tensor)> =
+        tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
+    Tensor::write_safetensors(&cpu, path)
+        .map_err(|source| CheckpointError::Tensor { path: path.to_path_buf(), source })?;
     let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })?;
     let file = std::fs::File::open(path).map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })?;
     file.sync_all().map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })?;
@@ -143,7 +147,12 @@ fn read_verified(dir: &Path, file: &str, expected: &str) -> Result<Vec<(String, 
     let bytes = std::fs::read(&path).map_err(|source| CheckpointError::Io { path: path.clone(), source })?;
     let found = hex(&Sha256::digest(&bytes));
     if found != expected {
-        return Err(CheckpointError::Corrupt { path: dir.to_path_buf(), file: file.to_string(), found, expected: expected.to_string() });
+        return Err(CheckpointError::Corrupt {
+            path: dir.to_path_buf(),
+            file: file.to_string(),
+            found,
+            expected: expected.to_string(),
+        });
     }
     Tensor::read_safetensors(&path).map_err(|source| CheckpointError::Tensor { path, source })
 }
@@ -172,7 +181,15 @@ mod tests {
     use tch::{Device, Kind};
 
     fn state(step: u64) -> TrainerState {
-        TrainerState { step, adam_steps: step, rng_seed: 7, data_epoch: 0, data_position: step * 4, weights_sha256: String::new(), optimizer_sha256: String::new() }
+        TrainerState {
+            step,
+            adam_steps: step,
+            rng_seed: 7,
+            data_epoch: 0,
+            data_position: step * 4,
+            weights_sha256: String::new(),
+            optimizer_sha256: String::new(),
+        }
     }
 
     fn save_step(root: &Path, step: u64) -> Tensor {

@@ -284,7 +284,12 @@ pub fn kl_estimate(logp: &Tensor, logp_ref: &Tensor, estimator: KlEstimator) -> 
 /// multiplying the surrogate by w' corrects for it, the cap bounding the variance a rare
 /// token with a tiny sampler probability would add (TRL's vLLM correction, verl's rollout
 /// correction, both at token level).
-pub fn importance_weights(logp: &Tensor, logp_sampler: &Tensor, mode: ImportanceSampling, cap: f64) -> (Tensor, Tensor) {
+pub fn importance_weights(
+    logp: &Tensor,
+    logp_sampler: &Tensor,
+    mode: ImportanceSampling,
+    cap: f64,
+) -> (Tensor, Tensor) {
     let w = (logp.detach() - logp_sampler).exp();
     let over = w.gt(cap);
     let corrected = match mode {
@@ -349,7 +354,12 @@ impl MismatchSums {
 
 /// [`MismatchSums`] of the tokens where `mask` `[b, t]` is 1, for learner log-probs `logp` and
 /// sampler log-probs `logp_sampler` (both `[b, t]`) and the ratio clip range `clip`.
-pub fn sampler_mismatch(logp: &Tensor, logp_sampler: &Tensor, mask: &Tensor, clip: ClipRange) -> Result<MismatchSums, GrpoError> {
+pub fn sampler_mismatch(
+    logp: &Tensor,
+    logp_sampler: &Tensor,
+    mask: &Tensor,
+    clip: ClipRange,
+) -> Result<MismatchSums, GrpoError> {
     let on = mask.to_kind(Kind::Bool);
     let delta = (logp.detach().to_kind(Kind::Double) - logp_sampler.to_kind(Kind::Double)).masked_select(&on); // [n]
     let tokens = delta.numel() as f64;
@@ -406,7 +416,12 @@ pub fn aggregate_loss(per_token: &Tensor, mask: &Tensor, mode: LossAggregation, 
 /// total denominator gives exactly the loss of the whole step's batch on one learner, whatever
 /// the shards' token counts (a mean of per-shard means would weight a shard's tokens by
 /// 1 / its own token count instead).
-pub fn aggregation_numerator(per_token: &Tensor, mask: &Tensor, mode: LossAggregation, token_sum_divisor: f64) -> Tensor {
+pub fn aggregation_numerator(
+    per_token: &Tensor,
+    mask: &Tensor,
+    mode: LossAggregation,
+    token_sum_divisor: f64,
+) -> Tensor {
     let kind = per_token.kind();
     let mask = mask.to_kind(kind);
     let masked = per_token * &mask;
@@ -551,7 +566,8 @@ fn importance_term(batch: &GrpoBatch<'_>, options: &GrpoOptions) -> Result<Optio
         return Ok(None);
     }
     let sampler = batch.logp_sampler.ok_or(GrpoError::MissingSamplerLogprobs)?;
-    let (weights, over) = importance_weights(batch.logp, sampler, options.importance_sampling, options.importance_sampling_cap);
+    let (weights, over) =
+        importance_weights(batch.logp, sampler, options.importance_sampling, options.importance_sampling_cap);
     Ok(Some((weights.to_kind(batch.logp.kind()), over)))
 }
 
@@ -579,7 +595,12 @@ fn check_batch(batch: &GrpoBatch<'_>) -> Result<(), GrpoError> {
     if expected.len() != 2 {
         return shape_error("mask", expected, "[b, t]".into());
     }
-    let pairs = [("logp", Some(batch.logp)), ("logp_old", batch.logp_old), ("logp_ref", batch.logp_ref), ("logp_sampler", batch.logp_sampler)];
+    let pairs = [
+        ("logp", Some(batch.logp)),
+        ("logp_old", batch.logp_old),
+        ("logp_ref", batch.logp_ref),
+        ("logp_sampler", batch.logp_sampler),
+    ];
     for (what, tensor) in pairs {
         if let Some(tensor) = tensor {
             if tensor.size() != expected {
@@ -758,7 +779,10 @@ mod tests {
         }
         // Token mean of shard means: (1.5 + 4) / 2 = 2.75, not the batch's 7 / 3.
         let shard_means: f64 = (0..2)
-            .map(|r| values(&aggregate_loss(&loss.narrow(0, r, 1), &mask.narrow(0, r, 1), LossAggregation::TokenMean, 3.0))[0])
+            .map(|r| {
+                values(&aggregate_loss(&loss.narrow(0, r, 1), &mask.narrow(0, r, 1), LossAggregation::TokenMean, 3.0))
+                    [0]
+            })
             .sum::<f64>()
             / 2.0;
         assert!((shard_means - 2.75).abs() < 1e-12);
@@ -781,8 +805,14 @@ mod tests {
         let mask = t2(&[&[1.0, 1.0], &[1.0, 0.0]]);
         let advantages = Tensor::from_slice(&[1.0f64, -2.0]);
         let options = GrpoOptions { beta: 0.1, ..GrpoOptions::default() };
-        let batch =
-            GrpoBatch { logp: &logp, logp_old: None, logp_ref: Some(&reference), logp_sampler: None, advantages: &advantages, mask: &mask };
+        let batch = GrpoBatch {
+            logp: &logp,
+            logp_old: None,
+            logp_ref: Some(&reference),
+            logp_sampler: None,
+            advantages: &advantages,
+            mask: &mask,
+        };
         let out = grpo_loss(batch, &options).unwrap();
         // On-policy: ratio 1, surrogate = -A per token: [-1, -1, 2]; token mean = 0 / 3 = 0.
         // k3 on token 2 of sequence 1 (ref - logp = ln 2): 2 - ln 2 - 1; others 0.
@@ -807,8 +837,14 @@ mod tests {
         let mask = t2(&[&[1.0, 1.0]]);
         let advantages = Tensor::from_slice(&[1.0f64]);
         let options = GrpoOptions { beta: 0.0, ..GrpoOptions::default() };
-        let batch =
-            GrpoBatch { logp: &logp, logp_old: Some(&old), logp_ref: None, logp_sampler: None, advantages: &advantages, mask: &mask };
+        let batch = GrpoBatch {
+            logp: &logp,
+            logp_old: Some(&old),
+            logp_ref: None,
+            logp_sampler: None,
+            advantages: &advantages,
+            mask: &mask,
+        };
         let m = grpo_loss(batch, &options).unwrap().metrics;
         // Token 1: ratio 1.5 clipped to 1.2 -> -1.2; token 2: ratio 1 -> -1. Mean -1.1.
         assert!((m.loss + 1.1).abs() < 1e-12);
@@ -821,7 +857,14 @@ mod tests {
         let logp = t2(&[&[0.0, 0.0]]);
         let mask = t2(&[&[1.0, 1.0]]);
         let advantages = Tensor::from_slice(&[1.0f64]);
-        let batch = GrpoBatch { logp: &logp, logp_old: None, logp_ref: None, logp_sampler: None, advantages: &advantages, mask: &mask };
+        let batch = GrpoBatch {
+            logp: &logp,
+            logp_old: None,
+            logp_ref: None,
+            logp_sampler: None,
+            advantages: &advantages,
+            mask: &mask,
+        };
         let err = grpo_loss(batch, &GrpoOptions::default()).unwrap_err();
         assert!(matches!(err, GrpoError::MissingReference { .. }), "{err}");
         let wrong = Tensor::from_slice(&[1.0f64, 2.0]);
@@ -851,12 +894,27 @@ mod tests {
         let sampler = t2(&[&[-1.0, -2.0 - 3.0f64.ln()]]);
         let mask = t2(&[&[1.0, 1.0]]);
         let advantages = Tensor::from_slice(&[1.0f64]);
-        let options = GrpoOptions { beta: 0.0, importance_sampling: ImportanceSampling::Truncate, importance_sampling_cap: 2.0, ..Default::default() };
-        let batch = GrpoBatch { logp: &logp, logp_old: None, logp_ref: None, logp_sampler: Some(&sampler), advantages: &advantages, mask: &mask };
+        let options = GrpoOptions {
+            beta: 0.0,
+            importance_sampling: ImportanceSampling::Truncate,
+            importance_sampling_cap: 2.0,
+            ..Default::default()
+        };
+        let batch = GrpoBatch {
+            logp: &logp,
+            logp_old: None,
+            logp_ref: None,
+            logp_sampler: Some(&sampler),
+            advantages: &advantages,
+            mask: &mask,
+        };
         let out = grpo_loss(batch, &options).unwrap();
         // Surrogate -A * ratio = -1 per token, weighted 1 and 2: token mean -1.5.
         assert!((out.metrics.loss + 1.5).abs() < 1e-12, "{}", out.metrics.loss);
-        assert_eq!((out.metrics.is_weight_mean, out.metrics.is_weight_max, out.metrics.is_corrected_fraction), (Some(1.5), Some(2.0), Some(0.5)));
+        assert_eq!(
+            (out.metrics.is_weight_mean, out.metrics.is_weight_max, out.metrics.is_corrected_fraction),
+            (Some(1.5), Some(2.0), Some(0.5))
+        );
         out.loss.backward();
         assert_all_close(&values(&logp.grad()), &[-0.5, -1.0]);
         let missing = GrpoBatch { logp_sampler: None, ..batch };

@@ -11,17 +11,19 @@
 
 use crate::checkpoint;
 use crate::collective::{CollectiveError, GradientCollective, SingleRank, TcpCollective};
-use medtvt_role::inputs::InputLoader;
 use crate::metrics_log::{self, MetricsRecord};
 use crate::nccl_collective::NcclCollective;
-use medtvt_model::policy::Policy;
-use medtvt_role::device::{job_device, ConfigDeviceError};
-use medtvt_role::rpc::{CoordinatorLink, RpcError};
 use crate::trainer::{StepData, Trainer, TrainerOptions};
-use medtvt_role::weights::weight_chunks;
 use medtvt_config::{RunConfig, Stage};
 use medtvt_data::Split;
-use medtvt_proto::v1::{FinishJobRequest, JobAssignment, PullBatchRequest, RendezvousRequest, RolloutGroup, StepReport, TrainingBatch};
+use medtvt_model::policy::Policy;
+use medtvt_proto::v1::{
+    FinishJobRequest, JobAssignment, PullBatchRequest, RendezvousRequest, RolloutGroup, StepReport, TrainingBatch,
+};
+use medtvt_role::device::{job_device, ConfigDeviceError};
+use medtvt_role::inputs::InputLoader;
+use medtvt_role::rpc::{CoordinatorLink, RpcError};
+use medtvt_role::weights::weight_chunks;
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -88,11 +90,20 @@ pub fn rank_report_path(cfg: &RunConfig, rank: usize) -> PathBuf {
 }
 
 /// Runs the job; on failure rank 0 also fails the job at the coordinator.
-pub fn run_job<P: Policy>(link: &CoordinatorLink, me: &LearnerIdentity, job: &JobAssignment) -> Result<JobEnd, JobError> {
+pub fn run_job<P: Policy>(
+    link: &CoordinatorLink,
+    me: &LearnerIdentity,
+    job: &JobAssignment,
+) -> Result<JobEnd, JobError> {
     let result = run_job_inner::<P>(link, me, job);
     if let Err(err) = &result {
         if me.rank == 0 && !link.stop_flag().is_stopped() {
-            let request = FinishJobRequest { job_id: job.job_id, rank: 0, checkpoint_dir: String::new(), failure: err.to_string() };
+            let request = FinishJobRequest {
+                job_id: job.job_id,
+                rank: 0,
+                checkpoint_dir: String::new(),
+                failure: err.to_string(),
+            };
             if let Err(report) = link.call("FinishJob", |mut c| {
                 let request = request.clone();
                 async move { c.finish_job(request).await }
@@ -104,11 +115,16 @@ pub fn run_job<P: Policy>(link: &CoordinatorLink, me: &LearnerIdentity, job: &Jo
     result
 }
 
-fn run_job_inner<P: Policy>(link: &CoordinatorLink, me: &LearnerIdentity, job: &JobAssignment) -> Result<JobEnd, JobError> {
+fn run_job_inner<P: Policy>(
+    link: &CoordinatorLink,
+    me: &LearnerIdentity,
+    job: &JobAssignment,
+) -> Result<JobEnd, JobError> {
     let origin = PathBuf::from(format!("<job {} config>", job.job_id));
     let cfg = medtvt_config::parse_run_config(&job.config_toml, &origin, &[])
         .map_err(|source| JobError::Config { job_id: job.job_id, source })?;
-    let device = job_device(me.device, cfg.model.device).map_err(|source| JobError::Device { job_id: job.job_id, source })?;
+    let device =
+        job_device(me.device, cfg.model.device).map_err(|source| JobError::Device { job_id: job.job_id, source })?;
     let rendezvous = Rendezvous { link, job_id: job.job_id, rank: me.rank, world_size: me.world_size };
     let checkpoints = cfg.run.out_dir.join("checkpoints");
     let resume = checkpoint::latest_valid(&checkpoints);
@@ -150,7 +166,8 @@ fn run_job_inner<P: Policy>(link: &CoordinatorLink, me: &LearnerIdentity, job: &
     while trainer.step_index() < cfg.train.steps {
         let step = trainer.step_index();
         // Entered for the whole step, so the coordinator's spans of its calls are children.
-        let step_span = tracing::info_span!("train_step", job_id = job.job_id, step, rank = me.rank, stage = stage_name);
+        let step_span =
+            tracing::info_span!("train_step", job_id = job.job_id, step, rank = me.rank, stage = stage_name);
         let _entered = step_span.enter();
         let Some(batch) = pull_batch(link, job.job_id, me, step)? else {
             return Ok(JobEnd::Stopped { at_step: step });
@@ -191,7 +208,13 @@ fn run_job_inner<P: Policy>(link: &CoordinatorLink, me: &LearnerIdentity, job: &
 
 /// The end of a completed job: every rank records its weights digest; rank 0 writes the last
 /// checkpoint and `final/`, then finishes the job.
-fn finish<P: Policy>(link: &CoordinatorLink, job_id: u64, me: &LearnerIdentity, cfg: &RunConfig, trainer: &Trainer<P>) -> Result<JobEnd, JobError> {
+fn finish<P: Policy>(
+    link: &CoordinatorLink,
+    job_id: u64,
+    me: &LearnerIdentity,
+    cfg: &RunConfig,
+    trainer: &Trainer<P>,
+) -> Result<JobEnd, JobError> {
     let report_path = rank_report_path(cfg, me.rank);
     let report = serde_json::json!({ "rank": me.rank, "step": trainer.step_index(), "weights_sha256": trainer.weights_digest() });
     write_file(&report_path, report.to_string().as_bytes())?;
@@ -199,7 +222,12 @@ fn finish<P: Policy>(link: &CoordinatorLink, job_id: u64, me: &LearnerIdentity, 
     if me.rank == 0 {
         trainer.save_checkpoint(&cfg.run.out_dir.join("checkpoints"), cfg.run.seed)?;
         trainer.policy().save(&final_dir)?;
-        let request = FinishJobRequest { job_id, rank: 0, checkpoint_dir: final_dir.display().to_string(), failure: String::new() };
+        let request = FinishJobRequest {
+            job_id,
+            rank: 0,
+            checkpoint_dir: final_dir.display().to_string(),
+            failure: String::new(),
+        };
         link.call("FinishJob", |mut c| {
             let request = request.clone();
             async move { c.finish_job(request).await }
@@ -243,8 +271,14 @@ fn group_spans(groups: &[RolloutGroup], step: &tracing::Span) -> Vec<tracing::Sp
 }
 
 /// This rank's shard of `step`, waiting while it is pending; `None` when the job is done.
-fn pull_batch(link: &CoordinatorLink, job_id: u64, me: &LearnerIdentity, step: u64) -> Result<Option<TrainingBatch>, JobError> {
-    let request = PullBatchRequest { job_id, rank: me.rank as u32, world_size: me.world_size as u32, step, wait_ms: 5_000 };
+fn pull_batch(
+    link: &CoordinatorLink,
+    job_id: u64,
+    me: &LearnerIdentity,
+    step: u64,
+) -> Result<Option<TrainingBatch>, JobError> {
+    let request =
+        PullBatchRequest { job_id, rank: me.rank as u32, world_size: me.world_size as u32, step, wait_ms: 5_000 };
     loop {
         let batch = link.call("PullTrainingBatch", |mut c| async move { c.pull_training_batch(request).await })?;
         if batch.done {
@@ -283,7 +317,12 @@ fn step_data(loader: &InputLoader, batch: TrainingBatch) -> Result<StepData, Job
 /// Streams one policy version (the trainable tensors) to the coordinator. A learner resumed
 /// from a checkpoint re-trains steps whose versions the coordinator already holds: that refusal
 /// is expected and not an error.
-fn publish_weights(link: &CoordinatorLink, job_id: u64, version: u64, tensors: &[(String, tch::Tensor)]) -> Result<(), JobError> {
+fn publish_weights(
+    link: &CoordinatorLink,
+    job_id: u64,
+    version: u64,
+    tensors: &[(String, tch::Tensor)],
+) -> Result<(), JobError> {
     let chunks = weight_chunks(job_id, version, tensors);
     let published = link.call("PublishWeights", |mut c| {
         let chunks = chunks.clone();
@@ -322,7 +361,11 @@ impl Rendezvous<'_> {
             async move { c.rendezvous(request).await }
         })?;
         if response.payloads.len() != self.world_size {
-            return Err(JobError::Rendezvous(format!("key {key}: {} payloads for world size {}", response.payloads.len(), self.world_size)));
+            return Err(JobError::Rendezvous(format!(
+                "key {key}: {} payloads for world size {}",
+                response.payloads.len(),
+                self.world_size
+            )));
         }
         Ok(response.payloads.into_iter().map(|p| p.to_vec()).collect())
     }
@@ -330,16 +373,18 @@ impl Rendezvous<'_> {
 
 /// The from-scratch tokenizer: rank 0 trains it on the train split's questions and answers and
 /// saves it to `run.out_dir/tokenizer.json` (kept across restarts); the other ranks wait for it.
-fn shared_tokenizer<P: Policy>(cfg: &RunConfig, rendezvous: &Rendezvous<'_>, attempt: u64) -> Result<PathBuf, JobError> {
+fn shared_tokenizer<P: Policy>(
+    cfg: &RunConfig,
+    rendezvous: &Rendezvous<'_>,
+    attempt: u64,
+) -> Result<PathBuf, JobError> {
     let path = cfg.run.out_dir.join("tokenizer.json");
     if rendezvous.rank == 0 && !path.exists() {
         let samples = medtvt_data::read_jsonl(&cfg.data.dir.join("qa.jsonl"))?;
-        let texts: Vec<String> = samples
-            .into_iter()
-            .filter(|s| s.split == Split::Train)
-            .flat_map(|s| [s.question, s.answer])
-            .collect();
-        std::fs::create_dir_all(&cfg.run.out_dir).map_err(|source| JobError::Io { path: cfg.run.out_dir.clone(), source })?;
+        let texts: Vec<String> =
+            samples.into_iter().filter(|s| s.split == Split::Train).flat_map(|s| [s.question, s.answer]).collect();
+        std::fs::create_dir_all(&cfg.run.out_dir)
+            .map_err(|source| JobError::Io { path: cfg.run.out_dir.clone(), source })?;
         P::train_tokenizer(&texts, cfg.model.tiny.vocab_size, &path)?;
         tracing::info!(path = %path.display(), texts = texts.len(), "trained the tokenizer");
     }
@@ -350,7 +395,12 @@ fn shared_tokenizer<P: Policy>(cfg: &RunConfig, rendezvous: &Rendezvous<'_>, att
 
 /// SingleRank for one learner; otherwise the TCP collective, rank 0's address shared through
 /// Rendezvous.
-fn connect_collective(me: &LearnerIdentity, device: Device, rendezvous: &Rendezvous<'_>, attempt: u64) -> Result<Box<dyn GradientCollective>, JobError> {
+fn connect_collective(
+    me: &LearnerIdentity,
+    device: Device,
+    rendezvous: &Rendezvous<'_>,
+    attempt: u64,
+) -> Result<Box<dyn GradientCollective>, JobError> {
     if me.world_size == 1 {
         return Ok(Box::new(SingleRank));
     }
@@ -379,7 +429,8 @@ fn connect_collective(me: &LearnerIdentity, device: Device, rendezvous: &Rendezv
     } else {
         let payloads = rendezvous.all_gather(&key, Vec::new())?;
         let text = String::from_utf8_lossy(&payloads[0]).into_owned();
-        let root = resolve(&text).ok_or_else(|| JobError::Rendezvous(format!("rank 0 advertised `{text}`, not host:port")))?;
+        let root =
+            resolve(&text).ok_or_else(|| JobError::Rendezvous(format!("rank 0 advertised `{text}`, not host:port")))?;
         Ok(Box::new(TcpCollective::connect(me.rank, me.world_size, None, root, timeout)?))
     }
 }

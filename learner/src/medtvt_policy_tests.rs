@@ -1,23 +1,23 @@
 //! The trainer on the real MedTVT-R1 policy (`medtvt_model::policy::medtvt::MedTvtPolicy`): a tiny
 //! model overfits a handful of synthetic samples in SFT and GRPO, in f32 and bf16.
 
-use medtvt_config::{RunConfig, Stage};
-use medtvt_data::ModalityInputs;
-use medtvt_model::policy::medtvt::MedTvtPolicy;
-use medtvt_model::SamplingParams;
-use medtvt_model::policy::{Policy, RolloutSampling};
-use std::path::Path;
-use tch::{Device, Tensor};
 use crate::collective::SingleRank;
-use medtvt_role::inputs::{InputLoader, LAB_PERCENTILES_FILE};
-use crate::optim::{AdamWConfig, LrSchedule};
 use crate::grpo::{GrpoOptions, ImportanceSampling};
+use crate::optim::{AdamWConfig, LrSchedule};
 use crate::trainer::{GrpoStepOptions, StepData, Trainer, TrainerOptions};
 use medtvt_config::OldLogprobs;
-use tch::Kind;
-use medtvt_proto::v1::{Completion, Prompt, RolloutGroup};
+use medtvt_config::{RunConfig, Stage};
+use medtvt_data::ModalityInputs;
 use medtvt_data::{LabPercentiles, QaKind, QaSample};
 use medtvt_eval::{DiagnosisReward, DiseaseVocabulary, NameMatching, RewardWeights};
+use medtvt_model::policy::medtvt::MedTvtPolicy;
+use medtvt_model::policy::{Policy, RolloutSampling};
+use medtvt_model::SamplingParams;
+use medtvt_proto::v1::{Completion, Prompt, RolloutGroup};
+use medtvt_role::inputs::{InputLoader, LAB_PERCENTILES_FILE};
+use std::path::Path;
+use tch::Kind;
+use tch::{Device, Tensor};
 
 /// A tiny MedTVT run config for SFT in `model.dtype = dtype`; `[model.tiny]` decides the model.
 fn sft_config_in(data: &Path, dtype: &str) -> RunConfig {
@@ -48,8 +48,12 @@ impl Handful {
         let mut synth = medtvt_data::synth::SynthConfig::new(6, 11);
         synth.image_size = 32;
         medtvt_data::synth::synthesize(&data, &synth).unwrap();
-        let samples: Vec<QaSample> =
-            medtvt_data::read_jsonl(&data.join("qa.jsonl")).unwrap().into_iter().filter(|s| s.kind == QaKind::Disease).take(4).collect();
+        let samples: Vec<QaSample> = medtvt_data::read_jsonl(&data.join("qa.jsonl"))
+            .unwrap()
+            .into_iter()
+            .filter(|s| s.kind == QaKind::Disease)
+            .take(4)
+            .collect();
         assert_eq!(samples.len(), 4);
         let texts: Vec<String> = samples.iter().flat_map(|s| [s.question.clone(), s.answer.clone()]).collect();
         MedTvtPolicy::train_tokenizer(&texts, 512, &tmp.path().join("tokenizer.json")).unwrap();
@@ -62,7 +66,8 @@ impl Handful {
     /// A tiny model in `dtype` training every parameter.
     fn policy(&self, dtype: &str) -> MedTvtPolicy {
         let cfg = sft_config_in(&self.tmp.path().join("data"), dtype);
-        let mut policy = MedTvtPolicy::load(&cfg, Device::Cpu, Some(self.tmp.path().join("tokenizer.json").as_path())).unwrap();
+        let mut policy =
+            MedTvtPolicy::load(&cfg, Device::Cpu, Some(self.tmp.path().join("tokenizer.json").as_path())).unwrap();
         policy.set_trainable(Stage::Sft, true);
         policy
     }
@@ -113,7 +118,11 @@ impl Handful {
                         ..Default::default()
                     })
                     .collect(),
-                prompt: Some(Prompt { prompt_id: i as u64, epoch: 0, sample_json: serde_json::to_vec(sample).unwrap().into() }),
+                prompt: Some(Prompt {
+                    prompt_id: i as u64,
+                    epoch: 0,
+                    sample_json: serde_json::to_vec(sample).unwrap().into(),
+                }),
                 ..Default::default()
             })
             .collect();
@@ -136,11 +145,15 @@ fn grpo_options(old_logprobs: OldLogprobs, importance_sampling: ImportanceSampli
 #[test]
 fn f32_sampler_and_learner_agree_on_lag0_tokens() {
     let handful = Handful::new();
-    let mut trainer = handful.trainer_with("f32", 1e-3, Some(grpo_options(OldLogprobs::Sampler, ImportanceSampling::None, 3.0)));
+    let mut trainer =
+        handful.trainer_with("f32", 1e-3, Some(grpo_options(OldLogprobs::Sampler, ImportanceSampling::None, 3.0)));
     let data = handful.sampled_groups(trainer.policy(), 4);
     let m = trainer.step(&data).unwrap().metrics;
     assert!(m["mismatch/tokens"] > 16.0, "{m:?}");
-    eprintln!("f32 sampler and learner: |logp diff| mean {:e} p99 {:e} max {:e}", m["mismatch/logp_abs/mean"], m["mismatch/logp_abs/p99"], m["mismatch/logp_abs/max"]);
+    eprintln!(
+        "f32 sampler and learner: |logp diff| mean {:e} p99 {:e} max {:e}",
+        m["mismatch/logp_abs/mean"], m["mismatch/logp_abs/p99"], m["mismatch/logp_abs/max"]
+    );
     assert!(m["mismatch/logp_abs/max"] < 1e-5, "{m:?}");
     assert!(m["mismatch/logp_abs/p99"] <= m["mismatch/logp_abs/max"] + 1e-12);
     assert_eq!(m["mismatch/outside_clip"], 0.0);
@@ -152,15 +165,22 @@ fn f32_sampler_and_learner_agree_on_lag0_tokens() {
 fn a_bf16_sampler_shows_its_mismatch_and_the_correction_bounds_the_weights() {
     let handful = Handful::new();
     let cap = 1.001;
-    let mut trainer = handful.trainer_with("f32", 1e-3, Some(grpo_options(OldLogprobs::Learner, ImportanceSampling::Truncate, cap)));
+    let mut trainer =
+        handful.trainer_with("f32", 1e-3, Some(grpo_options(OldLogprobs::Learner, ImportanceSampling::Truncate, cap)));
     let mut sampler = handful.policy("bf16");
     sampler.copy_named_tensors(&trainer.policy().all_tensors()).unwrap();
     let data = handful.sampled_groups(&sampler, 4);
     let m = trainer.step(&data).unwrap().metrics;
-    eprintln!("bf16 sampler, f32 learner: |logp diff| mean {:e} p99 {:e} max {:e}", m["mismatch/logp_abs/mean"], m["mismatch/logp_abs/p99"], m["mismatch/logp_abs/max"]);
+    eprintln!(
+        "bf16 sampler, f32 learner: |logp diff| mean {:e} p99 {:e} max {:e}",
+        m["mismatch/logp_abs/mean"], m["mismatch/logp_abs/p99"], m["mismatch/logp_abs/max"]
+    );
     // Two orders of magnitude above the f32 sampler's (< 1e-5 at every token).
     assert!(m["mismatch/logp_abs/mean"] > 1e-4, "bf16 weights must show: {m:?}");
-    assert!(m["mismatch/logp_abs/max"] > cap.ln(), "some weight must exceed the cap for the test to mean anything: {m:?}");
+    assert!(
+        m["mismatch/logp_abs/max"] > cap.ln(),
+        "some weight must exceed the cap for the test to mean anything: {m:?}"
+    );
     assert!(m["is/corrected_fraction"] > 0.0, "{m:?}");
     assert!(m["is/weight_max"] <= cap + 1e-6, "the cap (in f32) bounds every weight: {m:?}");
     // The learner's own old log-probs: the ratio starts at 1, nothing is clipped.
@@ -188,22 +208,37 @@ fn bf16_training_moves_norm_weights_at_lr_1e_6_like_f32() {
             assert!(!trainer.step(&handful.step_data()).unwrap().skipped);
         }
         let after = norm_weights(&trainer);
-        let delta = Tensor::cat(&after.iter().zip(&before).map(|((_, a), b)| (a - b).view([-1])).collect::<Vec<_>>(), 0);
+        let delta =
+            Tensor::cat(&after.iter().zip(&before).map(|((_, a), b)| (a - b).view([-1])).collect::<Vec<_>>(), 0);
         if dtype == "bf16" {
-            let model: std::collections::BTreeMap<String, Tensor> = trainer.policy().all_tensors().into_iter().collect();
+            let model: std::collections::BTreeMap<String, Tensor> =
+                trainer.policy().all_tensors().into_iter().collect();
             for (name, master) in &after {
                 assert_eq!(model[name].kind(), Kind::BFloat16, "{name}");
-                assert!(model[name].equal(&master.to_kind(Kind::BFloat16)), "{name}: the bf16 copy is not the rounded master");
+                assert!(
+                    model[name].equal(&master.to_kind(Kind::BFloat16)),
+                    "{name}: the bf16 copy is not the rounded master"
+                );
             }
         }
         moved.push(delta);
     }
     let mean_abs = |t: &Tensor| t.abs().mean(Kind::Double).double_value(&[]);
     let (f32_move, bf16_move) = (mean_abs(&moved[0]), mean_abs(&moved[1]));
-    assert!(f32_move > 0.5e-6 * steps as f64, "the f32 run must move its norms for the comparison to mean anything: {f32_move}");
-    assert!((bf16_move / f32_move - 1.0).abs() < 0.25, "mean |change| of the norm weights: bf16 {bf16_move:e}, f32 {f32_move:e}");
-    let same_direction = moved[0].sign().eq_tensor(&moved[1].sign()).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
-    assert!(same_direction > 0.8, "bf16 and f32 moved the norm weights the same way for only {same_direction:.2} of them");
+    assert!(
+        f32_move > 0.5e-6 * steps as f64,
+        "the f32 run must move its norms for the comparison to mean anything: {f32_move}"
+    );
+    assert!(
+        (bf16_move / f32_move - 1.0).abs() < 0.25,
+        "mean |change| of the norm weights: bf16 {bf16_move:e}, f32 {f32_move:e}"
+    );
+    let same_direction =
+        moved[0].sign().eq_tensor(&moved[1].sign()).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    assert!(
+        same_direction > 0.8,
+        "bf16 and f32 moved the norm weights the same way for only {same_direction:.2} of them"
+    );
 }
 
 /// Issue #12: a short bf16 run's loss tracks the f32 run's.

@@ -28,7 +28,11 @@ pub fn append(path: &Path, record: &MetricsRecord) -> Result<(), MetricsLogError
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    let mut line = serde_json::to_string(record).map_err(|source| MetricsLogError::Parse { path: path.to_path_buf(), line: 0, source })?;
+    let mut line = serde_json::to_string(record).map_err(|source| MetricsLogError::Parse {
+        path: path.to_path_buf(),
+        line: 0,
+        source,
+    })?;
     line.push('\n');
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
     f.write_all(line.as_bytes()).map_err(io)
@@ -36,11 +40,18 @@ pub fn append(path: &Path, record: &MetricsRecord) -> Result<(), MetricsLogError
 
 /// Reads every record; a malformed line is an error naming its number.
 pub fn read_all(path: &Path) -> Result<Vec<MetricsRecord>, MetricsLogError> {
-    let text = std::fs::read_to_string(path).map_err(|source| MetricsLogError::Io { path: path.to_path_buf(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| MetricsLogError::Io { path: path.to_path_buf(), source })?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|source| MetricsLogError::Parse { path: path.to_path_buf(), line: i + 1, source }))
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|source| MetricsLogError::Parse {
+                path: path.to_path_buf(),
+                line: i + 1,
+                source,
+            })
+        })
         .collect()
 }
 

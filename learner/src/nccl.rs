@@ -24,11 +24,7 @@ impl NcclProbe {
         // SAFETY: these only try dlopen on a list of names and close what they opened.
         let cuda_driver_loadable = unsafe { cudarc::driver::sys::is_culib_present() };
         let nccl_loadable = unsafe { cudarc::nccl::sys::is_culib_present() };
-        NcclProbe {
-            cuda_driver_loadable,
-            nccl_loadable,
-            wheel_library: wheel_nccl(libtorch_lib_dir),
-        }
+        NcclProbe { cuda_driver_loadable, nccl_loadable, wheel_library: wheel_nccl(libtorch_lib_dir) }
     }
 
     /// A one-line human explanation of the state, with the fix when something is missing.

@@ -45,7 +45,11 @@ impl NcclCollective {
             return Err(nccl_error(rank, "set-up", "the NCCL collective needs a CUDA device"));
         };
         if unique_id.len() != NCCL_ID_BYTES {
-            return Err(nccl_error(rank, "set-up", format!("unique id has {} bytes, expected {NCCL_ID_BYTES}", unique_id.len())));
+            return Err(nccl_error(
+                rank,
+                "set-up",
+                format!("unique id has {} bytes, expected {NCCL_ID_BYTES}", unique_id.len()),
+            ));
         }
         let mut internal = [0 as ::core::ffi::c_char; NCCL_ID_BYTES];
         for (dst, &src) in internal.iter_mut().zip(unique_id) {
@@ -56,18 +60,29 @@ impl NcclCollective {
         let _ = Tensor::zeros([1], (Kind::Float, device));
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
         // SAFETY: `comm` is a valid out-pointer; the id came from ncclGetUniqueId on rank 0.
-        unsafe { result::comm_init_rank(&mut comm, world_size as i32, id, rank as i32) }.map_err(|e| nccl_error(rank, "init", e))?;
+        unsafe { result::comm_init_rank(&mut comm, world_size as i32, id, rank as i32) }
+            .map_err(|e| nccl_error(rank, "init", e))?;
         Ok(NcclCollective { comm, rank, world_size, device_index })
     }
 
     /// Packs `tensors` into one f32 buffer on the device, runs `op` on it, and copies it back.
-    fn in_place(&mut self, tensors: &[Tensor], op: impl FnOnce(&Tensor, usize) -> Result<(), CollectiveError>) -> Result<(), CollectiveError> {
+    fn in_place(
+        &mut self,
+        tensors: &[Tensor],
+        op: impl FnOnce(&Tensor, usize) -> Result<(), CollectiveError>,
+    ) -> Result<(), CollectiveError> {
         if tensors.is_empty() {
             return Ok(());
         }
         let device = Device::Cuda(self.device_index);
-        let flat = Tensor::cat(&tensors.iter().map(|t| t.detach().to_device(device).to_kind(Kind::Float).reshape([-1])).collect::<Vec<_>>(), 0)
-            .contiguous();
+        let flat = Tensor::cat(
+            &tensors
+                .iter()
+                .map(|t| t.detach().to_device(device).to_kind(Kind::Float).reshape([-1]))
+                .collect::<Vec<_>>(),
+            0,
+        )
+        .contiguous();
         let count = flat.numel();
         tch::Cuda::synchronize(self.device_index as i64);
         op(&flat, count)?;
@@ -102,7 +117,15 @@ impl GradientCollective for NcclCollective {
             // all-reduce with send == recv is allowed; stream null = the legacy default stream
             // libtorch also uses, and both sides are synchronised around the call.
             unsafe {
-                result::all_reduce(ptr, ptr, count, sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclSum, comm, std::ptr::null_mut())
+                result::all_reduce(
+                    ptr,
+                    ptr,
+                    count,
+                    sys::ncclDataType_t::ncclFloat32,
+                    sys::ncclRedOp_t::ncclSum,
+                    comm,
+                    std::ptr::null_mut(),
+                )
             }
             .map_err(|e| nccl_error(rank, "all-reduce", e))?;
             tch::Cuda::synchronize(device_index as i64);
@@ -118,8 +141,10 @@ impl GradientCollective for NcclCollective {
         self.in_place(tensors, |flat, count| {
             let ptr = flat.data_ptr();
             // SAFETY: as in all_reduce_mean; in-place broadcast from root 0.
-            unsafe { result::broadcast(ptr, ptr, count, sys::ncclDataType_t::ncclFloat32, 0, comm, std::ptr::null_mut()) }
-                .map_err(|e| nccl_error(rank, "broadcast", e))?;
+            unsafe {
+                result::broadcast(ptr, ptr, count, sys::ncclDataType_t::ncclFloat32, 0, comm, std::ptr::null_mut())
+            }
+            .map_err(|e| nccl_error(rank, "broadcast", e))?;
             Ok(())
         })
     }

@@ -118,7 +118,10 @@ impl AdamW {
         let missing: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).filter(|p| !p.grad().defined()).collect();
         if !missing.is_empty() {
             // tch exposes no grad setter; a zero-weighted backward allocates zero gradients.
-            let zero = missing.iter().map(|p| p.sum(Kind::Float)).fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |acc, s| acc + s.to_device(tch::Device::Cpu));
+            let zero = missing
+                .iter()
+                .map(|p| p.sum(Kind::Float))
+                .fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |acc, s| acc + s.to_device(tch::Device::Cpu));
             (zero * 0.0).backward();
         }
         self.params.iter().map(|(_, p)| p.grad()).collect()
@@ -171,10 +174,8 @@ fn master_of(p: &Tensor) -> Option<Tensor> {
 
 /// Global L2 norm of all gradients, in f64.
 pub fn grad_norm(grads: &[Tensor]) -> f64 {
-    let sq: f64 = grads
-        .iter()
-        .map(|g| g.to_kind(Kind::Float).pow_tensor_scalar(2).sum(Kind::Float).double_value(&[]))
-        .sum();
+    let sq: f64 =
+        grads.iter().map(|g| g.to_kind(Kind::Float).pow_tensor_scalar(2).sum(Kind::Float).double_value(&[])).sum();
     sq.sqrt()
 }
 
@@ -257,7 +258,10 @@ mod tests {
     fn parameters_without_gradients_are_left_alone_and_get_zero_grads_for_collectives() {
         let used = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let unused = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let mut opt = AdamW::new(vec![("a".into(), used.shallow_clone()), ("b".into(), unused.shallow_clone())], Default::default());
+        let mut opt = AdamW::new(
+            vec![("a".into(), used.shallow_clone()), ("b".into(), unused.shallow_clone())],
+            Default::default(),
+        );
         used.sum(Kind::Float).backward();
         let grads = opt.grads();
         assert_eq!(grads[1].size(), vec![3]);

@@ -80,7 +80,9 @@ pub async fn run<P: Policy + 'static>(args: LearnerArgs) -> Result<(), ProcessEr
         let me = me.clone();
         let outcome = tokio::task::spawn_blocking(move || job::run_job::<P>(&link, &me, &job)).await;
         match outcome {
-            Ok(Ok(JobEnd::Completed { steps, final_dir })) => tracing::info!(job = after, steps, final_dir = %final_dir.display(), "job completed"),
+            Ok(Ok(JobEnd::Completed { steps, final_dir })) => {
+                tracing::info!(job = after, steps, final_dir = %final_dir.display(), "job completed")
+            }
             Ok(Ok(JobEnd::Stopped { at_step })) => tracing::info!(job = after, at_step, "job ended by the coordinator"),
             Ok(Err(err)) => tracing::error!(job = after, error = %err, "job failed on this rank"),
             Err(join) => break Err(ProcessError::JobThread(join.to_string())),

@@ -22,9 +22,9 @@ use crate::checkpoint::{self, CheckpointContent, CheckpointError, LoadedCheckpoi
 use crate::collective::{CollectiveError, GradientCollective};
 use crate::grpo::{self, ClipRange, GrpoBatch, GrpoError, GrpoOptions, MismatchSums};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
-use medtvt_model::policy::{Policy, PolicyError};
 use medtvt_config::{OldLogprobs, RunConfig, Stage};
 use medtvt_data::ModalityInputs;
+use medtvt_model::policy::{Policy, PolicyError};
 use medtvt_proto::v1::{Completion, RolloutGroup};
 use medtvt_telemetry::metrics::StepMetric;
 use sha2::{Digest, Sha256};
@@ -116,7 +116,12 @@ impl TrainerOptions {
             max_answer_tokens: cfg.data.max_answer_tokens,
             grad_accumulation: t.grad_accumulation.max(1) as usize,
             grad_clip: t.grad_clip,
-            schedule: LrSchedule { peak: t.learning_rate, warmup: t.warmup_steps, total: t.steps, min_ratio: t.min_lr_ratio },
+            schedule: LrSchedule {
+                peak: t.learning_rate,
+                warmup: t.warmup_steps,
+                total: t.steps,
+                min_ratio: t.min_lr_ratio,
+            },
             adamw: AdamWConfig { weight_decay: t.weight_decay, ..AdamWConfig::default() },
             grpo,
         }
@@ -219,7 +224,12 @@ pub struct Trainer<P: Policy> {
 impl<P: Policy> Trainer<P> {
     /// `policy` must already have its trainable set chosen; its trainable tensors become the
     /// optimizer's parameters.
-    pub fn new(policy: P, reference: Option<P>, collective: Box<dyn GradientCollective>, options: TrainerOptions) -> Self {
+    pub fn new(
+        policy: P,
+        reference: Option<P>,
+        collective: Box<dyn GradientCollective>,
+        options: TrainerOptions,
+    ) -> Self {
         let optimizer = AdamW::new(policy.trainable_tensors(), options.adamw);
         Trainer { policy, reference, optimizer, collective, options, step: 0, skipped_steps: 0 }
     }
@@ -313,7 +323,9 @@ impl<P: Policy> Trainer<P> {
 
     fn grpo_backward(&mut self, groups: &[RolloutGroup], prompts: &[PromptInput]) -> Result<Sums, TrainError> {
         let Some(opts) = self.options.grpo else {
-            return Err(TrainError::Policy(PolicyError::Model("a GRPO batch reached a trainer without grpo options".into())));
+            return Err(TrainError::Policy(PolicyError::Model(
+                "a GRPO batch reached a trainer without grpo options".into(),
+            )));
         };
         let mut sums = Sums { rewards: batch::reward_sums(groups), ..Sums::default() };
         batch::group_prompts(groups, opts.group_size)?;
@@ -358,10 +370,13 @@ impl<P: Policy> Trainer<P> {
         let encoded = self.policy.encode_prompts(prompts, self.options.max_prompt_tokens)?;
         let repeated = self.policy.repeat_prompts(&encoded, opts.group_size as i64); // b = n * G rows
         let t = batch::assemble_grpo(groups, 0, device);
-        let advantages = grpo::group_advantages(&t.rewards, opts.loss.advantage, opts.loss.advantage_eps)?.advantages.reshape([-1]);
+        let advantages =
+            grpo::group_advantages(&t.rewards, opts.loss.advantage, opts.loss.advantage_eps)?.advantages.reshape([-1]);
         let logp = self.policy.score(&repeated, &t.ids, &t.mask, opts.temperature, false); // [b, t]: eval mode (no dropout), as the workers sampled
         let logp_ref = match (&self.reference, opts.loss.beta > 0.0) {
-            (Some(reference), true) => Some(tch::no_grad(|| reference.score(&repeated, &t.ids, &t.mask, opts.temperature, false))),
+            (Some(reference), true) => {
+                Some(tch::no_grad(|| reference.score(&repeated, &t.ids, &t.mask, opts.temperature, false)))
+            }
             _ => None,
         };
         let lag0: Vec<f32> = groups
@@ -369,7 +384,8 @@ impl<P: Policy> Trainer<P> {
             .flat_map(|g| std::iter::repeat_n(f32::from(u8::from(g.policy_version == self.step)), g.completions.len()))
             .collect();
         let lag0_mask = &t.mask * Tensor::from_slice(&lag0).to_device(device).unsqueeze(1); // [b, t]
-        let clip = ClipRange { eps_low: opts.loss.eps_low, eps_high: opts.loss.eps_high, dual_clip: opts.loss.dual_clip };
+        let clip =
+            ClipRange { eps_low: opts.loss.eps_low, eps_high: opts.loss.eps_high, dual_clip: opts.loss.dual_clip };
         let mismatch = grpo::sampler_mismatch(&logp, &t.logp_old, &lag0_mask, clip)?;
         let logp_old = match opts.old_logprobs {
             OldLogprobs::Sampler => Some(&t.logp_old),
@@ -517,10 +533,15 @@ impl<P: Policy> Trainer<P> {
         for (i, name) in names.iter().enumerate() {
             let w = checkpoint::find(&ckpt.weights, name, &ckpt.path)?;
             weights.push((name.clone(), w.to_kind(Kind::Float)));
-            for (prefix, dst) in [("exp_avg", &self.optimizer.exp_avg[i]), ("exp_avg_sq", &self.optimizer.exp_avg_sq[i])] {
+            for (prefix, dst) in
+                [("exp_avg", &self.optimizer.exp_avg[i]), ("exp_avg_sq", &self.optimizer.exp_avg_sq[i])]
+            {
                 let src = checkpoint::find(&ckpt.optimizer, &format!("{prefix}.{name}"), &ckpt.path)?;
                 if src.size() != dst.size() {
-                    return Err(TrainError::Resume { path: ckpt.path.clone(), problem: format!("{prefix}.{name} has shape {:?}, the model {:?}", src.size(), dst.size()) });
+                    return Err(TrainError::Resume {
+                        path: ckpt.path.clone(),
+                        problem: format!("{prefix}.{name} has shape {:?}, the model {:?}", src.size(), dst.size()),
+                    });
                 }
                 tch::no_grad(|| dst.shallow_clone().copy_(&src.to_device(dst.device()).to_kind(dst.kind())));
             }
@@ -564,9 +585,9 @@ pub fn weights_digest(tensors: &[(String, Tensor)]) -> String {
 mod tests {
     use super::*;
     use crate::collective::{SingleRank, TcpCollective};
-    use medtvt_model::policy::RolloutSampling;
-    use medtvt_model::policy::byte_policy::BytePolicy;
     use crate::grpo::LossAggregation;
+    use medtvt_model::policy::byte_policy::BytePolicy;
+    use medtvt_model::policy::RolloutSampling;
     use medtvt_proto::v1::{Completion, Prompt};
     use std::net::TcpListener;
     use std::time::Duration;
@@ -584,7 +605,11 @@ mod tests {
         }
     }
 
-    fn trainer(seed: i64, collective: Box<dyn GradientCollective>, grpo: Option<GrpoStepOptions>) -> Trainer<BytePolicy> {
+    fn trainer(
+        seed: i64,
+        collective: Box<dyn GradientCollective>,
+        grpo: Option<GrpoStepOptions>,
+    ) -> Trainer<BytePolicy> {
         let stage = if grpo.is_some() { Stage::Grpo } else { Stage::Pt };
         Trainer::new(BytePolicy::with_seed(16, seed), None, collective, options(stage, grpo))
     }
@@ -596,7 +621,8 @@ mod tests {
         }
     }
 
-    const PAIRS: [(&str, &str); 4] = [("<ecg> rhythm?", "afib"), ("<lab> kidneys?", "arf"), ("<cxr> lungs?", "pna"), ("<lab> sugar?", "dm")];
+    const PAIRS: [(&str, &str); 4] =
+        [("<ecg> rhythm?", "afib"), ("<lab> kidneys?", "arf"), ("<cxr> lungs?", "pna"), ("<lab> sugar?", "dm")];
 
     #[test]
     fn supervised_steps_reduce_the_answer_loss() {
@@ -722,10 +748,12 @@ mod tests {
         let sample = br#"{"id":"s","split":"train","kind":"disease","encounter_id":"e","ecg":null,"cxr":null,"lab":null,"question":"q","answer":"<answer>x</answer>","labels":[]}"#;
         let mut means = Vec::new();
         for step in 0..40u64 {
-            let prompts: Vec<PromptInput> = questions.iter().map(|q| (q.to_string(), ModalityInputs::default())).collect();
+            let prompts: Vec<PromptInput> =
+                questions.iter().map(|q| (q.to_string(), ModalityInputs::default())).collect();
             let encoded = t.policy().encode_prompts(&prompts, 64).unwrap();
             let repeated = t.policy().repeat_prompts(&encoded, g as i64);
-            let sampling = RolloutSampling { max_new_tokens: 6, temperature: 1.0, top_p: 1.0, top_k: 0, seed: 1000 + step };
+            let sampling =
+                RolloutSampling { max_new_tokens: 6, temperature: 1.0, top_p: 1.0, top_k: 0, seed: 1000 + step };
             let sampled = t.policy().sample(&repeated, &sampling).unwrap();
             let mut total = 0.0;
             let groups: Vec<RolloutGroup> = (0..questions.len())
@@ -736,7 +764,12 @@ mod tests {
                             let ids = &sampled.tokens[row];
                             let reward = ids.iter().filter(|&&id| id < 128).count() as f32 / ids.len().max(1) as f32;
                             total += f64::from(reward);
-                            Completion { token_ids: ids.clone(), logprobs: sampled.logprobs[row].clone(), reward, ..Default::default() }
+                            Completion {
+                                token_ids: ids.clone(),
+                                logprobs: sampled.logprobs[row].clone(),
+                                reward,
+                                ..Default::default()
+                            }
                         })
                         .collect(),
                     prompt: Some(Prompt { prompt_id: i as u64, epoch: 0, sample_json: sample.to_vec().into() }),
@@ -748,7 +781,10 @@ mod tests {
         }
         let first: f64 = means[..5].iter().sum::<f64>() / 5.0;
         let last: f64 = means[35..].iter().sum::<f64>() / 5.0;
-        assert!(first < 0.7 && last > first + 0.2, "mean sampled reward {first:.3} (first 5 steps) -> {last:.3} (last 5): {means:?}");
+        assert!(
+            first < 0.7 && last > first + 0.2,
+            "mean sampled reward {first:.3} (first 5 steps) -> {last:.3} (last 5): {means:?}"
+        );
     }
 
     #[test]
@@ -824,7 +860,10 @@ mod tests {
         let one = train_shards(vec![supervised(&PAIRS)], 6, None);
         let two = train_shards(vec![supervised(&PAIRS[..2]), supervised(&PAIRS[2..])], 6, None);
         let init = BytePolicy::with_seed(16, 21).all_tensors();
-        assert!(max_difference(&one[0], &init) > 0.05, "training must move the weights for the comparison to mean anything");
+        assert!(
+            max_difference(&one[0], &init) > 0.05,
+            "training must move the weights for the comparison to mean anything"
+        );
         assert_eq!(max_difference(&two[0], &two[1]), 0.0, "the two ranks hold identical weights");
         let diff = max_difference(&one[0], &two[0]);
         assert!(diff < 1e-5, "one learner and two learners differ by {diff}");
@@ -841,7 +880,10 @@ mod tests {
         let sample = br#"{"id":"s","split":"train","kind":"disease","encounter_id":"e","ecg":null,"cxr":null,"lab":"l.csv","question":"<lab> which?","answer":"<answer>x</answer>","labels":[]}"#;
         let group = |id: u64, texts: [&str; 2], rewards: [f32; 2]| RolloutGroup {
             prompt_id: id,
-            completions: vec![completion(texts[0], rewards[0], &policy, q), completion(texts[1], rewards[1], &policy, q)],
+            completions: vec![
+                completion(texts[0], rewards[0], &policy, q),
+                completion(texts[1], rewards[1], &policy, q),
+            ],
             prompt: Some(Prompt { prompt_id: id, epoch: 0, sample_json: sample.to_vec().into() }),
             ..Default::default()
         };

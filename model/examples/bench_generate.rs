@@ -92,7 +92,9 @@ fn parse_args() -> Result<Args, String> {
             "--threads" => args.threads = number(value()?)?,
             "--no-hf" => args.hf = false,
             "--greedy" => args.greedy = true,
-            "--help" | "-h" => return Err(include_str!("bench_generate.rs").lines().take(16).collect::<Vec<_>>().join("\n")),
+            "--help" | "-h" => {
+                return Err(include_str!("bench_generate.rs").lines().take(16).collect::<Vec<_>>().join("\n"))
+            }
             other => return Err(format!("unknown flag {other} (see --help)")),
         }
     }
@@ -177,7 +179,8 @@ fn bench_hf(dir: &Path, prompts: &[Vec<i64>], args: &Args) -> Result<(f64, f64, 
     if !out.status.success() {
         return Err(format!("transformers run failed: {}", String::from_utf8_lossy(&out.stderr)));
     }
-    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("bad reply from python: {e}"))?;
+    let reply: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("bad reply from python: {e}"))?;
     let get = |k: &str| reply[k].as_f64().ok_or_else(|| format!("python reply lacks {k}"));
     Ok((get("prefill_s")?, get("generate_s")?, get("threads")? as i64))
 }
@@ -228,7 +231,12 @@ fn run() -> Result<(), String> {
     println!("| medtvt (tch) | {:.0} | {:.0} | {:.3} |", rate(prompt_tokens, prefill), rate(new_tokens, total), total);
     if args.hf {
         let (hf_prefill, hf_total, threads) = bench_hf(&dir, &prompts, &args)?;
-        println!("| HF transformers generate ({threads} threads) | {:.0} | {:.0} | {:.3} |", rate(prompt_tokens, hf_prefill), rate(new_tokens, hf_total), hf_total);
+        println!(
+            "| HF transformers generate ({threads} threads) | {:.0} | {:.0} | {:.3} |",
+            rate(prompt_tokens, hf_prefill),
+            rate(new_tokens, hf_total),
+            hf_total
+        );
         println!("| ratio medtvt / HF | {:.2}x | {:.2}x | |", hf_prefill / prefill, hf_total / total);
     }
     Ok(())

@@ -77,7 +77,12 @@ impl ChatTemplate {
 
     /// `apply_chat_template([{system}, {user}], add_generation_prompt=True, tokenize=False)`;
     /// an empty `system` leaves the system message out.
-    pub fn render_prompt(&self, system: &str, user: &str, tokens: &TemplateTokens) -> Result<String, ChatTemplateError> {
+    pub fn render_prompt(
+        &self,
+        system: &str,
+        user: &str,
+        tokens: &TemplateTokens,
+    ) -> Result<String, ChatTemplateError> {
         let message = |role: &str, content: &str| {
             Value::from(BTreeMap::from([("role", Value::from(role)), ("content", Value::from(content))]))
         };
@@ -128,8 +133,20 @@ fn strftime_now(format: String) -> Result<String, Error> {
     strftime(&format, seconds)
 }
 
-const MONTHS: [&str; 12] =
-    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
 const WEEKDAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
 
 /// `format` applied to the UTC time `seconds` after the Unix epoch.
@@ -163,7 +180,10 @@ fn strftime(format: &str, seconds: u64) -> Result<String, Error> {
             Some('%') => out.push('%'),
             other => {
                 let directive = other.map(|c| format!("%{c}")).unwrap_or_else(|| "a trailing %".into());
-                return Err(Error::new(ErrorKind::InvalidOperation, format!("strftime_now: {directive} is not supported")));
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("strftime_now: {directive} is not supported"),
+                ));
             }
         }
     }
@@ -219,15 +239,22 @@ mod tests {
 {{ m['content'].strip().upper() }}{% if m.content.startswith(' ') %}!{% endif %}{% endfor %}\
 {% if add_generation_prompt %}{{ eos_token }}{% endif %}{% if pad_token is defined %}P{% endif %}",
         );
-        let tokens = TemplateTokens { bos_token: Some("<s>".into()), eos_token: Some("</s>".into()), ..TemplateTokens::default() };
+        let tokens = TemplateTokens {
+            bos_token: Some("<s>".into()),
+            eos_token: Some("</s>".into()),
+            ..TemplateTokens::default()
+        };
         assert_eq!(t.render_prompt("system", " ask ", &tokens).unwrap(), "<s>ASK!</s>");
     }
 
     #[test]
     fn errors_name_the_file_and_the_templates_own_message() {
-        let err = ChatTemplate::new("{% for %}".into(), Path::new("base/tokenizer_config.json")).unwrap_err().to_string();
+        let err =
+            ChatTemplate::new("{% for %}".into(), Path::new("base/tokenizer_config.json")).unwrap_err().to_string();
         assert!(err.starts_with("base/tokenizer_config.json: the chat template does not compile"), "{err}");
-        let t = template("{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}");
+        let t = template(
+            "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}",
+        );
         let err = t.render_prompt("sys", "q", &TemplateTokens::default()).unwrap_err().to_string();
         assert!(err.contains("test/tokenizer_config.json") && err.contains("System role not supported"), "{err}");
         // Without a system prompt the same template renders.
@@ -243,6 +270,8 @@ mod tests {
         assert_eq!(strftime("%Y-%m-%d %a", 0).unwrap(), "1970-01-01 Thu");
         assert_eq!(strftime("%Y-%m-%d", 951_782_400).unwrap(), "2000-02-29");
         assert!(strftime("%Q", t).unwrap_err().to_string().contains("%Q"));
-        assert!(template("{{ strftime_now('%Y') }}").render_prompt("", "", &TemplateTokens::default()).unwrap().len() == 4);
+        assert!(
+            template("{{ strftime_now('%Y') }}").render_prompt("", "", &TemplateTokens::default()).unwrap().len() == 4
+        );
     }
 }

@@ -28,7 +28,9 @@
 use crate::adapter::ModalityAdapter;
 use crate::chat_template::{ChatTemplate, ChatTemplateError, TemplateTokens};
 use crate::encoders::pretrained::{encoder_tensors, load_encoder_weights};
-use crate::encoders::{CxrEncoder, EcgEncoder, Encoder, EncoderWeightsError, LabEncoder, LabEncoderConfig, VitConfig, XResNet1dConfig};
+use crate::encoders::{
+    CxrEncoder, EcgEncoder, Encoder, EncoderWeightsError, LabEncoder, LabEncoderConfig, VitConfig, XResNet1dConfig,
+};
 use crate::llama::{self, GenerateError, Generation, Llama, LlamaConfig, SamplingParams, WeightsError};
 use crate::perception::{gates_per_sample, ModalityPerceptionLayer, MplConfig, SampleGates};
 use crate::special_tokens::{ChatFormat, SpecialTokens, SpecialTokensError};
@@ -48,8 +50,19 @@ pub const LAB_FEATURES: i64 = 100;
 
 /// Special tokens of the from-scratch tokenizer; the modality placeholders are added to a
 /// pretrained tokenizer that lacks them.
-pub const TINY_SPECIAL_TOKENS: [&str; 11] =
-    ["<pad>", "<eos>", "<ecg>", "<cxr>", "<lab>", "<|user|>", "<|assistant|>", "<think>", "</think>", "<answer>", "</answer>"];
+pub const TINY_SPECIAL_TOKENS: [&str; 11] = [
+    "<pad>",
+    "<eos>",
+    "<ecg>",
+    "<cxr>",
+    "<lab>",
+    "<|user|>",
+    "<|assistant|>",
+    "<think>",
+    "</think>",
+    "<answer>",
+    "</answer>",
+];
 const PLACEHOLDERS: [&str; 3] = ["<ecg>", "<cxr>", "<lab>"];
 /// The file that tells our checkpoint directory from a bare HF Llama one.
 const MEDTVT_JSON: &str = "medtvt.json";
@@ -57,7 +70,8 @@ const MEDTVT_JSON: &str = "medtvt.json";
 /// The tiny model's chat template, `<|user|>question<|assistant|>`: written to its checkpoints'
 /// tokenizer_config.json like any base's template. The tiny model is trained from scratch
 /// without a system prompt, so the template leaves the system message out.
-pub const TINY_CHAT_TEMPLATE: &str = "{% for message in messages %}{% if message['role'] == 'user' %}<|user|>{{ message['content'] }}\
+pub const TINY_CHAT_TEMPLATE: &str =
+    "{% for message in messages %}{% if message['role'] == 'user' %}<|user|>{{ message['content'] }}\
 {% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
 
 /// What the model asks the assistant to do (the spec's system prompt, in our words).
@@ -280,7 +294,11 @@ impl MedTvt {
     /// bare HF Llama directory), else the tiny model of `[model.tiny]` with `tokenizer` (needed
     /// then). Initialisation draws from libtorch's generator seeded with `run.seed`, so every
     /// process building the same config gets bit-identical weights.
-    pub fn from_run_config(cfg: &RunConfig, device: Device, tokenizer: Option<MedTokenizer>) -> Result<MedTvt, ModelError> {
+    pub fn from_run_config(
+        cfg: &RunConfig,
+        device: Device,
+        tokenizer: Option<MedTokenizer>,
+    ) -> Result<MedTvt, ModelError> {
         MedTvt::check_encoder_weights_apply(cfg)?;
         tch::manual_seed(cfg.run.seed as i64);
         let kind = kind_of(cfg.model.dtype);
@@ -353,9 +371,19 @@ impl MedTvt {
 
     /// The tiny model's template ([`TINY_CHAT_TEMPLATE`]) and tokens (`<eos>`, `<pad>`).
     fn tiny_chat_format(tokenizer: &MedTokenizer) -> Result<ChatFormat, ModelError> {
-        let template = ChatTemplate::new(TINY_CHAT_TEMPLATE.to_string(), Path::new("the tiny model's built-in chat template"))?;
-        let strings = TemplateTokens { eos_token: Some("<eos>".into()), pad_token: Some("<pad>".into()), ..TemplateTokens::default() };
-        let tokens = SpecialTokens { bos: None, eos: vec![tokenizer.require_id("<eos>")?], pad: tokenizer.require_id("<pad>")?, strings };
+        let template =
+            ChatTemplate::new(TINY_CHAT_TEMPLATE.to_string(), Path::new("the tiny model's built-in chat template"))?;
+        let strings = TemplateTokens {
+            eos_token: Some("<eos>".into()),
+            pad_token: Some("<pad>".into()),
+            ..TemplateTokens::default()
+        };
+        let tokens = SpecialTokens {
+            bos: None,
+            eos: vec![tokenizer.require_id("<eos>")?],
+            pad: tokenizer.require_id("<pad>")?,
+            strings,
+        };
         Ok(ChatFormat::new(template, tokens))
     }
 
@@ -381,9 +409,13 @@ impl MedTvt {
             ModalityAdapter::new(&(&root / "cxr_adapter"), cxr_encoder.output_dim(), d, blocks),
             ModalityAdapter::new(&(&root / "lab_adapter"), lab_encoder.output_dim(), d, blocks),
         ];
-        let mpl_config = MplConfig { dim: d, heads: modality.mpl_heads, dropout: modality.mpl_dropout, alpha: modality.mpl_alpha };
+        let mpl_config =
+            MplConfig { dim: d, heads: modality.mpl_heads, dropout: modality.mpl_dropout, alpha: modality.mpl_alpha };
         if d % mpl_config.heads != 0 {
-            return Err(ModelError::Invalid(format!("hidden size {d} is not divisible by the MPL's {} heads", mpl_config.heads)));
+            return Err(ModelError::Invalid(format!(
+                "hidden size {d} is not divisible by the MPL's {} heads",
+                mpl_config.heads
+            )));
         }
         let mpl = ModalityPerceptionLayer::new(&(&root / "mpl"), &mpl_config);
         let mut placeholder_ids = [0i64; 3];
@@ -431,7 +463,12 @@ impl MedTvt {
     /// [`MedTvt::load`] with `fresh` sizing the modality side of a bare HF directory (unused for
     /// our checkpoints, whose `medtvt.json` says). Adds the placeholders to the tokenizer and
     /// grows the decoder's vocabulary when they do not fit (see the module doc).
-    pub fn load_with_fresh_modality(dir: &Path, device: Device, kind: Kind, fresh: ModalityConfig) -> Result<MedTvt, ModelError> {
+    pub fn load_with_fresh_modality(
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+        fresh: ModalityConfig,
+    ) -> Result<MedTvt, ModelError> {
         let mut llm_config = LlamaConfig::from_file(dir.join("config.json")).map_err(WeightsError::from)?;
         let mut tokenizer = MedTokenizer::from_file(dir.join("tokenizer.json"))?;
         let medtvt_json = dir.join(MEDTVT_JSON);
@@ -439,7 +476,8 @@ impl MedTvt {
         let modality: ModalityConfig = if ours {
             let text = std::fs::read_to_string(&medtvt_json)
                 .map_err(|e| ModelError::File { path: medtvt_json.clone(), message: e.to_string() })?;
-            serde_json::from_str(&text).map_err(|e| ModelError::File { path: medtvt_json.clone(), message: e.to_string() })?
+            serde_json::from_str(&text)
+                .map_err(|e| ModelError::File { path: medtvt_json.clone(), message: e.to_string() })?
         } else {
             fresh
         };
@@ -458,7 +496,8 @@ impl MedTvt {
         }
         if ours {
             let path = dir.join("modality.safetensors");
-            let stored = Tensor::read_safetensors(&path).map_err(|e| ModelError::File { path: path.clone(), message: e.to_string() })?;
+            let stored = Tensor::read_safetensors(&path)
+                .map_err(|e| ModelError::File { path: path.clone(), message: e.to_string() })?;
             model.copy_named(&stored, |name| !name.starts_with("llm."), &path)?;
         }
         Ok(model)
@@ -473,10 +512,13 @@ impl MedTvt {
         config.bos_token_id = self.chat.tokens.bos;
         config.pad_token_id = Some(self.pad_id);
         llama::save_hf_with_prefix(&self.vs, "llm.", &config, dir)?;
-        let modality: Vec<(String, Tensor)> = self.named_variables().into_iter().filter(|(n, _)| !n.starts_with("llm.")).collect();
+        let modality: Vec<(String, Tensor)> =
+            self.named_variables().into_iter().filter(|(n, _)| !n.starts_with("llm.")).collect();
         let path = dir.join("modality.safetensors");
-        let cpu: Vec<(String, Tensor)> = modality.into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu))).collect();
-        Tensor::write_safetensors(&cpu, &path).map_err(|e| ModelError::File { path: path.clone(), message: e.to_string() })?;
+        let cpu: Vec<(String, Tensor)> =
+            modality.into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu))).collect();
+        Tensor::write_safetensors(&cpu, &path)
+            .map_err(|e| ModelError::File { path: path.clone(), message: e.to_string() })?;
         let json = dir.join(MEDTVT_JSON);
         let text = serde_json::to_string_pretty(&self.modality).map_err(|e| ModelError::Invalid(e.to_string()))?;
         std::fs::write(&json, text).map_err(|e| ModelError::File { path: json.clone(), message: e.to_string() })?;
@@ -571,12 +613,18 @@ impl MedTvt {
         self.copy_named(named, |_| true, Path::new("published weights"))
     }
 
-    fn copy_named(&self, named: &[(String, Tensor)], wanted: impl Fn(&str) -> bool, origin: &Path) -> Result<(), ModelError> {
+    fn copy_named(
+        &self,
+        named: &[(String, Tensor)],
+        wanted: impl Fn(&str) -> bool,
+        origin: &Path,
+    ) -> Result<(), ModelError> {
         let vars = self.vs.variables();
         for (name, value) in named.iter().filter(|(n, _)| wanted(n)) {
-            let var = vars
-                .get(name)
-                .ok_or_else(|| ModelError::File { path: origin.to_path_buf(), message: format!("unknown tensor `{name}`") })?;
+            let var = vars.get(name).ok_or_else(|| ModelError::File {
+                path: origin.to_path_buf(),
+                message: format!("unknown tensor `{name}`"),
+            })?;
             if var.size() != value.size() {
                 return Err(ModelError::File {
                     path: origin.to_path_buf(),
@@ -610,7 +658,11 @@ impl MedTvt {
 
     /// Tokenises questions (through the chat template) and stacks their modalities. A prompt
     /// longer than `max_prompt_tokens` keeps its start and its assistant header.
-    pub fn encode_prompts(&self, prompts: &[(String, ModalityInputs)], max_prompt_tokens: usize) -> Result<PromptBatch, ModelError> {
+    pub fn encode_prompts(
+        &self,
+        prompts: &[(String, ModalityInputs)],
+        max_prompt_tokens: usize,
+    ) -> Result<PromptBatch, ModelError> {
         if prompts.is_empty() {
             return Err(ModelError::Invalid("encode_prompts needs at least one prompt".into()));
         }
@@ -707,9 +759,15 @@ impl MedTvt {
         let n = present.size()[0];
         let d = self.llm.config().hidden_size;
         let absent = || Tensor::zeros([n, d], (self.vs.kind(), present.device()));
-        let ecg = if any[0] { self.adapters[0].forward(&self.ecg_encoder.forward_t(&unique(&batch.ecg), train)) } else { absent() };
-        let cxr = if any[1] { self.adapters[1].forward(&self.cxr_encoder.forward(&unique(&batch.cxr))) } else { absent() };
-        let lab = if any[2] { self.adapters[2].forward(&self.lab_encoder.forward(&unique(&batch.lab))) } else { absent() };
+        let ecg = if any[0] {
+            self.adapters[0].forward(&self.ecg_encoder.forward_t(&unique(&batch.ecg), train))
+        } else {
+            absent()
+        };
+        let cxr =
+            if any[1] { self.adapters[1].forward(&self.cxr_encoder.forward(&unique(&batch.cxr))) } else { absent() };
+        let lab =
+            if any[2] { self.adapters[2].forward(&self.lab_encoder.forward(&unique(&batch.lab))) } else { absent() };
         (Tensor::stack(&[ecg, cxr, lab], 1), present) // [n, 3, d], [n, 3]
     }
 
@@ -752,7 +810,11 @@ impl MedTvt {
     /// Samples completions (no grad, eval mode); EOS ids default to the tokenizer's. Returns the
     /// generation and each sample's CAO gates (`None` for an absent modality; in PT, where the
     /// MPL is bypassed, 1 for every present one).
-    pub fn generate(&self, batch: &PromptBatch, params: &SamplingParams) -> Result<(Generation, Vec<SampleGates>), ModelError> {
+    pub fn generate(
+        &self,
+        batch: &PromptBatch,
+        params: &SamplingParams,
+    ) -> Result<(Generation, Vec<SampleGates>), ModelError> {
         let _guard = tch::no_grad_guard();
         let (embeds, gates) = self.prompt_embeddings(batch, false);
         let mut params = params.clone();
@@ -765,7 +827,14 @@ impl MedTvt {
 
     /// Teacher-forced log-probs `[b, tc]` of completion ids under the model at `temperature`
     /// (0 on padding); differentiable when `train` or grads are enabled.
-    pub fn score(&self, batch: &PromptBatch, completion_ids: &Tensor, completion_mask: &Tensor, temperature: f64, train: bool) -> Tensor {
+    pub fn score(
+        &self,
+        batch: &PromptBatch,
+        completion_ids: &Tensor,
+        completion_mask: &Tensor,
+        temperature: f64,
+        train: bool,
+    ) -> Tensor {
         let (embeds, _) = self.prompt_embeddings(batch, train);
         llama::score_completions(&self.llm, &embeds, &batch.mask, completion_ids, completion_mask, temperature)
     }
@@ -773,7 +842,8 @@ impl MedTvt {
     /// Text of generated ids, special tokens kept except padding and EOS (the answer tags are
     /// special tokens of the tiny tokenizer and the rewards need them).
     pub fn decode(&self, ids: &[i64]) -> Result<String, ModelError> {
-        let kept: Vec<i64> = ids.iter().copied().filter(|id| *id != self.pad_id && !self.eos_ids.contains(id)).collect();
+        let kept: Vec<i64> =
+            ids.iter().copied().filter(|id| *id != self.pad_id && !self.eos_ids.contains(id)).collect();
         Ok(self.tokenizer.decode(&kept, false)?)
     }
 }
@@ -788,7 +858,10 @@ fn modality_tensor(values: &Option<Vec<f32>>, shape: &[i64], what: &str) -> Resu
     match values {
         None => Ok(Tensor::zeros(shape, (Kind::Float, Device::Cpu))),
         Some(v) if v.len() as i64 == numel => Ok(Tensor::from_slice(v).view(shape)),
-        Some(v) => Err(ModelError::Invalid(format!("{what} input has {} values, the model expects {shape:?} = {numel}", v.len()))),
+        Some(v) => Err(ModelError::Invalid(format!(
+            "{what} input has {} values, the model expects {shape:?} = {numel}",
+            v.len()
+        ))),
     }
 }
 
@@ -843,7 +916,9 @@ mod tests {
 
     fn corpus() -> Vec<String> {
         (0..50)
-            .map(|i| format!("<ecg> <cxr> <lab> question {i}? <think>rate {i} bpm</think><answer>sepsis; pneumonia</answer>"))
+            .map(|i| {
+                format!("<ecg> <cxr> <lab> question {i}? <think>rate {i} bpm</think><answer>sepsis; pneumonia</answer>")
+            })
             .collect()
     }
 
@@ -878,17 +953,22 @@ mod tests {
         let loaded = model_from(&tiny_config_with(&lines.join("\n")));
         for encoder in [Encoder::Ecg, Encoder::Cxr] {
             let path = dir.path().join(format!("{encoder:?}.safetensors"));
-            let file: std::collections::BTreeMap<String, Tensor> = Tensor::read_safetensors(&path).unwrap().into_iter().collect();
+            let file: std::collections::BTreeMap<String, Tensor> =
+                Tensor::read_safetensors(&path).unwrap().into_iter().collect();
             let params = loaded.encoder_tensors(encoder);
             assert_eq!(params.len(), file.len());
             for (name, value) in &params {
                 assert!(value.equal(&file[name]), "{encoder:?} {name} differs from the file");
             }
             let differs = fresh.encoder_tensors(encoder).iter().zip(&params).any(|((_, a), (_, b))| !a.equal(b));
-            assert!(differs, "{encoder:?}: the file must differ from the fresh initialisation for this test to mean anything");
+            assert!(
+                differs,
+                "{encoder:?}: the file must differ from the fresh initialisation for this test to mean anything"
+            );
         }
         // The lab encoder was not named: it keeps the seed's initialisation.
-        for ((name, a), (_, b)) in fresh.encoder_tensors(Encoder::Lab).iter().zip(loaded.encoder_tensors(Encoder::Lab)) {
+        for ((name, a), (_, b)) in fresh.encoder_tensors(Encoder::Lab).iter().zip(loaded.encoder_tensors(Encoder::Lab))
+        {
             assert!(a.equal(&b), "lab {name}");
         }
     }
@@ -977,7 +1057,10 @@ mod tests {
         let mut m = model();
         m.set_trainable(Stage::Sft, true);
         let batch = m
-            .encode_prompts(&[("<ecg> <lab> which?".into(), inputs(false)), ("<ecg> <cxr> <lab> and?".into(), inputs(true))], 64)
+            .encode_prompts(
+                &[("<ecg> <lab> which?".into(), inputs(false)), ("<ecg> <cxr> <lab> and?".into(), inputs(true))],
+                64,
+            )
             .unwrap();
         let shortcut = batch.repeat_interleave(3);
         assert_eq!(shortcut.repeats, 3);
@@ -998,7 +1081,8 @@ mod tests {
         let (da, db) = (grad_of(&shortcut), grad_of(&every_row));
         assert!((&da - &db).abs().max().double_value(&[]) < 1e-4 * (1.0 + db.abs().max().double_value(&[])));
 
-        let text_only = m.encode_prompts(&[("which?".into(), ModalityInputs::default())], 64).unwrap().repeat_interleave(2);
+        let text_only =
+            m.encode_prompts(&[("which?".into(), ModalityInputs::default())], 64).unwrap().repeat_interleave(2);
         let (mods, gates) = m.modality_embeddings(&text_only, false);
         assert_eq!(mods.abs().max().double_value(&[]), 0.0);
         assert_eq!(gates.abs().max().double_value(&[]), 0.0);
@@ -1037,7 +1121,10 @@ mod tests {
             let trains = ParamGroup::for_stage(Stage::Grpo).contains(&group);
             assert_eq!(var.requires_grad(), trains, "{name}");
             if trains && (name.contains("embed_tokens") || name.starts_with("mpl.cao")) {
-                assert!(var.grad().defined() && var.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name} got no gradient");
+                assert!(
+                    var.grad().defined() && var.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0,
+                    "{name} got no gradient"
+                );
             }
         }
         let all = m.set_trainable(Stage::Pt, true);
@@ -1083,7 +1170,15 @@ mod tests {
     #[test]
     fn generation_log_probs_match_scoring_of_the_same_tokens() {
         let m = model();
-        let batch = m.encode_prompts(&[("<ecg> <cxr> <lab> a?".into(), inputs(true)), ("<ecg> <lab> b longer question?".into(), inputs(false))], 64).unwrap();
+        let batch = m
+            .encode_prompts(
+                &[
+                    ("<ecg> <cxr> <lab> a?".into(), inputs(true)),
+                    ("<ecg> <lab> b longer question?".into(), inputs(false)),
+                ],
+                64,
+            )
+            .unwrap();
         let params = SamplingParams { max_new_tokens: 6, temperature: 0.9, seed: 3, ..SamplingParams::default() };
         let (generation, gates) = m.generate(&batch, &params).unwrap();
         // One gate triple per prompt; the second prompt has no X-ray.

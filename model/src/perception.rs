@@ -29,8 +29,10 @@ pub type SampleGates = [Option<f32>; 3];
 /// Splits `[batch, 3]` gates into one [`SampleGates`] per sample, using `present` (`[batch, 3]`
 /// bool) to mark absent modalities (whose gate is exactly 0) as `None`.
 pub fn gates_per_sample(gates: &Tensor, present: &Tensor) -> Result<Vec<SampleGates>, tch::TchError> {
-    let values = Vec::<f32>::try_from(gates.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous().view([-1]))?;
-    let present = Vec::<bool>::try_from(present.to_kind(Kind::Bool).to_device(tch::Device::Cpu).contiguous().view([-1]))?;
+    let values =
+        Vec::<f32>::try_from(gates.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous().view([-1]))?;
+    let present =
+        Vec::<bool>::try_from(present.to_kind(Kind::Bool).to_device(tch::Device::Cpu).contiguous().view([-1]))?;
     Ok(values
         .chunks_exact(3)
         .zip(present.chunks_exact(3))

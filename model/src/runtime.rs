@@ -50,10 +50,7 @@ fn find_mapped(maps: &str, lib_name: &str) -> Option<String> {
     maps.lines()
         .filter_map(|line| line.split_whitespace().nth(5))
         .find(|path| {
-            std::path::Path::new(path)
-                .file_name()
-                .and_then(|f| f.to_str())
-                .is_some_and(|f| f.starts_with(lib_name))
+            std::path::Path::new(path).file_name().and_then(|f| f.to_str()).is_some_and(|f| f.starts_with(lib_name))
         })
         .map(str::to_string)
 }
@@ -62,10 +59,7 @@ fn find_mapped(maps: &str, lib_name: &str) -> Option<String> {
 fn version_next_to(lib_path: &str) -> Option<String> {
     let torch_dir = std::path::Path::new(lib_path).parent()?.parent()?;
     let text = std::fs::read_to_string(torch_dir.join("version.py")).ok()?;
-    text.lines().find_map(|l| {
-        l.strip_prefix("__version__ = ")
-            .map(|v| v.trim().trim_matches(['\'', '"']).to_string())
-    })
+    text.lines().find_map(|l| l.strip_prefix("__version__ = ").map(|v| v.trim().trim_matches(['\'', '"']).to_string()))
 }
 
 #[cfg(test)]

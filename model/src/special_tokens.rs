@@ -35,7 +35,9 @@ pub enum SpecialTokensError {
 (use an instruct checkpoint, or add the template the model was tuned with to {TOKENIZER_CONFIG_JSON})"
     )]
     NoChatTemplate { dir: PathBuf },
-    #[error("{dir}: no end-of-sequence token (set `eos_token_id` in config.json or `eos_token` in {TOKENIZER_CONFIG_JSON})")]
+    #[error(
+        "{dir}: no end-of-sequence token (set `eos_token_id` in config.json or `eos_token` in {TOKENIZER_CONFIG_JSON})"
+    )]
     NoEos { dir: PathBuf },
     #[error(transparent)]
     Template(#[from] ChatTemplateError),
@@ -75,7 +77,12 @@ impl JsonFile {
     }
 
     fn field_error(&self, field: &str, value: &Value, why: impl Into<String>) -> SpecialTokensError {
-        SpecialTokensError::Field { path: self.path.clone(), field: field.to_string(), value: value.to_string(), why: why.into() }
+        SpecialTokensError::Field {
+            path: self.path.clone(),
+            field: field.to_string(),
+            value: value.to_string(),
+            why: why.into(),
+        }
     }
 
     /// A token string field: a string, or an `AddedToken` object `{"content": ...}`; null or
@@ -121,7 +128,8 @@ impl JsonFile {
 
     fn write(&self) -> Result<(), SpecialTokensError> {
         let text = serde_json::to_string_pretty(&self.fields).unwrap_or_default();
-        std::fs::write(&self.path, text + "\n").map_err(|e| SpecialTokensError::File { path: self.path.clone(), message: e.to_string() })
+        std::fs::write(&self.path, text + "\n")
+            .map_err(|e| SpecialTokensError::File { path: self.path.clone(), message: e.to_string() })
     }
 }
 
@@ -176,10 +184,18 @@ impl ChatFormat {
             }
         }
         let first = |ids: [Option<i64>; 3]| ids.into_iter().flatten().next();
-        let bos = first([*config_bos, generation_config.ids("bos_token_id")?.first().copied(), id_of("bos_token", &strings.bos_token)?]);
-        let pad = first([*config_pad, generation_config.ids("pad_token_id")?.first().copied(), id_of("pad_token", &strings.pad_token)?])
-            .or_else(|| eos.first().copied())
-            .ok_or_else(|| SpecialTokensError::NoEos { dir: dir.to_path_buf() })?;
+        let bos = first([
+            *config_bos,
+            generation_config.ids("bos_token_id")?.first().copied(),
+            id_of("bos_token", &strings.bos_token)?,
+        ]);
+        let pad = first([
+            *config_pad,
+            generation_config.ids("pad_token_id")?.first().copied(),
+            id_of("pad_token", &strings.pad_token)?,
+        ])
+        .or_else(|| eos.first().copied())
+        .ok_or_else(|| SpecialTokensError::NoEos { dir: dir.to_path_buf() })?;
         if eos.is_empty() {
             return Err(SpecialTokensError::NoEos { dir: dir.to_path_buf() });
         }
@@ -201,14 +217,18 @@ impl ChatFormat {
     /// `generation_config.json` (bos, every eos id, pad) into `dir`, keeping the base's other
     /// fields; config.json's ids are the caller's (it owns that file).
     pub fn save(&self, dir: &Path, tokenizer: &MedTokenizer) -> Result<(), SpecialTokensError> {
-        let mut tokenizer_config = JsonFile { path: dir.join(TOKENIZER_CONFIG_JSON), fields: self.tokenizer_config.clone() };
+        let mut tokenizer_config =
+            JsonFile { path: dir.join(TOKENIZER_CONFIG_JSON), fields: self.tokenizer_config.clone() };
         let fields = &mut tokenizer_config.fields;
         fields.entry("tokenizer_class").or_insert_with(|| json!("PreTrainedTokenizerFast"));
         fields.insert("chat_template".into(), json!(self.template.source()));
         let t = &self.tokens;
         for (field, token) in [
             ("bos_token", t.strings.bos_token.clone().or_else(|| t.bos.and_then(|id| tokenizer.id_to_token(id)))),
-            ("eos_token", t.strings.eos_token.clone().or_else(|| t.eos.first().and_then(|&id| tokenizer.id_to_token(id)))),
+            (
+                "eos_token",
+                t.strings.eos_token.clone().or_else(|| t.eos.first().and_then(|&id| tokenizer.id_to_token(id))),
+            ),
             ("pad_token", t.strings.pad_token.clone().or_else(|| tokenizer.id_to_token(t.pad))),
             ("unk_token", t.strings.unk_token.clone()),
         ] {
@@ -218,7 +238,8 @@ impl ChatFormat {
         }
         // A chat_template.jinja beside it would win over this file's template: we write none.
         tokenizer_config.write()?;
-        let mut generation_config = JsonFile { path: dir.join(GENERATION_CONFIG_JSON), fields: self.generation_config.clone() };
+        let mut generation_config =
+            JsonFile { path: dir.join(GENERATION_CONFIG_JSON), fields: self.generation_config.clone() };
         generation_config.fields.insert("bos_token_id".into(), json!(t.bos));
         generation_config.fields.insert("eos_token_id".into(), json!(t.eos));
         generation_config.fields.insert("pad_token_id".into(), json!(t.pad));
@@ -230,7 +251,8 @@ impl ChatFormat {
 fn read_template(dir: &Path, tokenizer_config: &JsonFile) -> Result<ChatTemplate, SpecialTokensError> {
     let jinja = dir.join(CHAT_TEMPLATE_JINJA);
     if jinja.is_file() {
-        let source = std::fs::read_to_string(&jinja).map_err(|e| SpecialTokensError::File { path: jinja.clone(), message: e.to_string() })?;
+        let source = std::fs::read_to_string(&jinja)
+            .map_err(|e| SpecialTokensError::File { path: jinja.clone(), message: e.to_string() })?;
         return Ok(ChatTemplate::new(source, &jinja)?);
     }
     match tokenizer_config.chat_template()? {
@@ -259,7 +281,11 @@ mod tests {
     #[test]
     fn eos_ids_gather_every_file_with_the_turn_end_first() {
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), TOKENIZER_CONFIG_JSON, json!({"chat_template": CHATML, "eos_token": {"content": "<|im_end|>"}, "bos_token": "<s>"}));
+        write(
+            dir.path(),
+            TOKENIZER_CONFIG_JSON,
+            json!({"chat_template": CHATML, "eos_token": {"content": "<|im_end|>"}, "bos_token": "<s>"}),
+        );
         write(dir.path(), GENERATION_CONFIG_JSON, json!({"eos_token_id": [2, 0], "temperature": 0.6}));
         let f = ChatFormat::from_checkpoint(dir.path(), &tokenizer(), (&None, &[0], &None), 300).unwrap();
         assert_eq!(f.tokens.eos, vec![2, 0]);
@@ -297,19 +323,24 @@ mod tests {
     #[test]
     fn missing_or_wrong_entries_are_errors_naming_file_and_field() {
         let dir = tempfile::tempdir().unwrap();
-        let err = ChatFormat::from_checkpoint(dir.path(), &tokenizer(), (&None, &[0], &None), 300).unwrap_err().to_string();
+        let err =
+            ChatFormat::from_checkpoint(dir.path(), &tokenizer(), (&None, &[0], &None), 300).unwrap_err().to_string();
         assert!(err.contains("has no chat template") && err.contains(TOKENIZER_CONFIG_JSON), "{err}");
         write(dir.path(), TOKENIZER_CONFIG_JSON, json!({"chat_template": CHATML, "eos_token": "<nope>"}));
-        let err = ChatFormat::from_checkpoint(dir.path(), &tokenizer(), (&None, &[], &None), 300).unwrap_err().to_string();
+        let err =
+            ChatFormat::from_checkpoint(dir.path(), &tokenizer(), (&None, &[], &None), 300).unwrap_err().to_string();
         assert!(err.contains("tokenizer_config.json: `eos_token` = \"<nope>\""), "{err}");
         write(dir.path(), TOKENIZER_CONFIG_JSON, json!({"chat_template": CHATML}));
-        let err = ChatFormat::from_checkpoint(dir.path(), &tokenizer(), (&None, &[], &None), 300).unwrap_err().to_string();
+        let err =
+            ChatFormat::from_checkpoint(dir.path(), &tokenizer(), (&None, &[], &None), 300).unwrap_err().to_string();
         assert!(err.contains("no end-of-sequence token"), "{err}");
         write(dir.path(), GENERATION_CONFIG_JSON, json!({"eos_token_id": "two"}));
-        let err = ChatFormat::from_checkpoint(dir.path(), &tokenizer(), (&None, &[], &None), 300).unwrap_err().to_string();
+        let err =
+            ChatFormat::from_checkpoint(dir.path(), &tokenizer(), (&None, &[], &None), 300).unwrap_err().to_string();
         assert!(err.contains("generation_config.json: `eos_token_id` = \"two\""), "{err}");
         write(dir.path(), GENERATION_CONFIG_JSON, json!({}));
-        let err = ChatFormat::from_checkpoint(dir.path(), &tokenizer(), (&None, &[500], &None), 300).unwrap_err().to_string();
+        let err =
+            ChatFormat::from_checkpoint(dir.path(), &tokenizer(), (&None, &[500], &None), 300).unwrap_err().to_string();
         assert!(err.contains("500") && err.contains("outside the vocabulary of 300"), "{err}");
     }
 }

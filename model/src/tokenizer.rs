@@ -90,9 +90,7 @@ impl MedTokenizer {
         inner
             .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
             .with_decoder(Some(ByteLevelDecoder::default()));
-        inner
-            .train(&mut trainer, texts.into_iter())
-            .map_err(|e| TokenizerError::Train { message: e.to_string() })?;
+        inner.train(&mut trainer, texts.into_iter()).map_err(|e| TokenizerError::Train { message: e.to_string() })?;
         inner.add_special_tokens(specials).map_err(|e| TokenizerError::Train { message: e.to_string() })?;
         Ok(MedTokenizer { inner })
     }

@@ -54,7 +54,10 @@ fn variable(model: &MedTvt, name: &str) -> Tensor {
 #[test]
 fn prompt_ids_and_special_tokens_equal_transformers() {
     let e = expected();
-    assert_eq!(e["system"], SYSTEM_PROMPT, "SYSTEM_PROMPT changed: update scripts/make_chatml_base_fixture.py and run `make fixtures`");
+    assert_eq!(
+        e["system"], SYSTEM_PROMPT,
+        "SYSTEM_PROMPT changed: update scripts/make_chatml_base_fixture.py and run `make fixtures`"
+    );
     let model = load(&fixture());
     let question = e["question"].as_str().unwrap();
     let prompt = model.prompt_text(question).unwrap();
@@ -74,7 +77,8 @@ fn prompt_ids_and_special_tokens_equal_transformers() {
     assert!(model.tokenizer().token_to_id("<think>").is_none());
     let text = model.decode(&completion_ids).unwrap();
     assert_eq!(text, completion);
-    let reward = DiagnosisReward::new(DiseaseVocabulary::paper_default(NameMatching::Synonyms), RewardWeights::default());
+    let reward =
+        DiagnosisReward::new(DiseaseVocabulary::paper_default(NameMatching::Synonyms), RewardWeights::default());
     assert_eq!(reward.score(&text, completion).total, 2.0, "jaccard 1 + format 1");
 }
 

@@ -162,7 +162,11 @@ fn scores_equal_full_logits_and_generation_logprobs() {
         for (row, logprobs) in g.logprobs.iter().enumerate() {
             let scored = Vec::<f32>::try_from(scores.get(row as i64)).unwrap();
             for (j, want) in logprobs.iter().enumerate() {
-                assert!((scored[j] - want).abs() < 1e-4, "{name} row {row} token {j}: score {} vs generation {want}", scored[j]);
+                assert!(
+                    (scored[j] - want).abs() < 1e-4,
+                    "{name} row {row} token {j}: score {} vs generation {want}",
+                    scored[j]
+                );
             }
             assert!(scored[logprobs.len()..].iter().all(|&s| s == 0.0), "padding must score 0");
         }
@@ -172,8 +176,9 @@ fn scores_equal_full_logits_and_generation_logprobs() {
         let all_ids = Tensor::cat(&[&prompt_ids, &completion_ids], 1);
         let all_mask = Tensor::cat(&[&prompt_mask, &completion_mask], 1);
         let logits = f.model.forward(&all_ids, &all_mask, None).narrow(1, tp - 1, tc) / temperature;
-        let reference = logits.log_softmax(-1, Kind::Float).gather(2, &completion_ids.unsqueeze(2), false).squeeze_dim(2)
-            * completion_mask.to_kind(Kind::Float);
+        let reference =
+            logits.log_softmax(-1, Kind::Float).gather(2, &completion_ids.unsqueeze(2), false).squeeze_dim(2)
+                * completion_mask.to_kind(Kind::Float);
         let diff = max_abs(&scores, &reference);
         assert!(diff < 1e-5, "{name}: scores differ from gathered full log-softmax by {diff}");
     }

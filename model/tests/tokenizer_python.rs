@@ -31,7 +31,8 @@ fn python_tokenizers_agrees_on_ids() {
         "Bilateral pleural effusions, cardiomegaly. <ecg><cxr><lab>",
         "<think>Troponin is elevated.</think><answer>myocardial infarction</answer><eos>",
     ];
-    let tok = MedTokenizer::train_byte_level_bpe(corpus.iter().cycle().take(30).copied(), 350, MEDTVT_SPECIAL_TOKENS).unwrap();
+    let tok = MedTokenizer::train_byte_level_bpe(corpus.iter().cycle().take(30).copied(), 350, MEDTVT_SPECIAL_TOKENS)
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokenizer.json");
     tok.save(&path).unwrap();

@@ -125,7 +125,9 @@ impl RequestDecorator {
 impl std::fmt::Debug for RequestDecorator {
     // Never print the token.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RequestDecorator").field("authorization", &self.authorization.as_ref().map(|_| "<redacted>")).finish()
+        f.debug_struct("RequestDecorator")
+            .field("authorization", &self.authorization.as_ref().map(|_| "<redacted>"))
+            .finish()
     }
 }
 
@@ -142,7 +144,8 @@ impl Interceptor for RequestDecorator {
 
 /// Reads a shared-secret token file (surrounding whitespace trimmed).
 pub fn read_token_file(path: &Path) -> Result<String, ClientError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ClientError::TokenFile { path: path.to_path_buf(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ClientError::TokenFile { path: path.to_path_buf(), source })?;
     let token = text.trim();
     if token.is_empty() {
         return Err(ClientError::EmptyToken { path: path.to_path_buf() });
@@ -240,7 +243,8 @@ mod tests {
     async fn connect_gives_up_after_the_configured_attempts() {
         // A port that was free a moment ago: nothing listens there.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let options = ConnectOptions { attempts: 2, initial_backoff: Duration::from_millis(1), ..ConnectOptions::default() };
+        let options =
+            ConnectOptions { attempts: 2, initial_backoff: Duration::from_millis(1), ..ConnectOptions::default() };
         let err = connect_with(&format!("http://127.0.0.1:{port}"), None, &options).await.unwrap_err();
         assert!(matches!(err, ClientError::Connect { attempts: 2, .. }), "{err}");
         assert!(matches!(connect("not a url", None).await, Err(ClientError::BadUrl { .. })));
@@ -263,6 +267,9 @@ mod tests {
         // The old message text without a reason no longer counts.
         assert!(!is_unknown_worker(&tonic::Status::not_found("unknown worker id 7: register again")));
         assert!(is_already_published(&reject(ErrorReason::AlreadyPublished, "anything")));
-        assert!(!is_already_published(&reject(ErrorReason::JobNotRunning, "job 2 already has weights of version 3 or newer")));
+        assert!(!is_already_published(&reject(
+            ErrorReason::JobNotRunning,
+            "job 2 already has weights of version 3 or newer"
+        )));
     }
 }

@@ -18,9 +18,8 @@ pub fn grpc_code(reason: ErrorReason) -> Code {
     use ErrorReason::*;
     match reason {
         UnknownWorker | UnknownJob => Code::NotFound,
-        JobNotRunning | NotGrpo | WrongRole | StepNotReady | StepPruned | ForeignCheckpoint | LastStepNotReported | AlreadyPublished => {
-            Code::FailedPrecondition
-        }
+        JobNotRunning | NotGrpo | WrongRole | StepNotReady | StepPruned | ForeignCheckpoint | LastStepNotReported
+        | AlreadyPublished => Code::FailedPrecondition,
         InvalidJob | InvalidGroup | BadRank | StepOutOfRange | InvalidWeights | InvalidRequest => Code::InvalidArgument,
         ShuttingDown => Code::Unavailable,
         RendezvousTimeout => Code::DeadlineExceeded,
@@ -71,7 +70,11 @@ mod tests {
     #[test]
     fn a_status_without_details_or_of_another_domain_has_no_reason() {
         assert_eq!(reason_of(&Status::not_found("unknown worker id 3: register again")), None);
-        let foreign = Status::with_error_details(Code::NotFound, "x", ErrorDetails::with_error_info("UNKNOWN_WORKER", "example.com", HashMap::new()));
+        let foreign = Status::with_error_details(
+            Code::NotFound,
+            "x",
+            ErrorDetails::with_error_info("UNKNOWN_WORKER", "example.com", HashMap::new()),
+        );
         assert_eq!(reason_of(&foreign), None);
     }
 }

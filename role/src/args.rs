@@ -36,7 +36,18 @@ mod tests {
 
     #[test]
     fn the_role_flags_flatten_beside_a_role_s_own_flags() {
-        let parsed = Role::try_parse_from(["role", "--coordinator", "http://c:1", "--device", "cpu", "--auth-token-file", "/t", "--rank", "3"]).unwrap();
+        let parsed = Role::try_parse_from([
+            "role",
+            "--coordinator",
+            "http://c:1",
+            "--device",
+            "cpu",
+            "--auth-token-file",
+            "/t",
+            "--rank",
+            "3",
+        ])
+        .unwrap();
         assert_eq!(parsed.role.coordinator, "http://c:1");
         assert_eq!(parsed.role.device.as_deref(), Some("cpu"));
         assert_eq!(parsed.role.auth_token_file, Some(PathBuf::from("/t")));

@@ -15,7 +15,9 @@ pub enum DeviceError {
 
 /// A job config asks for `model.device = "cuda"` on a machine where libtorch sees no CUDA.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("model.device = \"cuda\" but CUDA is not available to this libtorch (run with --device cpu to override the config)")]
+#[error(
+    "model.device = \"cuda\" but CUDA is not available to this libtorch (run with --device cpu to override the config)"
+)]
 pub struct ConfigDeviceError;
 
 /// The device one job runs on. The rule, the same for learners and rollout workers: the
@@ -67,7 +69,10 @@ mod tests {
         let cuda = tch::Cuda::is_available();
         assert_eq!(job_device(None, DeviceChoice::Cpu), Ok(Device::Cpu));
         assert_eq!(job_device(None, DeviceChoice::Auto), Ok(if cuda { Device::Cuda(0) } else { Device::Cpu }));
-        assert_eq!(job_device(None, DeviceChoice::Cuda), if cuda { Ok(Device::Cuda(0)) } else { Err(ConfigDeviceError) });
+        assert_eq!(
+            job_device(None, DeviceChoice::Cuda),
+            if cuda { Ok(Device::Cuda(0)) } else { Err(ConfigDeviceError) }
+        );
     }
 
     #[test]

@@ -30,8 +30,12 @@ pub enum MembershipError {
 /// Says plainly when the coordinator refused the caller's credentials.
 fn refusal(status: &tonic::Status) -> String {
     match status.code() {
-        tonic::Code::Unauthenticated => format!("refused by the coordinator (UNAUTHENTICATED: check --auth-token-file): {}", status.message()),
-        tonic::Code::PermissionDenied => format!("refused by the coordinator (PERMISSION_DENIED): {}", status.message()),
+        tonic::Code::Unauthenticated => {
+            format!("refused by the coordinator (UNAUTHENTICATED: check --auth-token-file): {}", status.message())
+        }
+        tonic::Code::PermissionDenied => {
+            format!("refused by the coordinator (PERMISSION_DENIED): {}", status.message())
+        }
         _ => status.to_string(),
     }
 }
@@ -68,7 +72,12 @@ impl Membership {
     pub async fn join(options: &JoinOptions) -> Result<Membership, MembershipError> {
         let token = options.auth_token_file.as_deref().map(client::read_token_file).transpose()?;
         let client = client::connect(&options.coordinator, token.as_deref()).await?;
-        let request = RegisterRequest { role: options.role as i32, name: options.name.clone(), rank: options.rank, world_size: options.world_size };
+        let request = RegisterRequest {
+            role: options.role as i32,
+            name: options.name.clone(),
+            rank: options.rank,
+            world_size: options.world_size,
+        };
         let registration = Registration::register(client.clone(), request).await.map_err(MembershipError::Register)?;
         let stop = StopFlag::default();
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -90,7 +99,12 @@ impl Membership {
 
     /// A link for blocking threads of this process.
     pub fn link(&self) -> CoordinatorLink {
-        CoordinatorLink::new(tokio::runtime::Handle::current(), self.client.clone(), self.registration.clone(), self.stop.clone())
+        CoordinatorLink::new(
+            tokio::runtime::Handle::current(),
+            self.client.clone(),
+            self.registration.clone(),
+            self.stop.clone(),
+        )
     }
 
     pub fn client(&self) -> Client {
@@ -109,11 +123,13 @@ impl Membership {
             let request = WaitForJobRequest { worker_id, after_job_id, wait_ms: 2_000 };
             let answer = match self.client.wait_for_job(request).await {
                 // Registered again: ask at once with the new id.
-                Err(status) if is_unknown_worker(&status) => match self.registration.renew(self.client.clone(), worker_id).await {
-                    Ok(_) => continue,
-                    Err(status) if is_transient(status.code()) => Err(status),
-                    Err(status) => return Err(MembershipError::Register(status)),
-                },
+                Err(status) if is_unknown_worker(&status) => {
+                    match self.registration.renew(self.client.clone(), worker_id).await {
+                        Ok(_) => continue,
+                        Err(status) if is_transient(status.code()) => Err(status),
+                        Err(status) => return Err(MembershipError::Register(status)),
+                    }
+                }
                 other => other,
             };
             match answer {
@@ -146,7 +162,10 @@ impl Membership {
     /// Leaves the run: Deregister (best effort), stop the background tasks and await them.
     pub async fn leave(mut self) {
         let request = DeregisterRequest { worker_id: self.registration.worker_id() };
-        if let Err(status) = tokio::time::timeout(Duration::from_secs(2), self.client.deregister(request)).await.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("deregister"))) {
+        if let Err(status) = tokio::time::timeout(Duration::from_secs(2), self.client.deregister(request))
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("deregister")))
+        {
             tracing::debug!(%status, "deregister failed (the coordinator may be gone)");
         }
         self.stop.stop();
@@ -159,7 +178,12 @@ impl Membership {
 
 /// Sends a heartbeat every interval until stopped; raises the stop flag when the coordinator
 /// says it is shutting down; registers again when the coordinator no longer knows the process.
-async fn heartbeat(mut client: Client, registration: Arc<Registration>, stop: StopFlag, mut stop_rx: watch::Receiver<bool>) {
+async fn heartbeat(
+    mut client: Client,
+    registration: Arc<Registration>,
+    stop: StopFlag,
+    mut stop_rx: watch::Receiver<bool>,
+) {
     let interval = registration.heartbeat_interval();
     loop {
         tokio::select! {

@@ -43,14 +43,26 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { window: Duration::from_secs(60), initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(5) }
+        RetryPolicy {
+            window: Duration::from_secs(60),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
     }
 }
 
 /// Codes that mean "try again": the server is restarting, the connection dropped or the call was
 /// cut short. Everything else (invalid argument, auth, not found, ...) is final.
 pub fn is_transient(code: Code) -> bool {
-    matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Aborted | Code::ResourceExhausted)
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::ResourceExhausted
+    )
 }
 
 /// A process-wide "stop now" flag, set on coordinator shutdown or a signal.
@@ -125,7 +137,9 @@ impl CoordinatorLink {
                     renewals += 1;
                     match self.handle.block_on(self.registration.renew(self.client.clone(), worker_id)) {
                         Ok(_) => continue,
-                        Err(status) if !is_transient(status.code()) => return Err(RpcError::Reregister { call, status }),
+                        Err(status) if !is_transient(status.code()) => {
+                            return Err(RpcError::Reregister { call, status })
+                        }
                         Err(status) => status,
                     }
                 }

@@ -33,7 +33,8 @@ pub fn weight_chunks(job_id: u64, policy_version: u64, tensors: &[(String, Tenso
     for (name, tensor) in tensors {
         let bytes = f32_le_bytes(tensor);
         let total = bytes.len() as u64;
-        let pieces: Vec<&[u8]> = if bytes.is_empty() { vec![&[][..]] } else { bytes.chunks(MAX_WEIGHT_CHUNK_BYTES).collect() };
+        let pieces: Vec<&[u8]> =
+            if bytes.is_empty() { vec![&[][..]] } else { bytes.chunks(MAX_WEIGHT_CHUNK_BYTES).collect() };
         let n = pieces.len();
         let mut offset = 0u64;
         for (i, piece) in pieces.into_iter().enumerate() {
@@ -74,7 +75,9 @@ pub fn assemble_weights(chunks: impl IntoIterator<Item = WeightChunk>) -> Result
     for chunk in chunks {
         match version {
             None => version = Some(chunk.policy_version),
-            Some(v) if v != chunk.policy_version => return Err(WeightsError::MixedVersions { first: v, other: chunk.policy_version }),
+            Some(v) if v != chunk.policy_version => {
+                return Err(WeightsError::MixedVersions { first: v, other: chunk.policy_version })
+            }
             Some(_) => {}
         }
         if chunk.dtype != "f32" {

@@ -6,14 +6,14 @@
 //! register again on its own and carry on: a blocking [`CoordinatorLink`] call, the heartbeat
 //! task of a [`Membership`], and concurrent renewals that must register only once.
 
-use medtvt_coordinator::state::StateOptions;
 use medtvt_coordinator::in_process::InProcessCoordinator;
+use medtvt_coordinator::state::StateOptions;
 use medtvt_coordinator::ServerOptions;
+use medtvt_proto::client::{self, Client, ConnectOptions};
+use medtvt_proto::v1 as pb;
 use medtvt_role::membership::{JoinOptions, Membership};
 use medtvt_role::registration::Registration;
 use medtvt_role::rpc::{CoordinatorLink, RetryPolicy, StopFlag};
-use medtvt_proto::client::{self, Client, ConnectOptions};
-use medtvt_proto::v1 as pb;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -25,16 +25,22 @@ async fn start(run_dir: &Path, addr: SocketAddr) -> InProcessCoordinator {
         run_dir: Some(run_dir.to_path_buf()),
         reap_interval: Duration::from_millis(20),
         shutdown_grace: Duration::ZERO,
-        state: StateOptions { heartbeat_timeout: Duration::from_secs(30), heartbeat_interval: Duration::from_millis(100) },
+        state: StateOptions {
+            heartbeat_timeout: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_millis(100),
+        },
         ..ServerOptions::default()
     };
-    InProcessCoordinator::start(addr, options).await.unwrap_or_else(|err| panic!("the coordinator does not start: {err}"))
+    InProcessCoordinator::start(addr, options)
+        .await
+        .unwrap_or_else(|err| panic!("the coordinator does not start: {err}"))
 }
 
 /// A data directory with `n` disease prompts, and a GRPO job config over it.
 fn grpo_job(dir: &Path, n: usize) -> String {
-    let lines: Vec<String> =
-        (0..n).map(|i| format!(r#"{{"split":"train","kind":"disease","id":"d{i}","answer":"<answer>sepsis</answer>"}}"#)).collect();
+    let lines: Vec<String> = (0..n)
+        .map(|i| format!(r#"{{"split":"train","kind":"disease","id":"d{i}","answer":"<answer>sepsis</answer>"}}"#))
+        .collect();
     std::fs::write(dir.join("qa.jsonl"), lines.join("\n") + "\n").unwrap();
     format!(
         "[run]\nname = \"reconnect\"\nstage = \"grpo\"\nout_dir = \"out\"\nseed = 1\n\n[data]\ndir = \"{}\"\n\n[model]\n\n\
@@ -46,7 +52,12 @@ fn grpo_job(dir: &Path, n: usize) -> String {
 
 async fn connect(url: &str) -> Client {
     // Enough attempts to ride out a restart in the middle of a test.
-    let options = ConnectOptions { attempts: 50, initial_backoff: Duration::from_millis(20), max_backoff: Duration::from_millis(200), ..ConnectOptions::default() };
+    let options = ConnectOptions {
+        attempts: 50,
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+        ..ConnectOptions::default()
+    };
     client::connect_with(url, None, &options).await.unwrap()
 }
 
@@ -83,11 +94,26 @@ async fn a_blocking_call_registers_again_after_a_restart_and_leases_the_returned
     let first = start(run_dir.path(), "127.0.0.1:0".parse().unwrap()).await;
     let (addr, url) = (first.addr(), first.url());
     let mut client = connect(&url).await;
-    let job_id = client.submit_job(pb::SubmitJobRequest { config_toml: grpo_job(data.path(), 6), overrides: vec![] }).await.unwrap().into_inner().job_id;
+    let job_id = client
+        .submit_job(pb::SubmitJobRequest { config_toml: grpo_job(data.path(), 6), overrides: vec![] })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
     let registration = Registration::register(client.clone(), worker_request("worker-r")).await.unwrap();
     let old_id = registration.worker_id();
-    let retry = RetryPolicy { window: Duration::from_secs(20), initial_backoff: Duration::from_millis(20), max_backoff: Duration::from_millis(200) };
-    let link = CoordinatorLink::new(tokio::runtime::Handle::current(), client.clone(), registration.clone(), StopFlag::default()).with_retry(retry);
+    let retry = RetryPolicy {
+        window: Duration::from_secs(20),
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+    };
+    let link = CoordinatorLink::new(
+        tokio::runtime::Handle::current(),
+        client.clone(),
+        registration.clone(),
+        StopFlag::default(),
+    )
+    .with_retry(retry);
     let before = lease(&link, job_id).await;
     assert_eq!(before.prompts.len(), 2);
 
@@ -123,7 +149,9 @@ async fn concurrent_renewals_of_the_same_stale_id_register_once() {
                 loop {
                     match registration.renew(client.clone(), stale).await {
                         Ok(id) => return id,
-                        Err(status) if status.code() == tonic::Code::Unavailable => tokio::time::sleep(Duration::from_millis(20)).await,
+                        Err(status) if status.code() == tonic::Code::Unavailable => {
+                            tokio::time::sleep(Duration::from_millis(20)).await
+                        }
                         Err(status) => panic!("renew failed: {status}"),
                     }
                 }

@@ -7,12 +7,12 @@ use crate::rollout::{roll_out, RolloutError, RolloutSettings};
 use medtvt_config::{RunConfig, Stage};
 use medtvt_eval::vocabulary::{DiseaseVocabulary, NameMatching};
 use medtvt_eval::{DiagnosisReward, RewardWeights};
-use medtvt_role::inputs::InputLoader;
 use medtvt_model::policy::{Policy, PolicyError, RolloutSampling};
+use medtvt_proto::v1::{FetchWeightsRequest, JobAssignment, LeaseRequest, RolloutGroup, WeightChunk};
 use medtvt_role::device::{job_device, ConfigDeviceError};
+use medtvt_role::inputs::InputLoader;
 use medtvt_role::rpc::{CoordinatorLink, RpcError};
 use medtvt_role::weights::{assemble_weights, WeightsError};
-use medtvt_proto::v1::{FetchWeightsRequest, JobAssignment, LeaseRequest, RolloutGroup, WeightChunk};
 use std::path::PathBuf;
 use std::time::Duration;
 use tch::Device;
@@ -51,16 +51,23 @@ pub struct RolloutTally {
 /// Runs the rollouts of a GRPO job until the coordinator says it is done (other stages: nothing).
 /// `device` is the `--device` flag's; without it the job's `model.device` decides
 /// ([`medtvt_role::device::job_device`]).
-pub fn run_rollout_job<P: Policy>(link: &CoordinatorLink, job: &JobAssignment, device: Option<Device>, max_prompts: u32) -> Result<RolloutTally, WorkerJobError> {
+pub fn run_rollout_job<P: Policy>(
+    link: &CoordinatorLink,
+    job: &JobAssignment,
+    device: Option<Device>,
+    max_prompts: u32,
+) -> Result<RolloutTally, WorkerJobError> {
     let origin = PathBuf::from(format!("<job {} config>", job.job_id));
-    let cfg = medtvt_config::parse_run_config(&job.config_toml, &origin, &[]).map_err(|source| WorkerJobError::Config { job_id: job.job_id, source })?;
+    let cfg = medtvt_config::parse_run_config(&job.config_toml, &origin, &[])
+        .map_err(|source| WorkerJobError::Config { job_id: job.job_id, source })?;
     let (Stage::Grpo, Some(grpo)) = (cfg.run.stage, cfg.grpo.as_ref()) else {
         return Ok(RolloutTally::default());
     };
     if cfg.model.checkpoint.is_none() {
         return Err(WorkerJobError::NoCheckpoint { job_id: job.job_id });
     }
-    let device = job_device(device, cfg.model.device).map_err(|source| WorkerJobError::Device { job_id: job.job_id, source })?;
+    let device =
+        job_device(device, cfg.model.device).map_err(|source| WorkerJobError::Device { job_id: job.job_id, source })?;
     tracing::info!(job = job.job_id, ?device, "job device");
     let mut policy = P::load(&cfg, device, None)?;
     // The stage decides the model's wiring (e.g. the Modality Perception Layer is on after PT).
@@ -93,7 +100,13 @@ pub fn run_rollout_job<P: Policy>(link: &CoordinatorLink, job: &JobAssignment, d
         }
         // One trace per lease: the weight fetch and the submission are its children at the
         // coordinator, and each group carries it to the learner that trains it (traceparent).
-        let span = tracing::info_span!("rollout", job_id = job.job_id, lease_id = lease.lease_id, prompts = lease.prompts.len(), policy_version = tracing::field::Empty);
+        let span = tracing::info_span!(
+            "rollout",
+            job_id = job.job_id,
+            lease_id = lease.lease_id,
+            prompts = lease.prompts.len(),
+            policy_version = tracing::field::Empty
+        );
         let _entered = span.enter();
         if lease.policy_version > tally.policy_version {
             tally.policy_version = fetch_policy(link, job.job_id, tally.policy_version, &mut policy)?;
@@ -109,7 +122,15 @@ pub fn run_rollout_job<P: Policy>(link: &CoordinatorLink, job: &JobAssignment, d
             async move { c.submit_groups(tokio_stream::iter(groups)).await }
         })?;
         tally.groups_accepted += u64::from(response.accepted);
-        tracing::info!(lease = lease.lease_id, version = tally.policy_version, accepted = response.accepted, duplicates = response.duplicates, stale = response.stale, unknown_lease = response.unknown_lease, "lease rolled out");
+        tracing::info!(
+            lease = lease.lease_id,
+            version = tally.policy_version,
+            accepted = response.accepted,
+            duplicates = response.duplicates,
+            stale = response.stale,
+            unknown_lease = response.unknown_lease,
+            "lease rolled out"
+        );
     }
     Ok(tally)
 }
@@ -123,7 +144,12 @@ pub fn diagnosis_reward(cfg: &RunConfig) -> Result<DiagnosisReward, medtvt_eval:
 }
 
 /// Fetches the latest policy version newer than `have` and loads it; returns the version held.
-fn fetch_policy<P: Policy>(link: &CoordinatorLink, job_id: u64, have: u64, policy: &mut P) -> Result<u64, WorkerJobError> {
+fn fetch_policy<P: Policy>(
+    link: &CoordinatorLink,
+    job_id: u64,
+    have: u64,
+    policy: &mut P,
+) -> Result<u64, WorkerJobError> {
     let chunks: Vec<WeightChunk> = link.call_as_worker("FetchWeights", |mut c, worker_id| {
         let request = FetchWeightsRequest { job_id, have_version: have, worker_id };
         async move {

@@ -68,9 +68,17 @@ pub async fn run<P: Policy + 'static>(args: RolloutWorkerArgs) -> Result<(), Wor
         tracing::info!(job = job.job_id, name = %job.name, "rollouts started");
         let link = membership.link();
         let max_prompts = args.max_prompts;
-        let outcome = tokio::task::spawn_blocking(move || job::run_rollout_job::<P>(&link, &job, device, max_prompts)).await;
+        let outcome =
+            tokio::task::spawn_blocking(move || job::run_rollout_job::<P>(&link, &job, device, max_prompts)).await;
         match outcome {
-            Ok(Ok(tally)) => tracing::info!(job = after, leases = tally.leases, groups = tally.groups_submitted, accepted = tally.groups_accepted, version = tally.policy_version, "rollouts finished"),
+            Ok(Ok(tally)) => tracing::info!(
+                job = after,
+                leases = tally.leases,
+                groups = tally.groups_submitted,
+                accepted = tally.groups_accepted,
+                version = tally.policy_version,
+                "rollouts finished"
+            ),
             Ok(Err(err)) => tracing::error!(job = after, error = %err, "rollouts failed"),
             Err(join) => break Err(WorkerError::JobThread(join.to_string())),
         }

@@ -5,9 +5,9 @@
 
 use medtvt_data::QaSample;
 use medtvt_eval::{DiagnosisReward, RewardBreakdown};
-use medtvt_role::inputs::InputLoader;
 use medtvt_model::policy::{Policy, PolicyError, RolloutSampling, Sampled};
 use medtvt_proto::v1::{Completion, Lease, RolloutGroup};
+use medtvt_role::inputs::InputLoader;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
@@ -51,7 +51,13 @@ pub fn roll_out<P: Policy>(
     let samples: Vec<QaSample> = lease
         .prompts
         .iter()
-        .map(|p| serde_json::from_slice(&p.sample_json).map_err(|source| RolloutError::Prompt { lease_id: lease.lease_id, prompt_id: p.prompt_id, source }))
+        .map(|p| {
+            serde_json::from_slice(&p.sample_json).map_err(|source| RolloutError::Prompt {
+                lease_id: lease.lease_id,
+                prompt_id: p.prompt_id,
+                source,
+            })
+        })
         .collect::<Result<_, _>>()?;
     let inputs = loader.prompts(&samples)?;
     let encoded = policy.encode_prompts(&inputs, settings.max_prompt_tokens)?;
@@ -102,7 +108,9 @@ fn completion(sampled: &Sampled, texts: &[String], row: usize, score: RewardBrea
         token_ids: sampled.tokens[row].clone(),
         logprobs: sampled.logprobs[row].clone(),
         reward: score.total as f32,
-        reward_parts: [("jaccard".to_string(), score.jaccard as f32), ("format".to_string(), score.format as f32)].into_iter().collect(),
+        reward_parts: [("jaccard".to_string(), score.jaccard as f32), ("format".to_string(), score.format as f32)]
+            .into_iter()
+            .collect(),
         text: texts[row].clone(),
         truncated: !sampled.finished_by_eos.get(row).copied().unwrap_or(false),
     }
@@ -116,7 +124,10 @@ mod tests {
 
     #[test]
     fn completions_are_rewarded_against_their_reference() {
-        let reward = DiagnosisReward::new(DiseaseVocabulary::paper_default(NameMatching::Synonyms), RewardWeights { jaccard: 1.0, format: 0.5 });
+        let reward = DiagnosisReward::new(
+            DiseaseVocabulary::paper_default(NameMatching::Synonyms),
+            RewardWeights { jaccard: 1.0, format: 0.5 },
+        );
         let reference = "<think>fever, high lactate</think><answer>sepsis; pneumonia</answer>";
         let texts = vec![
             "<think>x</think><answer>Sepsis; pneumonia</answer>".to_string(),
@@ -145,10 +156,15 @@ mod tests {
             .iter()
             .take(2)
             .enumerate()
-            .map(|(i, s)| Prompt { prompt_id: 10 + i as u64, epoch: 1, sample_json: serde_json::to_vec(s).unwrap().into() })
+            .map(|(i, s)| Prompt {
+                prompt_id: 10 + i as u64,
+                epoch: 1,
+                sample_json: serde_json::to_vec(s).unwrap().into(),
+            })
             .collect();
         let lease = Lease { lease_id: 4, job_id: 2, policy_version: 3, group_size: 3, prompts, ..Default::default() };
-        let reward = DiagnosisReward::new(DiseaseVocabulary::paper_default(NameMatching::Synonyms), RewardWeights::default());
+        let reward =
+            DiagnosisReward::new(DiseaseVocabulary::paper_default(NameMatching::Synonyms), RewardWeights::default());
         let settings = RolloutSettings {
             group_size: 3,
             max_prompt_tokens: 64,
@@ -159,7 +175,10 @@ mod tests {
         let groups = roll_out(&policy, &loader, &reward, &settings, &lease, 77, 3).unwrap();
         assert_eq!(groups.len(), 2);
         for (g, id) in groups.iter().zip([10, 11]) {
-            assert_eq!((g.prompt_id, g.epoch, g.lease_id, g.job_id, g.worker_id, g.policy_version), (id, 1, 4, 2, 77, 3));
+            assert_eq!(
+                (g.prompt_id, g.epoch, g.lease_id, g.job_id, g.worker_id, g.policy_version),
+                (id, 1, 4, 2, 77, 3)
+            );
             assert_eq!(g.completions.len(), 3);
             for c in &g.completions {
                 assert!(!c.token_ids.is_empty() && c.token_ids.len() <= 6);

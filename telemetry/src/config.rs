@@ -58,20 +58,10 @@ impl TelemetryConfig {
     /// Checks every field, naming the first bad one.
     pub fn validate(&self) -> Result<(), TelemetryError> {
         if self.service_name.trim().is_empty() {
-            return Err(invalid(
-                "service_name",
-                "is empty; name the process, e.g. `medtvt-learner`",
-            ));
+            return Err(invalid("service_name", "is empty; name the process, e.g. `medtvt-learner`"));
         }
-        if let Some((key, _)) = self
-            .resource_attributes
-            .iter()
-            .find(|(key, _)| key.trim().is_empty())
-        {
-            return Err(invalid(
-                "resource_attributes",
-                format!("has an empty key ({key:?})"),
-            ));
+        if let Some((key, _)) = self.resource_attributes.iter().find(|(key, _)| key.trim().is_empty()) {
+            return Err(invalid("resource_attributes", format!("has an empty key ({key:?})")));
         }
         if self.metrics_export_interval.is_zero() {
             return Err(invalid("metrics_export_interval", "is zero; use e.g. 5 s"));
@@ -95,12 +85,7 @@ impl TelemetryConfig {
 
 /// The config's endpoint wins; an empty or blank value counts as unset.
 fn pick_endpoint(configured: Option<&str>, from_env: Option<&str>) -> Option<String> {
-    [configured, from_env]
-        .into_iter()
-        .flatten()
-        .map(str::trim)
-        .find(|endpoint| !endpoint.is_empty())
-        .map(str::to_owned)
+    [configured, from_env].into_iter().flatten().map(str::trim).find(|endpoint| !endpoint.is_empty()).map(str::to_owned)
 }
 
 /// Only plain-text gRPC is compiled in (no TLS feature), so the scheme must be http.
@@ -116,10 +101,7 @@ fn check_endpoint(field: &'static str, endpoint: &str) -> Result<(), TelemetryEr
 }
 
 fn invalid(field: &'static str, problem: impl Into<String>) -> TelemetryError {
-    TelemetryError::InvalidConfig {
-        field,
-        problem: problem.into(),
-    }
+    TelemetryError::InvalidConfig { field, problem: problem.into() }
 }
 
 #[cfg(test)]
@@ -128,18 +110,9 @@ mod tests {
 
     #[test]
     fn config_endpoint_wins_over_environment_and_blank_counts_as_unset() {
-        assert_eq!(
-            pick_endpoint(Some("http://a:1"), Some("http://b:2")).as_deref(),
-            Some("http://a:1")
-        );
-        assert_eq!(
-            pick_endpoint(None, Some("http://b:2")).as_deref(),
-            Some("http://b:2")
-        );
-        assert_eq!(
-            pick_endpoint(Some("  "), Some("http://b:2")).as_deref(),
-            Some("http://b:2")
-        );
+        assert_eq!(pick_endpoint(Some("http://a:1"), Some("http://b:2")).as_deref(), Some("http://a:1"));
+        assert_eq!(pick_endpoint(None, Some("http://b:2")).as_deref(), Some("http://b:2"));
+        assert_eq!(pick_endpoint(Some("  "), Some("http://b:2")).as_deref(), Some("http://b:2"));
         assert_eq!(pick_endpoint(None, Some("")), None);
         assert_eq!(pick_endpoint(None, None), None);
     }
@@ -152,25 +125,13 @@ mod tests {
         };
         assert_eq!(field_of(TelemetryConfig::new("x")), None);
         assert_eq!(field_of(TelemetryConfig::new(" ")), Some("service_name"));
-        assert_eq!(
-            field_of(TelemetryConfig::new("x").with_attribute("", "v")),
-            Some("resource_attributes")
-        );
+        assert_eq!(field_of(TelemetryConfig::new("x").with_attribute("", "v")), Some("resource_attributes"));
         assert_eq!(
             field_of(TelemetryConfig::new("x").with_metrics_export_interval(Duration::ZERO)),
             Some("metrics_export_interval")
         );
-        assert_eq!(
-            field_of(TelemetryConfig::new("x").with_otlp_endpoint("localhost:4317")),
-            Some("otlp_endpoint")
-        );
-        assert_eq!(
-            field_of(TelemetryConfig::new("x").with_otlp_endpoint("https://c:4317")),
-            Some("otlp_endpoint")
-        );
-        assert_eq!(
-            field_of(TelemetryConfig::new("x").with_otlp_endpoint("http://c:4317")),
-            None
-        );
+        assert_eq!(field_of(TelemetryConfig::new("x").with_otlp_endpoint("localhost:4317")), Some("otlp_endpoint"));
+        assert_eq!(field_of(TelemetryConfig::new("x").with_otlp_endpoint("https://c:4317")), Some("otlp_endpoint"));
+        assert_eq!(field_of(TelemetryConfig::new("x").with_otlp_endpoint("http://c:4317")), None);
     }
 }

@@ -9,10 +9,7 @@ use opentelemetry_sdk::error::OTelSdkError;
 pub enum TelemetryError {
     /// A [`crate::TelemetryConfig`] field holds a value that cannot work.
     #[error("telemetry config field `{field}` {problem}")]
-    InvalidConfig {
-        field: &'static str,
-        problem: String,
-    },
+    InvalidConfig { field: &'static str, problem: String },
 
     /// `RUST_LOG` is set but is not a valid `tracing_subscriber::EnvFilter` directive list.
     #[error("RUST_LOG={value:?} is not a valid log filter (e.g. `info,medtvt_coordinator=debug`): {source}")]

@@ -35,8 +35,7 @@ use crate::{TelemetryConfig, TelemetryError};
 
 /// Console filter when `RUST_LOG` is unset or blank: `info`, but the OTel SDK's own start-up
 /// chatter only from `warn` (export failures are still shown).
-const DEFAULT_FILTER: &str =
-    "info,opentelemetry=warn,opentelemetry_sdk=warn,opentelemetry_otlp=warn";
+const DEFAULT_FILTER: &str = "info,opentelemetry=warn,opentelemetry_sdk=warn,opentelemetry_otlp=warn";
 
 /// Appended to the OTLP layer's filter: spans of the export path itself (the gRPC stack and the
 /// SDK) would otherwise be exported, creating more export traffic, in an endless loop.
@@ -63,17 +62,11 @@ pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
 
     global::set_text_map_propagator(TraceContextPropagator::new());
     let Some(endpoint) = endpoint else {
-        tracing_subscriber::registry()
-            .with(console_layer)
-            .try_init()
-            .map_err(TelemetryError::AlreadyInitialized)?;
+        tracing_subscriber::registry().with(console_layer).try_init().map_err(TelemetryError::AlreadyInitialized)?;
         return Ok(TelemetryGuard { exporting: None });
     };
 
-    let otel_filter = parse_filter(
-        &filter_directives,
-        &format!("{filter_directives},{EXPORT_PATH_OFF}"),
-    )?;
+    let otel_filter = parse_filter(&filter_directives, &format!("{filter_directives},{EXPORT_PATH_OFF}"))?;
     let resource = resource(&config);
     let runtime = export_runtime()?;
     let built = {
@@ -95,11 +88,7 @@ pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
         .with_filter(otel_filter);
     // The guard owns the providers before the fallible install, so a failure still shuts them down.
     let guard = TelemetryGuard {
-        exporting: Some(Exporting {
-            tracer: tracer_provider.clone(),
-            meter: meter_provider.clone(),
-            runtime,
-        }),
+        exporting: Some(Exporting { tracer: tracer_provider.clone(), meter: meter_provider.clone(), runtime }),
     };
     tracing_subscriber::registry()
         .with(console_layer)
@@ -135,42 +124,24 @@ fn filter_directives_from_env() -> String {
 fn parse_filter(rust_log: &str, directives: &str) -> Result<EnvFilter, TelemetryError> {
     EnvFilter::builder()
         .parse(directives)
-        .map_err(|source| TelemetryError::InvalidFilter {
-            value: rust_log.to_owned(),
-            source,
-        })
+        .map_err(|source| TelemetryError::InvalidFilter { value: rust_log.to_owned(), source })
 }
 
 /// `service.name` plus the configured attributes (and the SDK's own `telemetry.sdk.*`).
 fn resource(config: &TelemetryConfig) -> Resource {
     Resource::builder()
         .with_service_name(config.service_name.clone())
-        .with_attributes(
-            config
-                .resource_attributes
-                .iter()
-                .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
-        )
+        .with_attributes(config.resource_attributes.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())))
         .build()
 }
 
-fn tracer_provider(
-    endpoint: &str,
-    resource: Resource,
-) -> Result<SdkTracerProvider, TelemetryError> {
+fn tracer_provider(endpoint: &str, resource: Resource) -> Result<SdkTracerProvider, TelemetryError> {
     let exporter = SpanExporter::builder()
         .with_tonic()
         .with_endpoint(endpoint)
         .build()
-        .map_err(|source| TelemetryError::Exporter {
-            signal: "trace",
-            endpoint: endpoint.to_owned(),
-            source,
-        })?;
-    Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(resource)
-        .build())
+        .map_err(|source| TelemetryError::Exporter { signal: "trace", endpoint: endpoint.to_owned(), source })?;
+    Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
 }
 
 fn meter_provider(
@@ -182,18 +153,9 @@ fn meter_provider(
         .with_tonic()
         .with_endpoint(endpoint)
         .build()
-        .map_err(|source| TelemetryError::Exporter {
-            signal: "metrics",
-            endpoint: endpoint.to_owned(),
-            source,
-        })?;
-    let reader = PeriodicReader::builder(exporter)
-        .with_interval(config.metrics_export_interval)
-        .build();
-    Ok(SdkMeterProvider::builder()
-        .with_reader(reader)
-        .with_resource(resource)
-        .build())
+        .map_err(|source| TelemetryError::Exporter { signal: "metrics", endpoint: endpoint.to_owned(), source })?;
+    let reader = PeriodicReader::builder(exporter).with_interval(config.metrics_export_interval).build();
+    Ok(SdkMeterProvider::builder().with_reader(reader).with_resource(resource).build())
 }
 
 /// The SDK providers [`init`] installed and the runtime their exporters' channels live on.
@@ -205,33 +167,15 @@ struct Exporting {
 
 /// Blocks until both providers have exported what they hold; runs both even if one fails.
 fn flush(tracer: &SdkTracerProvider, meter: &SdkMeterProvider) -> Result<(), TelemetryError> {
-    let traces = tracer
-        .force_flush()
-        .map_err(|source| TelemetryError::Shutdown {
-            signal: "trace",
-            source,
-        });
-    let metrics = meter
-        .force_flush()
-        .map_err(|source| TelemetryError::Shutdown {
-            signal: "metrics",
-            source,
-        });
+    let traces = tracer.force_flush().map_err(|source| TelemetryError::Shutdown { signal: "trace", source });
+    let metrics = meter.force_flush().map_err(|source| TelemetryError::Shutdown { signal: "metrics", source });
     traces.and(metrics)
 }
 
 /// Blocks until both providers have flushed and stopped their export threads.
 fn shutdown(tracer: &SdkTracerProvider, meter: &SdkMeterProvider) -> Result<(), TelemetryError> {
-    let traces = tracer
-        .shutdown()
-        .map_err(|source| TelemetryError::Shutdown {
-            signal: "trace",
-            source,
-        });
-    let metrics = meter.shutdown().map_err(|source| TelemetryError::Shutdown {
-        signal: "metrics",
-        source,
-    });
+    let traces = tracer.shutdown().map_err(|source| TelemetryError::Shutdown { signal: "trace", source });
+    let metrics = meter.shutdown().map_err(|source| TelemetryError::Shutdown { signal: "metrics", source });
     traces.and(metrics)
 }
 
@@ -263,25 +207,15 @@ impl TelemetryGuard {
             return Ok(());
         };
         let (tracer, meter) = (exporting.tracer.clone(), exporting.meter.clone());
-        exporting
-            .runtime
-            .spawn_blocking(move || flush(&tracer, &meter))
-            .await?
+        exporting.runtime.spawn_blocking(move || flush(&tracer, &meter)).await?
     }
 
     /// Flushes and shuts both providers down, waiting for the export to finish.
     pub async fn shutdown(mut self) -> Result<(), TelemetryError> {
-        let Some(Exporting {
-            tracer,
-            meter,
-            runtime,
-        }) = self.exporting.take()
-        else {
+        let Some(Exporting { tracer, meter, runtime }) = self.exporting.take() else {
             return Ok(());
         };
-        let result = runtime
-            .spawn_blocking(move || shutdown(&tracer, &meter))
-            .await;
+        let result = runtime.spawn_blocking(move || shutdown(&tracer, &meter)).await;
         // Not a plain drop: dropping a runtime inside an async context panics.
         runtime.shutdown_background();
         result?
@@ -290,12 +224,7 @@ impl TelemetryGuard {
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
-        let Some(Exporting {
-            tracer,
-            meter,
-            runtime,
-        }) = self.exporting.take()
-        else {
+        let Some(Exporting { tracer, meter, runtime }) = self.exporting.take() else {
             return;
         };
         if let Err(error) = shutdown(&tracer, &meter) {
@@ -311,11 +240,8 @@ mod tests {
 
     #[test]
     fn otlp_filter_silences_the_export_path_but_keeps_our_spans() {
-        let filter =
-            parse_filter("info", &format!("info,{EXPORT_PATH_OFF}")).map(|f| f.to_string());
-        let Ok(filter) = filter else {
-            panic!("the built-in filter must parse: {filter:?}")
-        };
+        let filter = parse_filter("info", &format!("info,{EXPORT_PATH_OFF}")).map(|f| f.to_string());
+        let Ok(filter) = filter else { panic!("the built-in filter must parse: {filter:?}") };
         for target in ["h2=off", "tonic=off", "opentelemetry_sdk=off"] {
             assert!(filter.contains(target), "{target} missing from {filter}");
         }

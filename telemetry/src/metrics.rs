@@ -56,9 +56,7 @@ pub const OTHER_METRIC_KEY_ATTRIBUTE: &str = "medtvt.metric";
 pub const OTHER_METRIC_INSTRUMENT: &str = "medtvt.train.metric";
 
 /// Upper bucket bounds of the step-time histogram, in seconds (a tiny CPU step to a slow GPU one).
-const STEP_TIME_BOUNDS_S: [f64; 13] = [
-    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0,
-];
+const STEP_TIME_BOUNDS_S: [f64; 13] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0];
 
 /// A per-step scalar with a dedicated instrument.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,10 +148,14 @@ impl StepMetric {
             StepMetric::ClipFraction => "Fraction of tokens where the ratio clip was active",
             StepMetric::TokensPerSecond => "Tokens processed per second",
             StepMetric::StepTime => "Wall time of one step",
-            StepMetric::SamplerMismatchMean => "Mean |learner - sampler| log-prob on tokens the trained version sampled",
+            StepMetric::SamplerMismatchMean => {
+                "Mean |learner - sampler| log-prob on tokens the trained version sampled"
+            }
             StepMetric::SamplerMismatchP99 => "99th percentile of |learner - sampler| log-prob on lag-0 tokens",
             StepMetric::SamplerMismatchMax => "Largest |learner - sampler| log-prob on lag-0 tokens",
-            StepMetric::SamplerMismatchOutsideClip => "Fraction of lag-0 tokens whose ratio is outside the clip range before the update",
+            StepMetric::SamplerMismatchOutsideClip => {
+                "Fraction of lag-0 tokens whose ratio is outside the clip range before the update"
+            }
         }
     }
 }
@@ -186,11 +188,7 @@ impl Instruments {
             .collect();
         let step = StepMetric::StepTime;
         let u64_gauge = |name: &'static str, unit: &'static str, description: &'static str| {
-            meter
-                .u64_gauge(name)
-                .with_unit(unit)
-                .with_description(description)
-                .build()
+            meter.u64_gauge(name).with_unit(unit).with_description(description).build()
         };
         Self {
             step_gauges,
@@ -203,9 +201,7 @@ impl Instruments {
             other: meter
                 .f64_gauge(OTHER_METRIC_INSTRUMENT)
                 .with_unit("1")
-                .with_description(
-                    "A step value without its own instrument; its key is in medtvt.metric",
-                )
+                .with_description("A step value without its own instrument; its key is in medtvt.metric")
                 .build(),
             queue_depth: u64_gauge(
                 "medtvt.coordinator.queue_depth",
@@ -234,9 +230,7 @@ impl Instruments {
         match StepMetric::from_key(key) {
             // A NaN/inf duration would poison the histogram's sum forever; gauges keep NaN
             // visible instead, since a NaN loss is exactly what one wants to see.
-            Some(StepMetric::StepTime) if value.is_finite() => {
-                self.step_duration.record(value, attrs)
-            }
+            Some(StepMetric::StepTime) if value.is_finite() => self.step_duration.record(value, attrs),
             Some(StepMetric::StepTime) => {}
             Some(metric) => {
                 if let Some((_, gauge)) = self.step_gauges.iter().find(|(m, _)| *m == metric) {
@@ -260,9 +254,7 @@ pub struct RunMetrics {
 
 impl std::fmt::Debug for RunMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunMetrics")
-            .field("enabled", &self.is_enabled())
-            .finish()
+        f.debug_struct("RunMetrics").field("enabled", &self.is_enabled()).finish()
     }
 }
 
@@ -279,9 +271,7 @@ impl RunMetrics {
 
     /// Instruments on a given meter (a custom provider, or a test's in-memory one).
     pub fn from_meter(meter: &Meter) -> Self {
-        Self {
-            instruments: Some(Arc::new(Instruments::new(meter))),
-        }
+        Self { instruments: Some(Arc::new(Instruments::new(meter))) }
     }
 
     /// A handle whose every method returns at once.
@@ -348,10 +338,7 @@ mod tests {
             assert_eq!(StepMetric::from_key(metric.key()), Some(metric));
             assert!(metric.instrument_name().starts_with("medtvt."));
         }
-        let mut names: Vec<_> = StepMetric::ALL
-            .iter()
-            .map(|m| m.instrument_name())
-            .collect();
+        let mut names: Vec<_> = StepMetric::ALL.iter().map(|m| m.instrument_name()).collect();
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), StepMetric::ALL.len());
@@ -371,9 +358,8 @@ mod tests {
     #[test]
     fn record_step_lands_in_the_named_instruments_with_attributes() {
         let exporter = InMemoryMetricExporter::default();
-        let provider = SdkMeterProvider::builder()
-            .with_reader(PeriodicReader::builder(exporter.clone()).build())
-            .build();
+        let provider =
+            SdkMeterProvider::builder().with_reader(PeriodicReader::builder(exporter.clone()).build()).build();
         let metrics = RunMetrics::from_meter(&provider.meter("test"));
         assert!(metrics.is_enabled());
         let values = BTreeMap::from([
@@ -384,10 +370,7 @@ mod tests {
             ("mismatch/logp_abs/p99".to_owned(), 2e-7),
         ]);
         metrics.record_step(&values, &[KeyValue::new("medtvt.stage", "grpo")]);
-        metrics.record_step(
-            &BTreeMap::from([("step_time_s".to_owned(), f64::INFINITY)]),
-            &[],
-        );
+        metrics.record_step(&BTreeMap::from([("step_time_s".to_owned(), f64::INFINITY)]), &[]);
         metrics.set_queue_depth(7);
         metrics.set_prompts_waiting(5);
         metrics.set_policy_lag(2);
@@ -399,41 +382,20 @@ mod tests {
             Err(error) => panic!("reading the in-memory exporter: {error}"),
         };
 
-        assert_eq!(
-            gauge_f64(&exported, "medtvt.train.loss"),
-            vec![(0.25, vec!["medtvt.stage=grpo".to_owned()])]
-        );
-        assert_eq!(
-            gauge_f64(&exported, "medtvt.train.kl"),
-            vec![(0.01, vec!["medtvt.stage=grpo".to_owned()])]
-        );
+        assert_eq!(gauge_f64(&exported, "medtvt.train.loss"), vec![(0.25, vec!["medtvt.stage=grpo".to_owned()])]);
+        assert_eq!(gauge_f64(&exported, "medtvt.train.kl"), vec![(0.01, vec!["medtvt.stage=grpo".to_owned()])]);
         assert_eq!(
             gauge_f64(&exported, "medtvt.train.sampler_mismatch.p99"),
             vec![(2e-7, vec!["medtvt.stage=grpo".to_owned()])]
         );
         assert_eq!(
             gauge_f64(&exported, OTHER_METRIC_INSTRUMENT),
-            vec![(
-                0.75,
-                vec![
-                    "medtvt.metric=reward/jaccard".to_owned(),
-                    "medtvt.stage=grpo".to_owned()
-                ]
-            )]
+            vec![(0.75, vec!["medtvt.metric=reward/jaccard".to_owned(), "medtvt.stage=grpo".to_owned()])]
         );
         // The infinite step time was dropped: one point, sum 1.5.
-        assert_eq!(
-            histogram_count_sum(&exported, "medtvt.train.step.duration"),
-            Some((1, 1.5))
-        );
-        assert_eq!(
-            gauge_u64(&exported, "medtvt.coordinator.queue_depth"),
-            vec![7]
-        );
-        assert_eq!(
-            gauge_u64(&exported, "medtvt.coordinator.prompts_waiting"),
-            vec![5]
-        );
+        assert_eq!(histogram_count_sum(&exported, "medtvt.train.step.duration"), Some((1, 1.5)));
+        assert_eq!(gauge_u64(&exported, "medtvt.coordinator.queue_depth"), vec![7]);
+        assert_eq!(gauge_u64(&exported, "medtvt.coordinator.prompts_waiting"), vec![5]);
         assert_eq!(gauge_u64(&exported, "medtvt.policy.lag"), vec![2]);
         assert!(gauge_u64(&exported, "medtvt.coordinator.leased_prompts").is_empty());
     }
@@ -455,10 +417,7 @@ mod tests {
         gauge
             .data_points()
             .map(|point| {
-                let mut attrs: Vec<String> = point
-                    .attributes()
-                    .map(|kv| format!("{}={}", kv.key, kv.value))
-                    .collect();
+                let mut attrs: Vec<String> = point.attributes().map(|kv| format!("{}={}", kv.key, kv.value)).collect();
                 attrs.sort();
                 (point.value(), attrs)
             })
@@ -473,8 +432,7 @@ mod tests {
     }
 
     fn histogram_count_sum(exported: &[ResourceMetrics], name: &str) -> Option<(u64, f64)> {
-        let Some(AggregatedMetrics::F64(MetricData::Histogram(histogram))) = find(exported, name)
-        else {
+        let Some(AggregatedMetrics::F64(MetricData::Histogram(histogram))) = find(exported, name) else {
             return None;
         };
         let point = histogram.data_points().next()?;

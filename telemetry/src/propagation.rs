@@ -41,9 +41,7 @@ pub fn inject_current_context(metadata: &mut MetadataMap) {
 
 /// Writes `context` into outgoing gRPC metadata (nothing when it holds no valid span).
 pub fn inject_context(context: &Context, metadata: &mut MetadataMap) {
-    global::get_text_map_propagator(|propagator| {
-        propagator.inject_context(context, &mut MetadataInjector(metadata))
-    });
+    global::get_text_map_propagator(|propagator| propagator.inject_context(context, &mut MetadataInjector(metadata)));
 }
 
 /// The remote parent context carried by incoming gRPC metadata (empty when there is none).
@@ -63,9 +61,7 @@ pub fn set_parent(span: &Span, metadata: &MetadataMap) -> bool {
 /// carry the trace inside a message; `None` when there is no valid span context (no OTLP export).
 pub fn current_traceparent() -> Option<String> {
     let mut fields = HashMap::new();
-    global::get_text_map_propagator(|propagator| {
-        propagator.inject_context(&Span::current().context(), &mut fields)
-    });
+    global::get_text_map_propagator(|propagator| propagator.inject_context(&Span::current().context(), &mut fields));
     fields.remove(TRACEPARENT)
 }
 
@@ -108,10 +104,7 @@ fn context_from_traceparent(traceparent: &str) -> Context {
 /// slash (`medtvt.Coordinator/LeaseBatch`), its kind `server`.
 pub fn server_span(request: &http::Request<()>) -> Span {
     let path = request.uri().path();
-    let (service, method) = path
-        .trim_start_matches('/')
-        .split_once('/')
-        .unwrap_or((path, ""));
+    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
     let span = tracing::info_span!(
         "grpc.request",
         otel.name = %path.trim_start_matches('/'),
@@ -147,9 +140,7 @@ fn set_parent_context(span: &Span, parent: Context) -> bool {
     match span.set_parent(parent) {
         Ok(()) => true,
         Err(tracing_opentelemetry::SetParentError::AlreadyStarted) => {
-            tracing::warn!(
-                "set_parent called on a span that already started; the remote parent was ignored"
-            );
+            tracing::warn!("set_parent called on a span that already started; the remote parent was ignored");
             false
         }
         Err(_) => false,
@@ -162,14 +153,9 @@ struct MetadataInjector<'a>(&'a mut MetadataMap);
 
 impl Injector for MetadataInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        let (Ok(key), Ok(value)) = (
-            MetadataKey::from_bytes(key.as_bytes()),
-            MetadataValue::try_from(value.as_str()),
-        ) else {
-            tracing::debug!(
-                key,
-                "dropping a trace-context field that is not valid gRPC metadata"
-            );
+        let (Ok(key), Ok(value)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value.as_str()))
+        else {
+            tracing::debug!(key, "dropping a trace-context field that is not valid gRPC metadata");
             return;
         };
         self.0.insert(key, value);
@@ -204,11 +190,9 @@ mod tests {
     fn with_recorded_spans(f: impl FnOnce()) -> Vec<SpanData> {
         global::set_text_map_propagator(TraceContextPropagator::new());
         let exporter = InMemorySpanExporter::default();
-        let provider = SdkTracerProvider::builder()
-            .with_simple_exporter(exporter.clone())
-            .build();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
         tracing::subscriber::with_default(subscriber, f);
         match exporter.get_finished_spans() {
             Ok(spans) => spans,
@@ -218,10 +202,7 @@ mod tests {
 
     fn ids(context: &Context) -> (TraceId, SpanId) {
         let span = context.span();
-        (
-            span.span_context().trace_id(),
-            span.span_context().span_id(),
-        )
+        (span.span_context().trace_id(), span.span_context().span_id())
     }
 
     #[test]
@@ -232,19 +213,10 @@ mod tests {
             let _entered = client.enter();
             let mut metadata = MetadataMap::new();
             inject_current_context(&mut metadata);
-            let traceparent = metadata
-                .get("traceparent")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            seen = Some((
-                ids(&client.context()),
-                traceparent,
-                ids(&extract_parent(&metadata)),
-            ));
+            let traceparent = metadata.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            seen = Some((ids(&client.context()), traceparent, ids(&extract_parent(&metadata))));
         });
-        let Some(((trace_id, span_id), traceparent, extracted)) = seen else {
-            panic!("closure did not run")
-        };
+        let Some(((trace_id, span_id), traceparent, extracted)) = seen else { panic!("closure did not run") };
         assert_ne!(trace_id, TraceId::INVALID);
         assert_eq!(traceparent, Some(format!("00-{trace_id}-{span_id}-01")));
         assert_eq!(extracted, (trace_id, span_id));
@@ -258,10 +230,7 @@ mod tests {
             {
                 let client = tracing::info_span!("client");
                 let _entered = client.enter();
-                TraceContextInterceptor
-                    .call(Request::new(()))
-                    .map(|req| metadata = req.metadata().clone())
-                    .ok();
+                TraceContextInterceptor.call(Request::new(())).map(|req| metadata = req.metadata().clone()).ok();
             }
             let server = tracing::info_span!("server");
             attached.0 = set_parent(&server, &metadata);
@@ -270,18 +239,11 @@ mod tests {
             attached.1 = set_parent(&server, &metadata);
         });
         assert_eq!(attached, (true, false));
-        let [client, server] =
-            ["client", "server"].map(|name| match spans.iter().find(|s| s.name == name) {
-                Some(span) => span,
-                None => panic!(
-                    "no {name} span among {:?}",
-                    spans.iter().map(|s| &s.name).collect::<Vec<_>>()
-                ),
-            });
-        assert_eq!(
-            server.span_context.trace_id(),
-            client.span_context.trace_id()
-        );
+        let [client, server] = ["client", "server"].map(|name| match spans.iter().find(|s| s.name == name) {
+            Some(span) => span,
+            None => panic!("no {name} span among {:?}", spans.iter().map(|s| &s.name).collect::<Vec<_>>()),
+        });
+        assert_eq!(server.span_context.trace_id(), client.span_context.trace_id());
         assert_eq!(server.parent_span_id, client.span_context.span_id());
     }
 
@@ -294,14 +256,10 @@ mod tests {
                 .uri("http://coordinator/medtvt.Coordinator/LeaseBatch")
                 .header("traceparent", format!("00-{remote_trace}-{remote_span}-01"))
                 .body(());
-            let Ok(request) = request else {
-                panic!("building the test request failed")
-            };
+            let Ok(request) = request else { panic!("building the test request failed") };
             server_span(&request).in_scope(|| {});
         });
-        let [span] = spans.as_slice() else {
-            panic!("expected one span, got {spans:?}")
-        };
+        let [span] = spans.as_slice() else { panic!("expected one span, got {spans:?}") };
         assert_eq!(span.name, "medtvt.Coordinator/LeaseBatch");
         assert_eq!(span.span_kind, SpanKind::Server);
         assert_eq!(span.span_context.trace_id().to_string(), remote_trace);
@@ -331,34 +289,17 @@ mod tests {
             step.in_scope(|| {});
         });
         assert_eq!(attached, (true, true, true));
-        let [worker, step, group] = ["worker", "step", "group"].map(|name| {
-            spans
-                .iter()
-                .find(|s| s.name == name)
-                .unwrap_or_else(|| panic!("no {name} span"))
-        });
+        let [worker, step, group] = ["worker", "step", "group"]
+            .map(|name| spans.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no {name} span")));
         let worker_id = worker.span_context.span_id();
-        assert_eq!(
-            carried,
-            Some(format!(
-                "00-{}-{worker_id}-01",
-                worker.span_context.trace_id()
-            ))
-        );
+        assert_eq!(carried, Some(format!("00-{}-{worker_id}-01", worker.span_context.trace_id())));
         // The group span is the worker span's child, in its trace ...
-        assert_eq!(
-            group.span_context.trace_id(),
-            worker.span_context.trace_id()
-        );
+        assert_eq!(group.span_context.trace_id(), worker.span_context.trace_id());
         assert_eq!(group.parent_span_id, worker_id);
         // ... and linked to the step span, a trace of its own that links back to the worker.
         assert_ne!(step.span_context.trace_id(), worker.span_context.trace_id());
-        let linked = |span: &SpanData| -> Vec<SpanId> {
-            span.links
-                .iter()
-                .map(|link| link.span_context.span_id())
-                .collect()
-        };
+        let linked =
+            |span: &SpanData| -> Vec<SpanId> { span.links.iter().map(|link| link.span_context.span_id()).collect() };
         assert_eq!(linked(group), vec![step.span_context.span_id()]);
         assert_eq!(linked(step), vec![worker_id]);
     }

@@ -24,27 +24,16 @@ fn init_without_endpoint_logs_to_the_console_only() -> Result<(), TelemetryError
     let span = tracing::info_span!("untraced");
     let mut metadata = MetadataMap::new();
     span.in_scope(|| inject_current_context(&mut metadata));
-    assert!(
-        metadata.is_empty(),
-        "no OTel layer, so no traceparent: {metadata:?}"
-    );
+    assert!(metadata.is_empty(), "no OTel layer, so no traceparent: {metadata:?}");
     metadata.insert(
         "traceparent",
-        tonic::metadata::MetadataValue::from_static(
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        ),
+        tonic::metadata::MetadataValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
     );
-    assert!(
-        !set_parent(&tracing::info_span!("server"), &metadata),
-        "no OTel layer to attach a parent to"
-    );
+    assert!(!set_parent(&tracing::info_span!("server"), &metadata), "no OTel layer to attach a parent to");
 
     match init(TelemetryConfig::new("again")) {
         Err(TelemetryError::AlreadyInitialized(_)) => {}
-        other => panic!(
-            "a second init must be refused, got {:?}",
-            other.map(|g| g.exports_otlp())
-        ),
+        other => panic!("a second init must be refused, got {:?}", other.map(|g| g.exports_otlp())),
     }
     // No runtime here: dropping a guard that exports nothing must not need one.
     drop(guard);

@@ -24,14 +24,8 @@ fn init_and_drop_outside_any_runtime_export_spans() -> Result<(), Box<dyn std::e
     let received = receiver_runtime.block_on(collector.stop());
 
     let span = received.span_named("outside_runtime");
-    let attributes = span
-        .resource
-        .map(|r| r.attributes.as_slice())
-        .unwrap_or_default();
-    assert_eq!(
-        string_attribute(attributes, "service.name"),
-        Some("medtvt-no-runtime-test")
-    );
+    let attributes = span.resource.map(|r| r.attributes.as_slice()).unwrap_or_default();
+    assert_eq!(string_attribute(attributes, "service.name"), Some("medtvt-no-runtime-test"));
     assert_eq!(string_attribute(attributes, "medtvt.rank"), Some("3"));
     Ok(())
 }

@@ -17,12 +17,8 @@ use medtvt_telemetry::metrics::RunMetrics;
 use medtvt_telemetry::propagation::{server_span, TraceContextInterceptor};
 use medtvt_telemetry::{init, KeyValue, TelemetryConfig};
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
-use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
-    LogsService, LogsServiceServer,
-};
-use opentelemetry_proto::tonic::collector::logs::v1::{
-    ExportLogsServiceRequest, ExportLogsServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{LogsService, LogsServiceServer};
+use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -41,9 +37,7 @@ impl LogsService for App {
         _: Request<ExportLogsServiceRequest>,
     ) -> Result<Response<ExportLogsServiceResponse>, Status> {
         tracing::info_span!("handle_export").in_scope(|| tracing::info!("handled"));
-        Ok(Response::new(ExportLogsServiceResponse {
-            partial_success: None,
-        }))
+        Ok(Response::new(ExportLogsServiceResponse { partial_success: None }))
     }
 }
 
@@ -61,14 +55,9 @@ async fn traced_round_trip() -> TestResult {
                 let _ = stopped.await;
             }),
     );
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
     let mut client = LogsServiceClient::with_interceptor(channel, TraceContextInterceptor);
-    client
-        .export(ExportLogsServiceRequest::default())
-        .instrument(tracing::info_span!("client_call"))
-        .await?;
+    client.export(ExportLogsServiceRequest::default()).instrument(tracing::info_span!("client_call")).await?;
     drop(client);
     let _ = stop.send(());
     server.await??;
@@ -89,10 +78,7 @@ async fn spans_and_metrics_reach_a_real_otlp_receiver_linked_across_grpc() -> Te
 
     traced_round_trip().await?;
     let metrics = RunMetrics::global();
-    assert!(
-        metrics.is_enabled(),
-        "init installed a meter provider, so the global handle must record"
-    );
+    assert!(metrics.is_enabled(), "init installed a meter provider, so the global handle must record");
     let step = BTreeMap::from([("loss".to_owned(), 0.5), ("reward_mean".to_owned(), 0.25)]);
     metrics.record_step(&step, &[KeyValue::new("medtvt.stage", "grpo")]);
     metrics.set_queue_depth(3);
@@ -104,60 +90,25 @@ async fn spans_and_metrics_reach_a_real_otlp_receiver_linked_across_grpc() -> Te
     let server = received.span_named("opentelemetry.proto.collector.logs.v1.LogsService/Export");
     let handler = received.span_named("handle_export");
     assert_eq!(client.span.trace_id.len(), 16);
-    assert!(
-        client.span.parent_span_id.is_empty(),
-        "client_call is the root"
-    );
-    assert_eq!(
-        server.span.trace_id, client.span.trace_id,
-        "the trace id crossed the gRPC hop"
-    );
-    assert_eq!(
-        server.span.parent_span_id, client.span.span_id,
-        "the server span is the client span's child"
-    );
+    assert!(client.span.parent_span_id.is_empty(), "client_call is the root");
+    assert_eq!(server.span.trace_id, client.span.trace_id, "the trace id crossed the gRPC hop");
+    assert_eq!(server.span.parent_span_id, client.span.span_id, "the server span is the client span's child");
     assert_eq!(server.span.kind, SpanKind::Server as i32);
-    assert_eq!(
-        string_attribute(&server.span.attributes, "rpc.method"),
-        Some("Export")
-    );
+    assert_eq!(string_attribute(&server.span.attributes, "rpc.method"), Some("Export"));
     assert_eq!(handler.span.trace_id, client.span.trace_id);
-    assert_eq!(
-        handler.span.parent_span_id, server.span.span_id,
-        "the handler span nests in the request span"
-    );
+    assert_eq!(handler.span.parent_span_id, server.span.span_id, "the handler span nests in the request span");
     for span in [&client, &server, &handler] {
-        let attributes = span
-            .resource
-            .map(|r| r.attributes.as_slice())
-            .unwrap_or_default();
-        assert_eq!(
-            string_attribute(attributes, "service.name"),
-            Some("medtvt-otlp-test")
-        );
+        let attributes = span.resource.map(|r| r.attributes.as_slice()).unwrap_or_default();
+        assert_eq!(string_attribute(attributes, "service.name"), Some("medtvt-otlp-test"));
         assert_eq!(string_attribute(attributes, "medtvt.role"), Some("test"));
-        assert_eq!(
-            string_attribute(attributes, "medtvt.run_id"),
-            Some("run-42")
-        );
+        assert_eq!(string_attribute(attributes, "medtvt.run_id"), Some("run-42"));
     }
 
     let (resource, loss) = received.metric_named("medtvt.train.loss");
     assert_eq!(gauge_values(loss), vec![0.5]);
-    let attributes = resource
-        .map(|r| r.attributes.as_slice())
-        .unwrap_or_default();
-    assert_eq!(
-        string_attribute(attributes, "service.name"),
-        Some("medtvt-otlp-test")
-    );
-    assert_eq!(
-        gauge_values(received.metric_named("medtvt.reward.mean").1),
-        vec![0.25]
-    );
-    assert_eq!(
-        gauge_values(received.metric_named("medtvt.coordinator.queue_depth").1),
-        vec![3.0]
-    );
+    let attributes = resource.map(|r| r.attributes.as_slice()).unwrap_or_default();
+    assert_eq!(string_attribute(attributes, "service.name"), Some("medtvt-otlp-test"));
+    assert_eq!(gauge_values(received.metric_named("medtvt.reward.mean").1), vec![0.25]);
+    assert_eq!(gauge_values(received.metric_named("medtvt.coordinator.queue_depth").1), vec![3.0]);
     Ok(())
 }

@@ -102,7 +102,21 @@ pub fn host_port(url: &str) -> &str {
 
 pub fn learner(url: &str, rank: u32, world: u32, dir: &Path) -> Proc {
     let log = dir.join(format!("learner-{rank}.log"));
-    spawn(&format!("learner-{rank}"), &["learner", "--coordinator", url, "--rank", &rank.to_string(), "--world-size", &world.to_string(), "--device", "cpu"], &log)
+    spawn(
+        &format!("learner-{rank}"),
+        &[
+            "learner",
+            "--coordinator",
+            url,
+            "--rank",
+            &rank.to_string(),
+            "--world-size",
+            &world.to_string(),
+            "--device",
+            "cpu",
+        ],
+        &log,
+    )
 }
 
 pub fn worker(url: &str, name: &str, dir: &Path) -> Proc {
@@ -112,7 +126,8 @@ pub fn worker(url: &str, name: &str, dir: &Path) -> Proc {
 /// A rollout worker with `extra` flags (e.g. `--auth-token-file`).
 pub fn worker_with(url: &str, name: &str, dir: &Path, extra: &[&str]) -> Proc {
     let log = dir.join(format!("{name}.log"));
-    let mut args = vec!["rollout-worker", "--coordinator", url, "--device", "cpu", "--name", name, "--max-prompts", "2"];
+    let mut args =
+        vec!["rollout-worker", "--coordinator", url, "--device", "cpu", "--name", name, "--max-prompts", "2"];
     args.extend_from_slice(extra);
     spawn(name, &args, &log)
 }
@@ -138,7 +153,14 @@ pub fn job_status(rt: &tokio::runtime::Runtime, url: &str, job_id: u64) -> JobSt
 }
 
 /// Polls until `done(status)` or the deadline; on timeout fails with the status and the logs.
-pub fn wait_for(rt: &tokio::runtime::Runtime, url: &str, job_id: u64, dir: &Path, limit: Duration, done: impl Fn(&JobStatus) -> bool) -> JobStatus {
+pub fn wait_for(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    job_id: u64,
+    dir: &Path,
+    limit: Duration,
+    done: impl Fn(&JobStatus) -> bool,
+) -> JobStatus {
     wait_for_every(rt, url, job_id, dir, limit, Duration::from_millis(200), done)
 }
 
@@ -158,7 +180,8 @@ pub fn wait_for_every(
         if done(&status) {
             return status;
         }
-        let finished = [JobState::Succeeded as i32, JobState::Failed as i32, JobState::Cancelled as i32].contains(&status.state);
+        let finished =
+            [JobState::Succeeded as i32, JobState::Failed as i32, JobState::Cancelled as i32].contains(&status.state);
         if finished || started.elapsed() > limit {
             panic!("job {job_id} not as expected after {:?}: {status:#?}\n{}", started.elapsed(), logs(dir));
         }
@@ -215,16 +238,34 @@ pub fn dataset(root: &Path) -> PathBuf {
 }
 
 /// The `[cluster]` keys of most tests: two learners, two workers, long timeouts.
-pub const TWO_LEARNERS: &str = "learners = 2\nrollout_workers = 2\nlease_timeout_s = 60.0\nheartbeat_timeout_s = 20.0\n";
+pub const TWO_LEARNERS: &str =
+    "learners = 2\nrollout_workers = 2\nlease_timeout_s = 60.0\nheartbeat_timeout_s = 20.0\n";
 
 /// A tiny-model run config with [`TWO_LEARNERS`]; `extra` adds tables or keys after `[cluster]`.
-pub fn config(root: &Path, name: &str, stage: &str, data: &Path, checkpoint: Option<&Path>, train: &str, extra: &str) -> PathBuf {
+pub fn config(
+    root: &Path,
+    name: &str,
+    stage: &str,
+    data: &Path,
+    checkpoint: Option<&Path>,
+    train: &str,
+    extra: &str,
+) -> PathBuf {
     config_with_cluster(root, name, stage, data, checkpoint, train, TWO_LEARNERS, extra)
 }
 
 /// A tiny-model run config written to `root/<name>.toml`, its output in `root/<name>`.
 #[allow(clippy::too_many_arguments)]
-pub fn config_with_cluster(root: &Path, name: &str, stage: &str, data: &Path, checkpoint: Option<&Path>, train: &str, cluster: &str, extra: &str) -> PathBuf {
+pub fn config_with_cluster(
+    root: &Path,
+    name: &str,
+    stage: &str,
+    data: &Path,
+    checkpoint: Option<&Path>,
+    train: &str,
+    cluster: &str,
+    extra: &str,
+) -> PathBuf {
     let checkpoint = checkpoint.map(|c| format!("checkpoint = \"{}\"\n", c.display())).unwrap_or_default();
     let text = format!(
         r#"[run]
@@ -266,7 +307,8 @@ ecg_resnet_blocks = 1
 }
 
 pub fn pt_config(root: &Path, data: &Path, steps: u64) -> PathBuf {
-    let train = format!("steps = {steps}\nbatch_size = 4\nlearning_rate = 0.003\nwarmup_steps = 0\ncheckpoint_every = 4\n");
+    let train =
+        format!("steps = {steps}\nbatch_size = 4\nlearning_rate = 0.003\nwarmup_steps = 0\ncheckpoint_every = 4\n");
     config(root, "pt", "pt", data, None, &train, "")
 }
 

@@ -26,7 +26,12 @@ pub fn load_job(config_toml: &str, overrides: &[String]) -> Result<LoadedJob, St
 /// What a process polling for work is told.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Assignment {
-    Job { job_id: JobId, name: String, stage: Stage, config_toml: String },
+    Job {
+        job_id: JobId,
+        name: String,
+        stage: Stage,
+        config_toml: String,
+    },
     Shutdown,
     /// Nothing yet: poll again.
     Wait,
@@ -35,7 +40,8 @@ pub enum Assignment {
 impl Job {
     /// A queued job, once its config is checked against the cluster. Errors name the key.
     pub(super) fn new(id: JobId, config: RunConfig, samples: Arc<Vec<Bytes>>) -> Result<Job, StateError> {
-        let invalid = |key: &str, problem: String| Err(StateError::InvalidJob(format!("job {id} config: `{key}` {problem}")));
+        let invalid =
+            |key: &str, problem: String| Err(StateError::InvalidJob(format!("job {id} config: `{key}` {problem}")));
         let world_size = config.cluster.learners;
         if samples.is_empty() {
             return invalid("data.dir", "holds no samples for this stage".into());
@@ -78,7 +84,8 @@ impl Job {
                 None
             }
         };
-        let config_toml = toml::to_string(&config).map_err(|e| StateError::InvalidJob(format!("job {id} config: {e}")))?;
+        let config_toml =
+            toml::to_string(&config).map_err(|e| StateError::InvalidJob(format!("job {id} config: {e}")))?;
         Ok(Job {
             id,
             order: EpochOrder::new(config.run.seed, samples.len()),
@@ -116,7 +123,11 @@ impl RunState {
         self.next_job += 1;
         self.revision += 1;
         self.events.push(Event::JobQueued { job_id: id, name: job.config.run.name.clone(), stage: job.stage() });
-        self.journal.push(Durable::JobQueued { job_id: id, config_toml: job.config_toml.clone(), samples: job.samples.clone() });
+        self.journal.push(Durable::JobQueued {
+            job_id: id,
+            config_toml: job.config_toml.clone(),
+            samples: job.samples.clone(),
+        });
         self.jobs.insert(id, job);
         self.queue.push_back(id);
         self.start_next();
@@ -276,7 +287,10 @@ mod tests {
     fn batch_size_not_divisible_by_learners_names_the_field() {
         let mut st = RunState::new(StateOptions::default());
         let err = st.enqueue(config("grpo", "").tap_grpo(3), samples(4)).unwrap_err();
-        assert!(err.to_string().contains("`grpo.prompts_per_step` = 3 is not divisible by cluster.learners = 2"), "{err}");
+        assert!(
+            err.to_string().contains("`grpo.prompts_per_step` = 3 is not divisible by cluster.learners = 2"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -287,7 +301,10 @@ mod tests {
         let id = st.enqueue_loaded(LoadedJob { config: config("pt", ""), samples: samples(4), skipped }).unwrap();
         assert_eq!(st.snapshot(Some(id)).unwrap()[0].counters.samples_skipped, 1);
         let events = st.drain_events();
-        assert!(events.contains(&Event::SampleSkipped { job_id: id, line: 3, sample: "enc-3-dx".into(), problem }), "{events:?}");
+        assert!(
+            events.contains(&Event::SampleSkipped { job_id: id, line: 3, sample: "enc-3-dx".into(), problem }),
+            "{events:?}"
+        );
         // The counter is part of the durable job record, so a resumed coordinator still shows it.
         let records = st.drain_journal();
         assert!(records.iter().any(|r| matches!(r, Durable::Job(rec) if rec.progress.counters.samples_skipped == 1)));

@@ -126,7 +126,9 @@ impl Job {
             }
             r.steps = sealed.into_iter().map(|s| s.groups).collect();
         } else if stored_steps > 0 {
-            return Err(StateError::InvalidJob(format!("job {id} is not a GRPO job but has {stored_steps} sealed steps stored")));
+            return Err(StateError::InvalidJob(format!(
+                "job {id} is not a GRPO job but has {stored_steps} sealed steps stored"
+            )));
         }
         Ok(job)
     }
@@ -144,11 +146,17 @@ impl RunState {
             let job = Job::resume(stored)?;
             let id = job.id;
             if id.0 >= ids.next_job {
-                return Err(StateError::InvalidJob(format!("stored job {id} is not below the stored next job id {}", ids.next_job)));
+                return Err(StateError::InvalidJob(format!(
+                    "stored job {id} is not below the stored next job id {}",
+                    ids.next_job
+                )));
             }
             match job.state {
                 JobState::Running if st.running.is_some() => {
-                    return Err(StateError::InvalidJob(format!("stored jobs {} and {id} are both RUNNING", st.running.map_or(0, |j| j.0))));
+                    return Err(StateError::InvalidJob(format!(
+                        "stored jobs {} and {id} are both RUNNING",
+                        st.running.map_or(0, |j| j.0)
+                    )));
                 }
                 JobState::Running => st.running = Some(id),
                 JobState::Queued => st.queue.push_back(id),
@@ -218,7 +226,10 @@ mod tests {
                         finish_requested: None,
                         progress: JobProgress::default(),
                     };
-                    jobs.insert(job_id, ResumedJob { config_toml, samples: samples.to_vec(), record, sealed: Vec::new() });
+                    jobs.insert(
+                        job_id,
+                        ResumedJob { config_toml, samples: samples.to_vec(), record, sealed: Vec::new() },
+                    );
                 }
                 Durable::Job(r) => {
                     let id = r.job_id;

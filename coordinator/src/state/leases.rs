@@ -61,7 +61,13 @@ impl Rollouts {
 impl RunState {
     /// Leases up to `max_prompts` prompts of job `id` to a rollout worker, no more than the
     /// remaining steps (plus a pipeline of `max_staleness + 2` steps) need.
-    pub fn lease(&mut self, now: Instant, worker: WorkerId, id: JobId, max_prompts: u32) -> Result<LeaseGrant, StateError> {
+    pub fn lease(
+        &mut self,
+        now: Instant,
+        worker: WorkerId,
+        id: JobId,
+        max_prompts: u32,
+    ) -> Result<LeaseGrant, StateError> {
         let role = self.touch(now, worker)?.role;
         if role != Role::RolloutWorker {
             return Err(StateError::WrongRole { worker, role, needed: Role::RolloutWorker, what: "LeasePrompts" });
@@ -109,7 +115,12 @@ impl RunState {
         job.counters.prompts_leased += keys.len() as u64;
         r.leases.insert(
             lease_id,
-            LeaseRecord { worker, outstanding: keys.iter().copied().collect(), prompts: keys, deadline: now + r.lease_timeout },
+            LeaseRecord {
+                worker,
+                outstanding: keys.iter().copied().collect(),
+                prompts: keys,
+                deadline: now + r.lease_timeout,
+            },
         );
         Ok(grant)
     }
@@ -133,7 +144,9 @@ impl RunState {
                 r.group_size
             )));
         }
-        if let Some(c) = group.completions.iter().find(|c| !c.logprobs.is_empty() && c.logprobs.len() != c.token_ids.len()) {
+        if let Some(c) =
+            group.completions.iter().find(|c| !c.logprobs.is_empty() && c.logprobs.len() != c.token_ids.len())
+        {
             return Err(StateError::InvalidGroup(format!(
                 "a completion of prompt {} has {} token ids but {} logprobs",
                 group.prompt_id,
@@ -225,7 +238,10 @@ mod tests {
         let bogus = group(w2, job, LeaseId(999), keys(&first)[1], 0, [0.0, 1.0]);
         assert_eq!(st.submit_group(later, bogus).unwrap(), GroupOutcome::UnknownLease);
         let c = &st.snapshot(None).unwrap()[0].counters;
-        assert_eq!((c.late_groups_ignored, c.duplicates_ignored, c.unknown_lease_groups, c.leases_expired), (1, 1, 1, 1));
+        assert_eq!(
+            (c.late_groups_ignored, c.duplicates_ignored, c.unknown_lease_groups, c.leases_expired),
+            (1, 1, 1, 1)
+        );
     }
 
     #[test]
@@ -251,7 +267,9 @@ mod tests {
         let again = st.lease(now, w, job, 1).unwrap();
         assert_eq!(keys(&again), vec![k[2]]);
         st.submit_group(now, group(w, job, again.lease_id.unwrap(), k[2], 2, [0.0, 1.0])).unwrap();
-        let BatchOutcome::Groups { .. } = st.pull_batch(job, 0, 2, 1).unwrap() else { panic!("step 1 should be ready") };
+        let BatchOutcome::Groups { .. } = st.pull_batch(job, 0, 2, 1).unwrap() else {
+            panic!("step 1 should be ready")
+        };
     }
 
     #[test]

@@ -84,7 +84,8 @@ impl RunState {
         let mut returned = 0;
         for lease_id in expired {
             let Some(lease) = r.leases.remove(&lease_id) else { continue };
-            let back: Vec<PromptKey> = lease.prompts.iter().copied().filter(|k| lease.outstanding.contains(k)).collect();
+            let back: Vec<PromptKey> =
+                lease.prompts.iter().copied().filter(|k| lease.outstanding.contains(k)).collect();
             returned += back.len();
             r.requeue_front(back.iter().copied());
             r.expired_leases.insert(lease_id);

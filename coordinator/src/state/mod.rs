@@ -123,18 +123,57 @@ impl Default for StateOptions {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
-    JobQueued { job_id: JobId, name: String, stage: Stage },
-    JobStarted { job_id: JobId },
-    JobEnded { job_id: JobId, state: JobState, message: String },
-    StepCompleted { job_id: JobId, step: u64, policy_version: u64 },
-    WorkerRegistered { worker_id: WorkerId, role: Role, name: String },
-    WorkerDead { worker_id: WorkerId },
-    WorkerLeft { worker_id: WorkerId },
-    LeaseExpired { job_id: JobId, lease_id: LeaseId, prompts_returned: usize },
+    JobQueued {
+        job_id: JobId,
+        name: String,
+        stage: Stage,
+    },
+    JobStarted {
+        job_id: JobId,
+    },
+    JobEnded {
+        job_id: JobId,
+        state: JobState,
+        message: String,
+    },
+    StepCompleted {
+        job_id: JobId,
+        step: u64,
+        policy_version: u64,
+    },
+    WorkerRegistered {
+        worker_id: WorkerId,
+        role: Role,
+        name: String,
+    },
+    WorkerDead {
+        worker_id: WorkerId,
+    },
+    WorkerLeft {
+        worker_id: WorkerId,
+    },
+    LeaseExpired {
+        job_id: JobId,
+        lease_id: LeaseId,
+        prompts_returned: usize,
+    },
     /// A sample left out at submission: `problem` names the broken file and what is wrong.
-    SampleSkipped { job_id: JobId, line: usize, sample: String, problem: String },
-    GroupDroppedStale { job_id: JobId, prompt_id: u64, epoch: u64, sampled_at: u64, policy_version: u64 },
-    ShutdownRequested { drain: bool },
+    SampleSkipped {
+        job_id: JobId,
+        line: usize,
+        sample: String,
+        problem: String,
+    },
+    GroupDroppedStale {
+        job_id: JobId,
+        prompt_id: u64,
+        epoch: u64,
+        sampled_at: u64,
+        policy_version: u64,
+    },
+    ShutdownRequested {
+        drain: bool,
+    },
 }
 
 /// Counters and gauges of one job, as shown by status.
@@ -213,9 +252,7 @@ struct Job {
     rollouts: Option<Rollouts>,
 }
 
-impl Job {
-
-}
+impl Job {}
 
 struct RendezvousRound {
     world_size: u32,
@@ -271,7 +308,6 @@ impl RunState {
     pub fn drain_events(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.events)
     }
-
 }
 
 #[cfg(test)]
@@ -302,7 +338,14 @@ pub(crate) mod test_support {
         (0..n).map(|i| Bytes::from(format!("{{\"i\":{i}}}"))).collect()
     }
 
-    pub fn group(worker: WorkerId, job: JobId, lease: LeaseId, key: PromptKey, version: u64, rewards: [f32; 2]) -> RolloutGroup {
+    pub fn group(
+        worker: WorkerId,
+        job: JobId,
+        lease: LeaseId,
+        key: PromptKey,
+        version: u64,
+        rewards: [f32; 2],
+    ) -> RolloutGroup {
         RolloutGroup {
             job_id: job.0,
             lease_id: lease.0,

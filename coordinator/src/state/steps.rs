@@ -10,8 +10,14 @@ pub enum BatchOutcome {
     Pending,
     /// No more steps: the job finished (state says how) or `step` is past the last step.
     Done(JobState),
-    Samples { samples: Vec<Bytes>, policy_version: u64 },
-    Groups { groups: Vec<Arc<RolloutGroup>>, policy_version: u64 },
+    Samples {
+        samples: Vec<Bytes>,
+        policy_version: u64,
+    },
+    Groups {
+        groups: Vec<Arc<RolloutGroup>>,
+        policy_version: u64,
+    },
 }
 
 impl RunState {
@@ -89,7 +95,8 @@ run.out_dir, or remove {out}/checkpoints to start over",
             }
             if r.assembling.len() as u64 == r.prompts_per_step {
                 let groups = std::mem::take(&mut r.assembling);
-                r.last_step_lag = groups.iter().map(|g| policy_version.saturating_sub(g.policy_version)).max().unwrap_or(0);
+                r.last_step_lag =
+                    groups.iter().map(|g| policy_version.saturating_sub(g.policy_version)).max().unwrap_or(0);
                 self.journal.push(Durable::StepSealed { job_id: id, step, groups: groups.clone() });
                 r.steps.push(groups);
                 self.revision += 1;
@@ -131,7 +138,10 @@ run.out_dir, or remove {out}/checkpoints to start over",
             return Err(StateError::JobNotRunning { job: id, state: job.state });
         }
         if step >= job.total_steps {
-            return Err(StateError::StepOutOfRange(format!("step {step} is past job {id}'s train.steps = {}", job.total_steps)));
+            return Err(StateError::StepOutOfRange(format!(
+                "step {step} is past job {id}'s train.steps = {}",
+                job.total_steps
+            )));
         }
         if let Some(r) = &job.rollouts {
             if step as usize >= r.steps.len() {
@@ -152,7 +162,11 @@ run.out_dir, or remove {out}/checkpoints to start over",
             if let Some(r) = &job.rollouts {
                 job.counters.groups_trained += r.steps[job.steps_completed as usize].len() as u64;
             }
-            self.events.push(Event::StepCompleted { job_id: id, step: job.steps_completed, policy_version: job.policy_version });
+            self.events.push(Event::StepCompleted {
+                job_id: id,
+                step: job.steps_completed,
+                policy_version: job.policy_version,
+            });
             job.steps_completed += 1;
         }
         if let Some(r) = job.rollouts.as_mut().filter(|r| r.retain_steps > 0) {
@@ -172,7 +186,13 @@ run.out_dir, or remove {out}/checkpoints to start over",
 
     /// Rank 0 ends the job: fails it with `failure`, or asks it to succeed once every rank has
     /// reported the last step.
-    pub fn finish_job(&mut self, id: JobId, rank: u32, checkpoint_dir: String, failure: String) -> Result<JobState, StateError> {
+    pub fn finish_job(
+        &mut self,
+        id: JobId,
+        rank: u32,
+        checkpoint_dir: String,
+        failure: String,
+    ) -> Result<JobState, StateError> {
         let job = self.jobs.get_mut(&id).ok_or(StateError::UnknownJob(id))?;
         if job.state.is_terminal() {
             return Ok(job.state);
@@ -185,7 +205,8 @@ run.out_dir, or remove {out}/checkpoints to start over",
             return self.job_state(id);
         }
         let last = job.total_steps - 1;
-        let rank0_done = job.steps_completed == job.total_steps || job.reported.get(&last).is_some_and(|r| r.contains(&0));
+        let rank0_done =
+            job.steps_completed == job.total_steps || job.reported.get(&last).is_some_and(|r| r.contains(&0));
         if !rank0_done {
             return Err(StateError::LastStepNotReported(format!(
                 "job {id}: rank 0 has not reported its last step {last} ({} of {} steps completed)",
@@ -218,7 +239,14 @@ run.out_dir, or remove {out}/checkpoints to start over",
     }
 
     /// Records this rank's payload; returns every payload once all ranks arrived.
-    pub fn rendezvous(&mut self, id: JobId, key: &str, rank: u32, world_size: u32, payload: Bytes) -> Result<Option<Vec<Bytes>>, StateError> {
+    pub fn rendezvous(
+        &mut self,
+        id: JobId,
+        key: &str,
+        rank: u32,
+        world_size: u32,
+        payload: Bytes,
+    ) -> Result<Option<Vec<Bytes>>, StateError> {
         self.running_job_mut(id)?;
         if world_size == 0 || rank >= world_size {
             return Err(StateError::BadRank(format!("rank {rank} is not below world_size {world_size}")));
@@ -255,7 +283,10 @@ mod tests {
         let (mut st, _, _, job) = grpo_state(8);
         assert!(matches!(st.pull_batch(job, 0, 2, 0).unwrap(), BatchOutcome::Pending));
         let err = st.pull_batch(job, 0, 2, 2).unwrap_err().to_string();
-        assert!(err.contains("resumed at GRPO step 2 from a checkpoint in o/checkpoints, but this job has trained 0 steps"), "{err}");
+        assert!(
+            err.contains("resumed at GRPO step 2 from a checkpoint in o/checkpoints, but this job has trained 0 steps"),
+            "{err}"
+        );
         assert!(err.contains("new run.out_dir"), "{err}");
     }
 
@@ -286,7 +317,10 @@ mod tests {
     fn finish_before_the_last_step_is_refused_and_success_waits_for_all_ranks() {
         let mut st = RunState::new(StateOptions::default());
         st.enqueue(config("pt", ""), samples(4)).unwrap();
-        assert!(matches!(st.finish_job(JobId(1), 0, "c".into(), String::new()), Err(StateError::LastStepNotReported(_))));
+        assert!(matches!(
+            st.finish_job(JobId(1), 0, "c".into(), String::new()),
+            Err(StateError::LastStepNotReported(_))
+        ));
         for step in 0..3 {
             st.report_step(JobId(1), 0, step, BTreeMap::from([("loss".into(), 1.0)]), step + 1).unwrap();
         }
@@ -312,7 +346,8 @@ mod tests {
             let grant = st.lease(now, w, job, 2).unwrap();
             assert_eq!(grant.policy_version, step);
             for key in keys(&grant) {
-                let outcome = st.submit_group(now, group(w, job, grant.lease_id.unwrap(), key, step, [0.0, 1.0])).unwrap();
+                let outcome =
+                    st.submit_group(now, group(w, job, grant.lease_id.unwrap(), key, step, [0.0, 1.0])).unwrap();
                 assert_eq!(outcome, GroupOutcome::Accepted);
                 leased.push((key.prompt_id, key.epoch));
             }
@@ -324,7 +359,10 @@ mod tests {
             // Idempotent re-pull; the next step waits until this one is reported by both ranks.
             let BatchOutcome::Groups { groups, .. } = st.pull_batch(job, 1, 2, step).unwrap() else { panic!() };
             assert_eq!((groups[0].prompt_id, groups[0].epoch), *trained.last().unwrap());
-            assert_eq!(st.pull_batch(job, 0, 2, step + 1).unwrap(), if step < 2 { BatchOutcome::Pending } else { BatchOutcome::Done(JobState::Running) });
+            assert_eq!(
+                st.pull_batch(job, 0, 2, step + 1).unwrap(),
+                if step < 2 { BatchOutcome::Pending } else { BatchOutcome::Done(JobState::Running) }
+            );
             for rank in 0..2 {
                 st.report_step(job, rank, step, BTreeMap::new(), step + 1).unwrap();
             }
@@ -389,6 +427,10 @@ mod tests {
         let all = st.rendezvous(JobId(1), "k", 0, 2, Bytes::from("a")).unwrap();
         assert_eq!(all, Some(vec![Bytes::from("a"), Bytes::from("b")]));
         assert!(st.rendezvous(JobId(1), "k", 0, 3, Bytes::new()).is_err());
-        assert_eq!(st.rendezvous(JobId(1), "k", 1, 2, Bytes::from("changed")).unwrap(), all, "completed keys are frozen");
+        assert_eq!(
+            st.rendezvous(JobId(1), "k", 1, 2, Bytes::from("changed")).unwrap(),
+            all,
+            "completed keys are frozen"
+        );
     }
 }

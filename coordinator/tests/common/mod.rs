@@ -20,7 +20,11 @@ pub struct TestServer {
 
 /// Options for tests: fast reaping, no shutdown grace.
 pub fn options() -> ServerOptions {
-    ServerOptions { reap_interval: Duration::from_millis(20), shutdown_grace: Duration::ZERO, ..ServerOptions::default() }
+    ServerOptions {
+        reap_interval: Duration::from_millis(20),
+        shutdown_grace: Duration::ZERO,
+        ..ServerOptions::default()
+    }
 }
 
 /// `n` disease and `n` physiological train samples, plus test-split lines that must be skipped.
@@ -109,11 +113,7 @@ pub async fn lease(client: &mut Client, worker_id: u64, job_id: u64, max_prompts
 
 /// A group for each prompt of the lease, sampled at `version`, with rewards that do not tie.
 pub fn groups_for(lease: &pb::Lease, worker_id: u64, version: u64) -> Vec<pb::RolloutGroup> {
-    lease
-        .prompts
-        .iter()
-        .map(|p| group_for(lease, worker_id, p, version))
-        .collect()
+    lease.prompts.iter().map(|p| group_for(lease, worker_id, p, version)).collect()
 }
 
 pub fn group_for(lease: &pb::Lease, worker_id: u64, prompt: &pb::Prompt, version: u64) -> pb::RolloutGroup {
@@ -149,7 +149,13 @@ pub async fn pull(client: &mut Client, job_id: u64, rank: u32, step: u64, wait_m
     client.pull_training_batch(req).await.unwrap().into_inner()
 }
 
-pub async fn report(client: &mut Client, job_id: u64, rank: u32, step: u64, version_after: u64) -> pb::StepReportResponse {
+pub async fn report(
+    client: &mut Client,
+    job_id: u64,
+    rank: u32,
+    step: u64,
+    version_after: u64,
+) -> pb::StepReportResponse {
     let req = pb::StepReport {
         job_id,
         rank,
@@ -162,7 +168,12 @@ pub async fn report(client: &mut Client, job_id: u64, rank: u32, step: u64, vers
 
 /// Polls status until `pred` holds (for conditions that only time produces, e.g. a lease
 /// timeout), failing after 10 s.
-pub async fn eventually(client: &mut Client, job_id: u64, what: &str, pred: impl Fn(&pb::RunStatus) -> bool) -> pb::RunStatus {
+pub async fn eventually(
+    client: &mut Client,
+    job_id: u64,
+    what: &str,
+    pred: impl Fn(&pb::RunStatus) -> bool,
+) -> pb::RunStatus {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let status = client.get_status(pb::StatusRequest { job_id }).await.unwrap().into_inner();

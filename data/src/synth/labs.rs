@@ -55,7 +55,11 @@ fn healthy(rng: &mut impl Rng, itemid: u32) -> f64 {
     let Some(item) = item_index(itemid).map(|i| LAB_ITEMS[i]) else { return 0.0 };
     let span = item.ref_high - item.ref_low;
     let u: f64 = if rng.random_bool(0.015) {
-        if rng.random_bool(0.5) { rng.random_range(1.03..1.2) } else { rng.random_range(-0.2..-0.03) }
+        if rng.random_bool(0.5) {
+            rng.random_range(1.03..1.2)
+        } else {
+            rng.random_range(-0.2..-0.03)
+        }
     } else {
         (0.5 + 0.17 * (rng.random::<f64>() + rng.random::<f64>() + rng.random::<f64>() - 1.5) * 2.0).clamp(0.03, 0.97)
     };

@@ -155,14 +155,8 @@ fn plan_encounter(index: usize, seed: u64, allowed: &[Disease], rng: &mut ChaCha
     } else {
         rng.random_range(58.0..94.0)
     };
-    let ecg_signs = EcgSigns {
-        heart_rate,
-        af,
-        st_depression: st,
-        t_inversion: t_inv,
-        lvh,
-        peaked_t: lab_signs.potassium,
-    };
+    let ecg_signs =
+        EcgSigns { heart_rate, af, st_depression: st, t_inversion: t_inv, lvh, peaked_t: lab_signs.potassium };
     let format = if rng.random_bool(0.2) { SignalFormat::F212 } else { SignalFormat::F16 };
     let side = if rng.random_bool(0.5) { Side::Right } else { Side::Left };
     let subject_id = 10_000_000 + index as u64;
@@ -206,7 +200,15 @@ fn write_encounter(out: &Path, enc: &Encounter, image_size: u32, rng: &mut ChaCh
             SignalFormat::F16 => (1000.0, 0),
             SignalFormat::F212 => (200.0, 0),
         };
-        write_record(&out.join("ecg").join(&enc.id), SYNTH_FS, &ECG_LEADS, &leads, *format, &[gain; 12], &[baseline; 12])?;
+        write_record(
+            &out.join("ecg").join(&enc.id),
+            SYNTH_FS,
+            &ECG_LEADS,
+            &leads,
+            *format,
+            &[gain; 12],
+            &[baseline; 12],
+        )?;
         f.ecg = Some(signs.findings());
     }
     if let Some(c) = &enc.cxr {
@@ -403,13 +405,13 @@ pub fn synthesize(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary, DataErr
     summary.samples = samples.len();
     write_jsonl(&out.join("qa.jsonl"), &samples)?;
     LabPercentiles::fit(train_labs.iter().map(Vec::as_slice)).save(&out.join("lab_percentiles.json"))?;
-    write_readme(out, cfg, &summary)
-        .map(|_| summary)
+    write_readme(out, cfg, &summary).map(|_| summary)
 }
 
 fn write_readme(out: &Path, cfg: &SynthConfig, s: &SynthSummary) -> Result<(), DataError> {
     let path = out.join("README.md");
-    let list = |m: &BTreeMap<String, usize>| m.iter().map(|(k, v)| format!("- {k}: {v}")).collect::<Vec<_>>().join("\n");
+    let list =
+        |m: &BTreeMap<String, usize>| m.iter().map(|(k, v)| format!("- {k}: {v}")).collect::<Vec<_>>().join("\n");
     let text = format!(
         "# Synthetic MedTVT-QA\n\n\
          Written by `medtvt data synth --n {} --seed {} --image-size {}`; the same arguments give \

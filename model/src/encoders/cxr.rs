@@ -61,7 +61,8 @@ impl VitBlock {
     fn forward(&self, x: &Tensor) -> Tensor {
         let (b, t, w) = x.size3().expect("ViT block input is [batch, tokens, width]");
         let head_dim = w / self.heads;
-        let qkv = self.qkv.forward(&self.norm1.forward(x)).view([b, t, 3, self.heads, head_dim]).permute([2, 0, 3, 1, 4]);
+        let qkv =
+            self.qkv.forward(&self.norm1.forward(x)).view([b, t, 3, self.heads, head_dim]).permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2)); // each [b, heads, t, head_dim]
         let attn = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
         let x = x + self.proj.forward(&attn.transpose(1, 2).reshape([b, t, w]));

@@ -90,9 +90,14 @@ impl ResBlock1d {
     fn new(p: &nn::Path, c_in: i64, width: i64, expansion: i64, k: i64, stride: i64) -> Self {
         let c_out = width * expansion;
         let body = if expansion == 1 {
-            nn::seq_t()
-                .add(conv_norm(&(p / "conv1"), c_in, width, k, stride, true))
-                .add(conv_norm(&(p / "conv2"), width, c_out, k, 1, false))
+            nn::seq_t().add(conv_norm(&(p / "conv1"), c_in, width, k, stride, true)).add(conv_norm(
+                &(p / "conv2"),
+                width,
+                c_out,
+                k,
+                1,
+                false,
+            ))
         } else {
             nn::seq_t()
                 .add(conv_norm(&(p / "conv1"), c_in, width, 1, 1, true))

@@ -92,10 +92,18 @@ fn check_names(vars: &BTreeMap<String, Tensor>, stored: &BTreeMap<String, Tensor
     let missing: Vec<&str> = expected.difference(&found).copied().collect();
     let mut problems = Vec::new();
     if !unexpected.is_empty() {
-        problems.push(format!("{} tensor(s) that are not parameters of the encoder: {}", unexpected.len(), unexpected.join(", ")));
+        problems.push(format!(
+            "{} tensor(s) that are not parameters of the encoder: {}",
+            unexpected.len(),
+            unexpected.join(", ")
+        ));
     }
     if !missing.is_empty() {
-        problems.push(format!("{} parameter(s) of the encoder missing from the file: {}", missing.len(), missing.join(", ")));
+        problems.push(format!(
+            "{} parameter(s) of the encoder missing from the file: {}",
+            missing.len(),
+            missing.join(", ")
+        ));
     }
     if problems.is_empty() {
         Ok(())
@@ -109,7 +117,8 @@ fn check_shapes(vars: &BTreeMap<String, Tensor>, stored: &BTreeMap<String, Tenso
         .iter()
         .filter_map(|(name, var)| {
             let found = stored[name].size();
-            (found != var.size()).then(|| format!("tensor `{name}` has shape {found:?}, the encoder expects {:?}", var.size()))
+            (found != var.size())
+                .then(|| format!("tensor `{name}` has shape {found:?}, the encoder expects {:?}", var.size()))
         })
         .collect();
     if mismatches.is_empty() {
@@ -157,7 +166,9 @@ mod tests {
         let target = lab_store(2);
         let n = load_encoder_weights(&target, "lab_encoder.", "model.lab_encoder_weights", &path).unwrap();
         assert_eq!(n, 6, "two linear layers and a LayerNorm, weight and bias each");
-        for ((name, a), (_, b)) in encoder_tensors(&source, "lab_encoder.").iter().zip(encoder_tensors(&target, "lab_encoder.")) {
+        for ((name, a), (_, b)) in
+            encoder_tensors(&source, "lab_encoder.").iter().zip(encoder_tensors(&target, "lab_encoder."))
+        {
             assert!(a.equal(&b), "{name} was not copied");
         }
     }
@@ -166,13 +177,16 @@ mod tests {
     fn unexpected_and_missing_names_are_listed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lab.safetensors");
-        let mut named: Vec<(String, Tensor)> =
-            encoder_tensors(&lab_store(1), "lab_encoder.").into_iter().filter(|(n, _)| !n.starts_with("norm.")).collect();
+        let mut named: Vec<(String, Tensor)> = encoder_tensors(&lab_store(1), "lab_encoder.")
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with("norm."))
+            .collect();
         named.push(("head.weight".into(), Tensor::zeros([2], (Kind::Float, Device::Cpu))));
         write(&path, &named);
         let before = encoder_tensors(&lab_store(2), "lab_encoder.");
         let target = lab_store(2);
-        let err = load_encoder_weights(&target, "lab_encoder.", "model.lab_encoder_weights", &path).unwrap_err().to_string();
+        let err =
+            load_encoder_weights(&target, "lab_encoder.", "model.lab_encoder_weights", &path).unwrap_err().to_string();
         assert!(err.starts_with(&format!("model.lab_encoder_weights = \"{}\":", path.display())), "{err}");
         assert!(err.contains("not parameters of the encoder: head.weight"), "{err}");
         assert!(err.contains("missing from the file: norm.bias, norm.weight"), "{err}");
@@ -187,7 +201,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lab.safetensors");
         std::fs::write(&path, b"garbage").unwrap();
-        let err = load_encoder_weights(&lab_store(1), "lab_encoder.", "model.lab_encoder_weights", &path).unwrap_err().to_string();
+        let err = load_encoder_weights(&lab_store(1), "lab_encoder.", "model.lab_encoder_weights", &path)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("lab.safetensors") && err.contains("cannot read it as safetensors"), "{err}");
     }
 }

@@ -109,24 +109,22 @@ impl LlamaConfig {
         if path.is_dir() {
             path = path.join("config.json");
         }
-        let text = std::fs::read_to_string(&path)
-            .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
         Self::from_json_str(&text, &path)
     }
 
     /// Parses config.json text; `origin` only names the source in errors.
     pub fn from_json_str(text: &str, origin: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = serde_json::from_str(text)
-            .map_err(|source| ConfigError::Parse { path: origin.to_path_buf(), source })?;
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|source| ConfigError::Parse { path: origin.to_path_buf(), source })?;
         Self::from_raw(raw, origin)
     }
 
     fn from_raw(raw: RawConfig, origin: &Path) -> Result<Self, ConfigError> {
         let path = origin.to_path_buf();
         let model_type = architecture_of(&raw, &path)?;
-        let need = |v: Option<i64>, field: &'static str| {
-            v.ok_or_else(|| ConfigError::Missing { path: path.clone(), field })
-        };
+        let need =
+            |v: Option<i64>, field: &'static str| v.ok_or_else(|| ConfigError::Missing { path: path.clone(), field });
         if let Some(act) = raw.hidden_act.as_deref().filter(|a| *a != "silu") {
             return Err(unsupported(&path, "hidden_act", act, "only SwiGLU with silu is implemented"));
         }
@@ -134,7 +132,12 @@ impl LlamaConfig {
             return Err(unsupported(&path, "mlp_bias", "true", "MLP biases are not implemented"));
         }
         if raw.use_sliding_window == Some(true) {
-            return Err(unsupported(&path, "use_sliding_window", "true", "sliding-window attention is not implemented"));
+            return Err(unsupported(
+                &path,
+                "use_sliding_window",
+                "true",
+                "sliding-window attention is not implemented",
+            ));
         }
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
         let num_attention_heads = need(raw.num_attention_heads, "num_attention_heads")?;
@@ -312,18 +315,11 @@ fn architecture_of(raw: &RawConfig, path: &Path) -> Result<String, ConfigError> 
 fn rope_of(raw: &RawConfig, path: &Path) -> Result<(f64, Option<Llama3RopeScaling>), ConfigError> {
     let params = raw.rope_parameters.as_ref().filter(|v| !v.is_null());
     let scaling = params.or(raw.rope_scaling.as_ref().filter(|v| !v.is_null()));
-    let theta = params
-        .and_then(|p| p.get("rope_theta"))
-        .and_then(Value::as_f64)
-        .or(raw.rope_theta)
-        .unwrap_or(10000.0);
+    let theta = params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64).or(raw.rope_theta).unwrap_or(10000.0);
     let Some(scaling) = scaling else { return Ok((theta, None)) };
     let field = if params.is_some() { "rope_parameters" } else { "rope_scaling" };
-    let rope_type = scaling
-        .get("rope_type")
-        .or_else(|| scaling.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let rope_type =
+        scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(Value::as_str).unwrap_or("default");
     match rope_type {
         "default" => Ok((theta, None)),
         "llama3" => {

@@ -110,11 +110,19 @@ pub fn left_pad(prompts: &[Vec<i64>], pad_id: i64, device: Device) -> Result<(Te
         mask.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, prompt.len())));
     }
     let shape = [prompts.len() as i64, width as i64];
-    Ok((Tensor::from_slice(&ids).view(shape).to_device(device), Tensor::from_slice(&mask).view(shape).to_device(device)))
+    Ok((
+        Tensor::from_slice(&ids).view(shape).to_device(device),
+        Tensor::from_slice(&mask).view(shape).to_device(device),
+    ))
 }
 
 /// Generates from token-id prompts: left-pads them with `pad_id` and calls `generate_from_embeds`.
-pub fn generate(model: &Llama, prompts: &[Vec<i64>], pad_id: i64, params: &SamplingParams) -> Result<Generation, GenerateError> {
+pub fn generate(
+    model: &Llama,
+    prompts: &[Vec<i64>],
+    pad_id: i64,
+    params: &SamplingParams,
+) -> Result<Generation, GenerateError> {
     let (ids, mask) = left_pad(prompts, pad_id, model.device())?;
     let embeds = tch::no_grad(|| model.embed_tokens(&ids));
     generate_from_embeds(model, &embeds, &mask, params)
@@ -136,7 +144,11 @@ pub fn generate_from_embeds(
     let device = model.device();
     let max_new = params.max_new_tokens as i64;
     if max_new == 0 {
-        return Ok(Generation { tokens: vec![vec![]; b as usize], logprobs: vec![vec![]; b as usize], finished_by_eos: vec![false; b as usize] });
+        return Ok(Generation {
+            tokens: vec![vec![]; b as usize],
+            logprobs: vec![vec![]; b as usize],
+            finished_by_eos: vec![false; b as usize],
+        });
     }
     let mut cache = model.new_cache(b, t + max_new);
     let mask = Tensor::ones([b, t + max_new], (Kind::Int64, device)); // generated tokens are real
@@ -177,10 +189,18 @@ fn check_prompt(model: &Llama, embeds: &Tensor, mask: &Tensor) -> Result<(i64, i
     let d = model.config().hidden_size;
     let shape = embeds.size();
     let [b, t, width] = shape[..] else {
-        return Err(GenerateError::Shape { what: "prompt_embeds", found: shape, expected: format!("[batch, time, {d}]") });
+        return Err(GenerateError::Shape {
+            what: "prompt_embeds",
+            found: shape,
+            expected: format!("[batch, time, {d}]"),
+        });
     };
     if width != d || b == 0 || t == 0 {
-        return Err(GenerateError::Shape { what: "prompt_embeds", found: shape, expected: format!("[batch > 0, time > 0, {d}]") });
+        return Err(GenerateError::Shape {
+            what: "prompt_embeds",
+            found: shape,
+            expected: format!("[batch > 0, time > 0, {d}]"),
+        });
     }
     if mask.size() != [b, t] {
         return Err(GenerateError::Shape { what: "prompt_mask", found: mask.size(), expected: format!("[{b}, {t}]") });

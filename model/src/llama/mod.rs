@@ -20,4 +20,7 @@ pub use config::{ConfigError, Llama3RopeScaling, LlamaConfig};
 pub use generate::{generate, generate_from_embeds, left_pad, GenerateError, Generation, SamplingParams};
 pub use model::{KvCache, Llama};
 pub use score::{score_completions, score_ids};
-pub use weights::{check_device_kind, kind_from_name, load_llama, load_weights, load_weights_growing_vocab, save_hf, save_hf_with_prefix, WeightsError};
+pub use weights::{
+    check_device_kind, kind_from_name, load_llama, load_weights, load_weights_growing_vocab, save_hf,
+    save_hf_with_prefix, WeightsError,
+};

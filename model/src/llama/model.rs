@@ -164,7 +164,13 @@ impl Attention {
 
     /// x `[b, t, d]`, cos/sin `[b, 1, t, head_dim]`, mask `[b, 1, t, past + t]` (true = attend;
     /// `None` = causal attention over an unpadded, uncached sequence).
-    fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: Option<&Tensor>, cache: Option<(&mut KvCache, usize)>) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
         let split = |y: Tensor, heads: i64| y.view([b, t, heads, self.head_dim]).transpose(1, 2);
         let q = apply_rotary(&split(self.q_proj.forward(x), self.heads), &rope.0, &rope.1); // [b, h, t, hd]
@@ -217,12 +223,22 @@ impl DecoderLayer {
         DecoderLayer {
             input_layernorm: RmsNorm::new(&(p / "input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps),
             self_attn: Attention::new(&(p / "self_attn"), cfg),
-            post_attention_layernorm: RmsNorm::new(&(p / "post_attention_layernorm"), cfg.hidden_size, cfg.rms_norm_eps),
+            post_attention_layernorm: RmsNorm::new(
+                &(p / "post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            ),
             mlp: SwiGlu::new(&(p / "mlp"), cfg),
         }
     }
 
-    fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: Option<&Tensor>, cache: Option<(&mut KvCache, usize)>) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor {
         let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask, cache);
         &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
     }
@@ -245,10 +261,8 @@ impl Llama {
     /// device and kind, randomly initialised (normal, std 0.02; norms at one) as HF does.
     pub fn new(p: &nn::Path, cfg: &LlamaConfig) -> Self {
         let m = p / "model";
-        let embedding_config = nn::EmbeddingConfig {
-            ws_init: nn::Init::Randn { mean: 0.0, stdev: INIT_STD },
-            ..Default::default()
-        };
+        let embedding_config =
+            nn::EmbeddingConfig { ws_init: nn::Init::Randn { mean: 0.0, stdev: INIT_STD }, ..Default::default() };
         let layers_path = &m / "layers";
         Llama {
             embed_tokens: nn::embedding(&m / "embed_tokens", cfg.vocab_size, cfg.hidden_size, embedding_config),

@@ -92,7 +92,8 @@ pub fn weight_files(src: &Path) -> Result<Vec<PathBuf>, WeightsError> {
         struct ShardIndex {
             weight_map: BTreeMap<String, String>,
         }
-        let text = std::fs::read_to_string(&index).map_err(|source| WeightsError::Read { path: index.clone(), source })?;
+        let text =
+            std::fs::read_to_string(&index).map_err(|source| WeightsError::Read { path: index.clone(), source })?;
         let parsed: ShardIndex =
             serde_json::from_str(&text).map_err(|source| WeightsError::Index { path: index.clone(), source })?;
         let shards: BTreeSet<String> = parsed.weight_map.into_values().collect();
@@ -136,7 +137,12 @@ pub fn load_weights(vs: &nn::VarStore, src: &Path, prefix: &str) -> Result<(), W
 /// vocabulary tensors ([`super::resize::VOCAB_TENSORS`]) may hold `n` rows where the model has
 /// more; the stored rows are copied and the new ones initialised as transformers'
 /// `resize_token_embeddings` does (see [`super::resize`]). Every other shape must match.
-pub fn load_weights_growing_vocab(vs: &nn::VarStore, src: &Path, prefix: &str, stored_vocab: Option<i64>) -> Result<(), WeightsError> {
+pub fn load_weights_growing_vocab(
+    vs: &nn::VarStore,
+    src: &Path,
+    prefix: &str,
+    stored_vocab: Option<i64>,
+) -> Result<(), WeightsError> {
     let files = weight_files(src)?;
     let mut pending: HashMap<String, Tensor> = vs
         .variables()
@@ -145,7 +151,8 @@ pub fn load_weights_growing_vocab(vs: &nn::VarStore, src: &Path, prefix: &str, s
         .collect();
     for path in &files {
         let bytes = std::fs::read(path).map_err(|source| WeightsError::Read { path: path.clone(), source })?;
-        let file = SafeTensors::deserialize(&bytes).map_err(|source| WeightsError::Format { path: path.clone(), source })?;
+        let file =
+            SafeTensors::deserialize(&bytes).map_err(|source| WeightsError::Format { path: path.clone(), source })?;
         // Name order, so the first error reported does not depend on hash order.
         let mut tensors = file.tensors();
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
@@ -155,7 +162,11 @@ pub fn load_weights_growing_vocab(vs: &nn::VarStore, src: &Path, prefix: &str, s
             let found: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             let expected = var.size();
             let grows = stored_vocab.is_some_and(|n| {
-                VOCAB_TENSORS.contains(&name) && found.len() == 2 && found[0] == n && n < expected[0] && found[1] == expected[1]
+                VOCAB_TENSORS.contains(&name)
+                    && found.len() == 2
+                    && found[0] == n
+                    && n < expected[0]
+                    && found[1] == expected[1]
             });
             if found != expected && !grows {
                 return Err(WeightsError::Shape { name: name.to_string(), path: path.clone(), found, expected });
@@ -177,7 +188,9 @@ pub fn load_weights_growing_vocab(vs: &nn::VarStore, src: &Path, prefix: &str, s
     missing.sort();
     match missing.first() {
         None => Ok(()),
-        Some(name) => Err(WeightsError::Missing { name: name.to_string(), origin: src.to_path_buf(), missing: missing.len() }),
+        Some(name) => {
+            Err(WeightsError::Missing { name: name.to_string(), origin: src.to_path_buf(), missing: missing.len() })
+        }
     }
 }
 
@@ -201,7 +214,12 @@ pub fn save_hf(vs: &nn::VarStore, config: &LlamaConfig, dir: &Path) -> Result<()
 
 /// `save_hf` for the variables under `prefix` only (e.g. `"llm."` of a multimodal model), written
 /// without the prefix.
-pub fn save_hf_with_prefix(vs: &nn::VarStore, prefix: &str, config: &LlamaConfig, dir: &Path) -> Result<(), WeightsError> {
+pub fn save_hf_with_prefix(
+    vs: &nn::VarStore,
+    prefix: &str,
+    config: &LlamaConfig,
+    dir: &Path,
+) -> Result<(), WeightsError> {
     std::fs::create_dir_all(dir).map_err(|source| WeightsError::Write { path: dir.to_path_buf(), source })?;
     let mut stored: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut kinds: Vec<Kind> = Vec::new();
@@ -209,7 +227,8 @@ pub fn save_hf_with_prefix(vs: &nn::VarStore, prefix: &str, config: &LlamaConfig
     variables.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, var) in variables {
         let Some(hf_name) = name.strip_prefix(prefix) else { continue };
-        let dtype = dtype_of(var.kind()).ok_or_else(|| WeightsError::SaveKind { name: name.clone(), kind: var.kind() })?;
+        let dtype =
+            dtype_of(var.kind()).ok_or_else(|| WeightsError::SaveKind { name: name.clone(), kind: var.kind() })?;
         let cpu = var.detach().to_device(Device::Cpu).contiguous();
         let numel = cpu.numel();
         let mut bytes = vec![0u8; numel * cpu.kind().elt_size_in_bytes()];

@@ -48,7 +48,9 @@ impl BytePolicy {
         tch::no_grad(|| {
             for (i, (_, var)) in vars.iter().enumerate() {
                 let n = var.numel() as i64;
-                let values = ((Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.7311 + (seed * 31 + i as i64) as f64).sin() * 0.1)
+                let values = ((Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.7311 + (seed * 31 + i as i64) as f64)
+                    .sin()
+                    * 0.1)
                     .view(var.size().as_slice());
                 let _ = var.shallow_clone().copy_(&values);
             }
@@ -59,14 +61,21 @@ impl BytePolicy {
     /// `[b, d]` prompt vectors.
     fn prompt_vectors(&self, p: &BytePrompts) -> Tensor {
         let emb = self.embed.forward(&p.ids) * p.mask.unsqueeze(-1); // [b, t, d]
-        let mean = emb.sum_dim_intlist(1, false, Kind::Float) / p.mask.sum_dim_intlist(1, true, Kind::Float).clamp_min(1.0);
+        let mean =
+            emb.sum_dim_intlist(1, false, Kind::Float) / p.mask.sum_dim_intlist(1, true, Kind::Float).clamp_min(1.0);
         mean + self.lab.forward(&p.lab)
     }
 
     /// `[b, tc, V]` next-token logits for the completion positions.
     fn logits(&self, p: &BytePrompts, completion_ids: &Tensor) -> Tensor {
         let b = completion_ids.size()[0];
-        let previous = Tensor::cat(&[Tensor::full([b, 1], EOS, (Kind::Int64, Device::Cpu)), completion_ids.narrow(1, 0, completion_ids.size()[1] - 1)], 1);
+        let previous = Tensor::cat(
+            &[
+                Tensor::full([b, 1], EOS, (Kind::Int64, Device::Cpu)),
+                completion_ids.narrow(1, 0, completion_ids.size()[1] - 1),
+            ],
+            1,
+        );
         let h = self.embed.forward(&previous) + self.prompt_vectors(p).unsqueeze(1); // [b, tc, d]
         self.head.forward(&h.tanh())
     }
@@ -105,7 +114,8 @@ impl Policy for BytePolicy {
     }
 
     fn train_tokenizer(_texts: &[String], _vocab_size: usize, out: &Path) -> Result<(), PolicyError> {
-        std::fs::write(out, "bytes").map_err(|e| PolicyError::Tokenizer { path: out.to_path_buf(), problem: e.to_string() })
+        std::fs::write(out, "bytes")
+            .map_err(|e| PolicyError::Tokenizer { path: out.to_path_buf(), problem: e.to_string() })
     }
 
     fn set_trainable(&mut self, _stage: Stage, _all: bool) -> TrainableCount {
@@ -120,7 +130,11 @@ impl Policy for BytePolicy {
         32
     }
 
-    fn encode_prompts(&self, prompts: &[(String, ModalityInputs)], max_prompt_tokens: usize) -> Result<BytePrompts, PolicyError> {
+    fn encode_prompts(
+        &self,
+        prompts: &[(String, ModalityInputs)],
+        max_prompt_tokens: usize,
+    ) -> Result<BytePrompts, PolicyError> {
         let questions: Vec<String> = prompts.iter().map(|(q, _)| q.clone()).collect();
         let (ids, mask) = bytes_to_ids(&questions, max_prompt_tokens, false);
         let labs: Vec<f32> = prompts
@@ -139,7 +153,14 @@ impl Policy for BytePolicy {
         Ok(bytes_to_ids(texts, max_tokens, true))
     }
 
-    fn score(&self, prompts: &BytePrompts, completion_ids: &Tensor, _mask: &Tensor, temperature: f64, _train: bool) -> Tensor {
+    fn score(
+        &self,
+        prompts: &BytePrompts,
+        completion_ids: &Tensor,
+        _mask: &Tensor,
+        temperature: f64,
+        _train: bool,
+    ) -> Tensor {
         let logp = (self.logits(prompts, completion_ids) / temperature).log_softmax(-1, Kind::Float);
         logp.gather(2, &completion_ids.unsqueeze(-1), false).squeeze_dim(-1)
     }
@@ -188,7 +209,9 @@ impl Policy for BytePolicy {
     fn copy_named_tensors(&mut self, named: &[(String, Tensor)]) -> Result<(), PolicyError> {
         let vars = self.vs.variables();
         for (name, src) in named {
-            let dst = vars.get(name).ok_or_else(|| PolicyError::Weights { name: name.clone(), problem: "no such variable".into() })?;
+            let dst = vars
+                .get(name)
+                .ok_or_else(|| PolicyError::Weights { name: name.clone(), problem: "no such variable".into() })?;
             tch::no_grad(|| dst.shallow_clone().copy_(src));
         }
         Ok(())

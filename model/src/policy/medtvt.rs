@@ -2,10 +2,10 @@
 //! `medtvt rollout-worker` processes train and sample.
 
 use super::{Policy, PolicyError, RolloutSampling, Sampled, TrainableCount};
-use medtvt_config::{RunConfig, Stage};
-use medtvt_data::ModalityInputs;
 use crate::medtvt::{MedTvt, PromptBatch};
 use crate::{MedTokenizer, SamplingParams};
+use medtvt_config::{RunConfig, Stage};
+use medtvt_data::ModalityInputs;
 use std::path::Path;
 use tch::{Device, Tensor};
 
@@ -21,11 +21,18 @@ impl Policy for MedTvtPolicy {
 
     fn load(config: &RunConfig, device: Device, tokenizer: Option<&Path>) -> Result<Self, PolicyError> {
         let tokenizer = tokenizer
-            .map(|path| MedTokenizer::from_file(path).map_err(|e| PolicyError::Tokenizer { path: path.to_path_buf(), problem: e.to_string() }))
+            .map(|path| {
+                MedTokenizer::from_file(path)
+                    .map_err(|e| PolicyError::Tokenizer { path: path.to_path_buf(), problem: e.to_string() })
+            })
             .transpose()?;
         let model = MedTvt::from_run_config(config, device, tokenizer).map_err(model_error)?;
         if let Some((stored, grown)) = model.vocab_resize() {
-            tracing::info!(stored, grown, "grew the decoder's vocabulary for the modality placeholders (new rows: the mean of the stored ones)");
+            tracing::info!(
+                stored,
+                grown,
+                "grew the decoder's vocabulary for the modality placeholders (new rows: the mean of the stored ones)"
+            );
         }
         Ok(MedTvtPolicy(model))
     }
@@ -48,7 +55,11 @@ impl Policy for MedTvtPolicy {
         self.0.image_size()
     }
 
-    fn encode_prompts(&self, prompts: &[(String, ModalityInputs)], max_prompt_tokens: usize) -> Result<PromptBatch, PolicyError> {
+    fn encode_prompts(
+        &self,
+        prompts: &[(String, ModalityInputs)],
+        max_prompt_tokens: usize,
+    ) -> Result<PromptBatch, PolicyError> {
         self.0.encode_prompts(prompts, max_prompt_tokens).map_err(model_error)
     }
 
@@ -60,7 +71,14 @@ impl Policy for MedTvtPolicy {
         self.0.encode_completions(texts, max_tokens).map_err(model_error)
     }
 
-    fn score(&self, prompts: &PromptBatch, completion_ids: &Tensor, completion_mask: &Tensor, temperature: f64, train: bool) -> Tensor {
+    fn score(
+        &self,
+        prompts: &PromptBatch,
+        completion_ids: &Tensor,
+        completion_mask: &Tensor,
+        temperature: f64,
+        train: bool,
+    ) -> Tensor {
         self.0.score(prompts, completion_ids, completion_mask, temperature, train)
     }
 
@@ -76,7 +94,11 @@ impl Policy for MedTvtPolicy {
             eos_token_ids: Vec::new(),
         };
         let (generation, _gates) = self.0.generate(prompts, &params).map_err(model_error)?;
-        Ok(Sampled { tokens: generation.tokens, logprobs: generation.logprobs, finished_by_eos: generation.finished_by_eos })
+        Ok(Sampled {
+            tokens: generation.tokens,
+            logprobs: generation.logprobs,
+            finished_by_eos: generation.finished_by_eos,
+        })
     }
 
     fn decode(&self, ids: &[i64]) -> String {

@@ -7,9 +7,9 @@
 //! MedTVT-R1 implementation is [`medtvt::MedTvtPolicy`]. The trait lives beside the model so that
 //! the learner and the rollout worker both reach it without reaching into each other.
 
-pub mod medtvt;
 #[cfg(any(test, feature = "test-policy"))]
 pub mod byte_policy;
+pub mod medtvt;
 
 use medtvt_config::{RunConfig, Stage};
 use medtvt_data::ModalityInputs;
@@ -76,7 +76,11 @@ pub trait Policy: Sized {
     fn image_size(&self) -> usize;
 
     /// `(question, inputs)` pairs -> a left-padded prompt batch of at most `max_prompt_tokens`.
-    fn encode_prompts(&self, prompts: &[(String, ModalityInputs)], max_prompt_tokens: usize) -> Result<Self::Prompts, PolicyError>;
+    fn encode_prompts(
+        &self,
+        prompts: &[(String, ModalityInputs)],
+        max_prompt_tokens: usize,
+    ) -> Result<Self::Prompts, PolicyError>;
 
     /// Each prompt row repeated `times` times in place: rows r, r, .., r+1, r+1, ...
     fn repeat_prompts(&self, prompts: &Self::Prompts, times: i64) -> Self::Prompts;
@@ -88,7 +92,14 @@ pub trait Policy: Sized {
 
     /// `[b, tc]` log-probabilities of `completion_ids` after each prompt at `temperature`;
     /// differentiable (train mode when `train`).
-    fn score(&self, prompts: &Self::Prompts, completion_ids: &Tensor, completion_mask: &Tensor, temperature: f64, train: bool) -> Tensor;
+    fn score(
+        &self,
+        prompts: &Self::Prompts,
+        completion_ids: &Tensor,
+        completion_mask: &Tensor,
+        temperature: f64,
+        train: bool,
+    ) -> Tensor;
 
     /// Samples one completion per prompt row (no grad, eval mode).
     fn sample(&self, prompts: &Self::Prompts, sampling: &RolloutSampling) -> Result<Sampled, PolicyError>;

@@ -10,15 +10,9 @@ use std::sync::{Arc, Mutex};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, Metric};
 use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -55,9 +49,7 @@ impl TraceService for Store {
         request: Request<ExportTraceServiceRequest>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
         self.with(|r| r.traces.push(request.into_inner()));
-        Ok(Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
+        Ok(Response::new(ExportTraceServiceResponse { partial_success: None }))
     }
 }
 
@@ -68,9 +60,7 @@ impl MetricsService for Store {
         request: Request<ExportMetricsServiceRequest>,
     ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
         self.with(|r| r.metrics.push(request.into_inner()));
-        Ok(Response::new(ExportMetricsServiceResponse {
-            partial_success: None,
-        }))
+        Ok(Response::new(ExportMetricsServiceResponse { partial_success: None }))
     }
 }
 
@@ -102,12 +92,7 @@ impl Collector {
                     let _ = stopped.await;
                 }),
         );
-        Collector {
-            addr,
-            store,
-            stop,
-            server,
-        }
+        Collector { addr, store, stop, server }
     }
 
     pub fn endpoint(&self) -> String {
@@ -140,10 +125,7 @@ impl Received {
                 rs.scope_spans
                     .iter()
                     .flat_map(|ss| &ss.spans)
-                    .map(|span| ReceivedSpan {
-                        resource: rs.resource.as_ref(),
-                        span,
-                    })
+                    .map(|span| ReceivedSpan { resource: rs.resource.as_ref(), span })
             })
             .collect()
     }
@@ -163,12 +145,7 @@ impl Received {
             .metrics
             .iter()
             .flat_map(|request| &request.resource_metrics)
-            .flat_map(|rm| {
-                rm.scope_metrics
-                    .iter()
-                    .flat_map(|sm| &sm.metrics)
-                    .map(move |m| (rm.resource.as_ref(), m))
-            })
+            .flat_map(|rm| rm.scope_metrics.iter().flat_map(|sm| &sm.metrics).map(move |m| (rm.resource.as_ref(), m)))
             .rev()
             .find(|(_, m)| m.name == name);
         match found {
@@ -180,15 +157,10 @@ impl Received {
 
 /// The value of a string attribute.
 pub fn string_attribute<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
-    attributes
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| match &kv.value {
-            Some(AnyValue {
-                value: Some(any_value::Value::StringValue(s)),
-            }) => Some(s.as_str()),
-            _ => None,
-        })
+    attributes.iter().find(|kv| kv.key == key).and_then(|kv| match &kv.value {
+        Some(AnyValue { value: Some(any_value::Value::StringValue(s)) }) => Some(s.as_str()),
+        _ => None,
+    })
 }
 
 /// The value of each data point of a gauge, as f64 (int points converted).
