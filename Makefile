@@ -17,9 +17,12 @@ demo: build
 
 # The peers the tests compare against (transformers, wfdb, scikit-learn, kubernetes-validate) go
 # into .venv first, so parity tests run instead of skipping; MEDTVT_REQUIRE_PEERS=1 makes a test
-# whose peer is still missing fail instead of skipping (model/tests/peers/mod.rs).
+# whose peer is still missing fail instead of skipping (model/tests/peers/mod.rs). Formatting
+# (rustfmt.toml) and clippy's lints are checked first, as habits of every change.
 test: setup
 	@scripts/setup_venv.sh scripts/requirements-fixtures.txt scripts/requirements-deploy.txt
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	MEDTVT_REQUIRE_PEERS=1 $(CARGO) test --workspace --no-fail-fast
 	scripts/validate_deploy.sh
 

@@ -32,8 +32,10 @@ order (processes with a readiness probe first):
     [{"role", "name", "replica", "replicas", "argv", "env", "cwd", "mounts", "ready"}, ...]
 with everything resolved to local test values under --root (a fresh temporary directory when not
 given), which stands in for every pod's filesystem:
-- argv: the image's ENTRYPOINT (`medtvt`, or --binary) followed by the container's args, with
-  `$(VAR)` references expanded as the kubelet does;
+- argv: the image's ENTRYPOINT followed by the container's args, with `$(VAR)` references
+  expanded as the kubelet does. The all-roles image's ENTRYPOINT is `medtvt` (or --binary); the
+  coordinator image's `medtvt-coordinator` runs locally as `medtvt coordinator` (the same process
+  runner, `medtvt_coordinator::run_process`, in the all-roles binary), so one binary serves all;
 - env: the container's env only (merge it over your own environment), with downward-API fields
   (pod name, namespace, the job-completion-index annotation = rank), ConfigMap and Secret keys
   resolved; the Secret `medtvt-auth` holds --auth-token;
@@ -359,8 +361,10 @@ def rename_references(objects: list[dict], renames: dict[tuple[str, str], str]) 
 # local-commands: a rendered overlay as loopback processes
 # ---------------------------------------------------------------------------------------------
 
-MEDTVT_IMAGE = "medtvt"  # the repository name (last path component) of the one medtvt image
 ENTRYPOINT = "medtvt"    # deploy/Dockerfile's ENTRYPOINT
+# The repository names (last path component) of the MedTVT images, with what runs each locally:
+# the all-roles image's ENTRYPOINT, and the coordinator image's as the same binary's subcommand.
+MEDTVT_IMAGES = {"medtvt": [], "medtvt-coordinator": ["coordinator"]}
 OTLP_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
@@ -423,8 +427,12 @@ class LocalCluster:
                       lambda m: f"127.0.0.1:{self.local_port(int(m.group(1)))}", value)
 
 
+def image_repository(container: dict) -> str:
+    return split_image(container["image"])[0].rsplit("/", 1)[-1]
+
+
 def is_medtvt(container: dict) -> bool:
-    return split_image(container["image"])[0].rsplit("/", 1)[-1] == MEDTVT_IMAGE
+    return image_repository(container) in MEDTVT_IMAGES
 
 
 def _template_labels(obj: dict) -> dict:
@@ -587,15 +595,16 @@ def local_process(cluster: LocalCluster, obj: dict, pod: LocalPod, container: di
         # Comma-separated lists of paths (MEDTVT_CONFIG, MEDTVT_JOB_ROOTS) move entry by entry.
         local = ",".join(rewrite_path(part, mounts) for part in value.split(","))
         env[key] = cluster.rewrite_addresses(local, f"{what} env {key}")
+    subcommand = MEDTVT_IMAGES[image_repository(container)]
     argv = container.get("command") or [binary]
-    argv = [expand_vars(a, env) for a in argv + container.get("args", [])]
+    argv = argv[:1] + subcommand + [expand_vars(a, env) for a in argv[1:] + container.get("args", [])]
     argv = [cluster.rewrite_addresses(rewrite_path(a, mounts), f"{what} args") for a in argv]
     ready = None
     probe = container.get("readinessProbe", {}).get("grpc")
     if probe:
         ready = {"grpc_health": f"127.0.0.1:{cluster.local_port(probe['port'])}",
                  "service": probe.get("service", "")}
-    args = container.get("args", [])
+    args = subcommand + container.get("args", [])
     return {
         "role": args[0] if args else container["name"],
         "name": pod.name,

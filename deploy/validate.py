@@ -104,7 +104,8 @@ def env_of(container: dict) -> dict[str, dict]:
 
 
 def role_of(container: dict) -> str:
-    args = container.get("args", [])
+    """The role a container runs: the coordinator image's one, or the all-roles image's subcommand."""
+    args = render.MEDTVT_IMAGES.get(render.image_repository(container), []) + container.get("args", [])
     return args[0] if args else ""
 
 
@@ -121,6 +122,8 @@ def coordinator_config(objects: list[dict], checks: Checks, where: str) -> dict 
                  f"{where}: coordinator is one replica with the Recreate strategy")
     pod = spec["template"]["spec"]
     container = pod["containers"][0]
+    checks.check(render.image_repository(container) == "medtvt-coordinator",
+                 f"{where}: coordinator runs the control-plane image medtvt-coordinator (no torch)", container["image"])
     ports = {p["containerPort"] for p in container.get("ports", [])}
     for probe in ("readinessProbe", "livenessProbe"):
         grpc = container.get(probe, {}).get("grpc", {})
@@ -323,39 +326,49 @@ def check_local_commands(overlay: Path, objects: list[dict], config: dict, check
                      "all on 127.0.0.1 with a token file", str(roles))
 
 
-def check_dockerfile(checks: Checks) -> None:
-    """Parsed with BuildKit's own parser (the `dockerfile` package), so a syntax error fails too."""
-    path = REPO / "deploy" / "Dockerfile"
+def parse_dockerfile(checks: Checks, name: str) -> list | None:
+    """Parsed with BuildKit's own parser (the `dockerfile` package), so a syntax error fails too;
+    every COPY/ADD source must exist in the build context and not be excluded by the image's
+    .dockerignore, and every --from stage must exist."""
+    path = REPO / "deploy" / name
     try:
         commands = dockerfile.parse_file(str(path))
     except dockerfile.GoParseError as err:
-        checks.check(False, "Dockerfile: parses", str(err))
-        return
-    checks.check(True, f"Dockerfile: parses ({len(commands)} instructions)")
-    ignore = [line.strip() for line in (REPO / "deploy" / "Dockerfile.dockerignore").read_text().splitlines()
+        checks.check(False, f"{name}: parses", str(err))
+        return None
+    checks.check(True, f"{name}: parses ({len(commands)} instructions)")
+    ignore = [line.strip() for line in (REPO / "deploy" / f"{name}.dockerignore").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
     stages = [c.value[2] for c in commands if c.cmd == "FROM" and len(c.value) == 3 and c.value[1].upper() == "AS"]
-    args = dict(v.split("=", 1) for c in commands if c.cmd == "ARG" for v in c.value if "=" in v)
     for command in commands:
         if command.cmd not in ("COPY", "ADD"):
             continue
         source_stage = next((f.split("=", 1)[1] for f in command.flags if f.startswith("--from=")), None)
         if source_stage is not None:
-            checks.check(source_stage in stages, f"Dockerfile: {command.original}: stage {source_stage} exists")
+            checks.check(source_stage in stages, f"{name}: {command.original}: stage {source_stage} exists")
             continue
         for source in command.value[:-1]:
             ignored = source != "." and any(fnmatch.fnmatch(source, p) or source.startswith(p.rstrip("/") + "/")
                                             for p in ignore)
             checks.check((REPO / source).exists() and not ignored,
-                         f"Dockerfile: {command.cmd} {source} exists in the build context")
+                         f"{name}: {command.cmd} {source} exists in the build context")
+    users = [c.value[0] for c in commands if c.cmd == "USER"]
+    checks.check(bool(users) and users[-1].split(":")[0] not in ("root", "0"), f"{name}: the image runs as a non-root user")
+    return commands
+
+
+def check_dockerfile(checks: Checks) -> None:
+    """The all-roles image: the medtvt binary with the torch it links."""
+    commands = parse_dockerfile(checks, "Dockerfile")
+    if commands is None:
+        return
+    args = dict(v.split("=", 1) for c in commands if c.cmd == "ARG" for v in c.value if "=" in v)
     torch = re.search(r"^TORCH_VERSION=(\S+)", (REPO / "scripts" / "setup_venv.sh").read_text(), re.M)
     checks.check(bool(torch) and args.get("TORCH_VERSION") == torch.group(1),
                  "Dockerfile: runtime torch version = scripts/setup_venv.sh's (the libtorch the binary links)")
     entrypoint = [c for c in commands if c.cmd == "ENTRYPOINT"]
     checks.check(bool(entrypoint) and entrypoint[-1].json and list(entrypoint[-1].value) == ["medtvt"],
                  'Dockerfile: ENTRYPOINT ["medtvt"] (deploy/render.py and the manifests assume it)')
-    users = [c.value[0] for c in commands if c.cmd == "USER"]
-    checks.check(bool(users) and users[-1].split(":")[0] not in ("root", "0"), "Dockerfile: the image runs as a non-root user")
     runs = " ".join(" ".join(c.value) for c in commands if c.cmd == "RUN")
     checks.check("cargo build --release --locked --bin medtvt" in runs, "Dockerfile: builds the medtvt binary")
     checks.check("scripts/setup_venv.sh" in runs, "Dockerfile: the builder links the torch of scripts/setup_venv.sh")
@@ -363,6 +376,23 @@ def check_dockerfile(checks: Checks) -> None:
     checks.check("${TORCH_LIB}" in library_path.split(":") and "/opt/medtvt/nccl" in library_path.split(":")
                  and "" not in library_path.split(":"),
                  "Dockerfile: LD_LIBRARY_PATH has torch/lib and the libnccl.so link, and no empty entry", library_path)
+
+
+def check_coordinator_dockerfile(checks: Checks) -> None:
+    """The control-plane image: medtvt-coordinator alone, nothing of torch."""
+    name = "Dockerfile.coordinator"
+    commands = parse_dockerfile(checks, name)
+    if commands is None:
+        return
+    entrypoint = [c for c in commands if c.cmd == "ENTRYPOINT"]
+    checks.check(bool(entrypoint) and entrypoint[-1].json and list(entrypoint[-1].value) == ["medtvt-coordinator"],
+                 f'{name}: ENTRYPOINT ["medtvt-coordinator"]')
+    runs = " ".join(" ".join(c.value) for c in commands if c.cmd == "RUN")
+    checks.check("cargo build --release --locked -p medtvt-coordinator --bin medtvt-coordinator" in runs,
+                 f"{name}: builds the medtvt-coordinator binary only")
+    text = " ".join(c.original for c in commands).lower()
+    checks.check("torch" not in text and "setup_venv" not in text and "nccl" not in text and "cuda" not in text,
+                 f"{name}: no torch, CUDA or NCCL in the image")
 
 
 def main() -> int:
@@ -396,6 +426,7 @@ def main() -> int:
             checks.check(not errors, f"tools/{path.name}: {obj['kind']}/{obj['metadata']['name']} is schema-valid",
                          "; ".join(errors))
     check_dockerfile(checks)
+    check_coordinator_dockerfile(checks)
     print(f"validate-deploy: {checks.passes} passed, {checks.failures} failed")
     return 1 if checks.failures else 0
 

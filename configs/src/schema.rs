@@ -324,12 +324,19 @@ pub struct GrpoSection {
     pub advantage: AdvantageEstimator,
     #[serde(default)]
     pub loss_aggregation: LossAggregation,
-    /// Drop groups whose rewards all tie (they carry no signal) instead of training on them.
+    /// The coordinator consumes groups whose rewards all tie (`medtvt_proto::groups`: they carry
+    /// no signal) without putting them into a step, and leases more prompts to fill the batch.
     #[serde(default)]
     pub filter_tied_groups: bool,
     /// A group sampled from a policy more than this many versions old is dropped.
     #[serde(default = "one")]
     pub max_staleness: u32,
+    /// When a rollout worker loads a newer policy while completions are being generated: true
+    /// (partial rollouts) lets them go on with the new weights, each token recording the version
+    /// that sampled it; false drops the groups started on older weights (counted in the worker's
+    /// log; their prompts return to the queue when the lease expires).
+    #[serde(default = "yes")]
+    pub partial_rollouts: bool,
     #[serde(default)]
     pub reward: RewardWeights,
 }
@@ -400,6 +407,10 @@ fn default_beta() -> f64 {
 fn default_eps() -> f64 {
     0.2
 }
+fn yes() -> bool {
+    true
+}
+
 fn one() -> u32 {
     1
 }

@@ -122,7 +122,7 @@ impl Coordinator {
         let (stop_tx, stop_rx) = watch::channel(false);
         let shared = Arc::new(Shared::new(state, events, store, stop_rx, options.service.clone()));
         if let Some(version) = weights {
-            let (job, number) = (version.job_id, version.version);
+            let (job, number) = (crate::ids::JobId(version.job_id), version.version);
             shared.weights().install(version);
             // The weights may have been saved just before the step that made them was recorded.
             shared.with_state(|st| st.weights_published(job, number)).map_err(|source| CoordinatorError::Resume {

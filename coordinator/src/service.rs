@@ -1,7 +1,8 @@
 //! The tonic implementation of `medtvt.v1.Coordinator`: thin. Each handler converts the request,
 //! calls the state machine (`state/`) or the weight store (`weights.rs`) under its lock, and
-//! converts back. Long-polls wait on a revision counter that the state bumps on every change,
-//! so a waiting call wakes exactly when something it may need happened.
+//! converts back. Long-polls wait on a revision counter, bumped whenever a call changed the
+//! state's `wake_key` (a summary of what any long-poll may wait for), so a waiting call wakes
+//! when something it may need happened.
 
 use crate::events::EventLog;
 use crate::ids::{JobId, JobState, Role, WorkerId};
@@ -97,9 +98,9 @@ impl Shared {
         if let Some(rx) = seen {
             rx.borrow_and_update();
         }
-        let before = st.revision();
+        let before = st.wake_key();
         let out = f(&mut st);
-        let after = st.revision();
+        let after = st.wake_key();
         let events = st.drain_events();
         // Written under the state lock so that records land in the order of the transitions,
         // and before the call answers. A failed write cannot undo the transition: the run goes
@@ -111,7 +112,7 @@ impl Shared {
             }
         }
         if after != before {
-            self.revision.send_replace(after);
+            self.revision.send_modify(|r| *r += 1);
         }
         drop(st);
         self.events.record(events);
@@ -174,7 +175,7 @@ impl CoordinatorService {
         tensors: u32,
         bytes: u64,
     ) -> Result<Response<pb::PublishWeightsResponse>, Status> {
-        let (job, number) = (version.job_id, version.version);
+        let (job, number) = (JobId(version.job_id), version.version);
         {
             let mut store = self.shared.weights();
             if !store.accepts(job, number) {
@@ -605,6 +606,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             }
             if first {
                 let Some((job, version)) = assembler.target() else { continue };
+                let job = JobId(job);
                 let span = tracing::Span::current();
                 span.record("job_id", job.0);
                 span.record("policy_version", version);
@@ -623,7 +625,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         assembler.finish().map_err(weights_status)?;
         let version = complete.ok_or_else(|| weights_status(WeightsError::Incomplete))?;
         let (job, number, tensors, bytes) =
-            (version.job_id, version.version, version.tensors.len() as u32, version.total_bytes());
+            (JobId(version.job_id), version.version, version.tensors.len() as u32, version.total_bytes());
         if let Some(store) = self.shared.store.clone() {
             // Large, blocking writes: off the executor, and done before the version is served,
             // so a version a worker fetched is one a resumed coordinator still has.

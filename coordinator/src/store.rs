@@ -371,7 +371,7 @@ impl RunStore {
         self.lock()
             .execute(
                 "INSERT OR REPLACE INTO weights (job_id, version, dir) VALUES (?1, ?2, ?3)",
-                params![version.job_id.0 as i64, version.version as i64, name],
+                params![version.job_id as i64, version.version as i64, name],
             )
             .map_err(self.sql())?;
         // Only the newest version is ever read back; the others are dead weight.
@@ -450,7 +450,7 @@ fn read_weights(dir: &Path, job_id: JobId, version: u64) -> Result<WeightVersion
         let bytes = data.slice(entry.offset as usize..end as usize);
         tensors.push(TensorBytes { name: entry.name, dtype: entry.dtype, shape: entry.shape, data: bytes });
     }
-    Ok(WeightVersion { job_id, version, tensors })
+    Ok(WeightVersion { job_id: job_id.0, version, tensors })
 }
 
 #[cfg(test)]
@@ -459,7 +459,7 @@ mod tests {
 
     fn version(v: u64) -> WeightVersion {
         WeightVersion {
-            job_id: JobId(2),
+            job_id: 2,
             version: v,
             tensors: vec![
                 TensorBytes {

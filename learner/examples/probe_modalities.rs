@@ -134,6 +134,15 @@ fn without_modality(batch: &PromptBatch, m: i64) -> PromptBatch {
         cxr: if m == 1 { batch.cxr.zeros_like() } else { batch.cxr.shallow_clone() },
         lab: if m == 2 { batch.lab.zeros_like() } else { batch.lab.shallow_clone() },
         present,
+        present_rows: batch
+            .present_rows
+            .iter()
+            .map(|row| {
+                let mut row = *row;
+                row[m as usize] = false;
+                row
+            })
+            .collect(),
         repeats: 1,
     }
 }

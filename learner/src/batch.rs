@@ -21,6 +21,8 @@ pub enum BatchError {
     LogprobCount { prompt_id: u64, tokens: usize, logprobs: usize },
     #[error("training batch: a completion of prompt {prompt_id} is empty")]
     EmptyCompletion { prompt_id: u64 },
+    #[error("training batch: a completion of prompt {prompt_id} has {tokens} tokens but {versions} token policy versions (0 or one per token)")]
+    TokenVersionCount { prompt_id: u64, tokens: usize, versions: usize },
 }
 
 /// Parses raw QA JSONL lines (PT/SFT batches, or a group's prompt).
@@ -66,19 +68,6 @@ pub fn micro_batches(len: usize, parts: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// True when all rewards of a group tie (unbiased std <= 1e-8, the rule `grpo::group_advantages`
-/// counts ties by): such a group has zero advantages and carries no signal.
-pub fn is_tied(group: &RolloutGroup) -> bool {
-    let rewards: Vec<f64> = group.completions.iter().map(|c| f64::from(c.reward)).collect();
-    if rewards.len() < 2 {
-        return true;
-    }
-    let n = rewards.len() as f64;
-    let mean = rewards.iter().sum::<f64>() / n;
-    let var = rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1.0);
-    var.sqrt() <= 1e-8
-}
-
 /// Checks the groups' shapes and parses each group's prompt sample.
 pub fn group_prompts(groups: &[RolloutGroup], group_size: usize) -> Result<Vec<QaSample>, BatchError> {
     groups
@@ -100,6 +89,13 @@ pub fn group_prompts(groups: &[RolloutGroup], group_size: usize) -> Result<Vec<Q
                         prompt_id: g.prompt_id,
                         tokens: c.token_ids.len(),
                         logprobs: c.logprobs.len(),
+                    });
+                }
+                if !c.token_policy_versions.is_empty() && c.token_policy_versions.len() != c.token_ids.len() {
+                    return Err(BatchError::TokenVersionCount {
+                        prompt_id: g.prompt_id,
+                        tokens: c.token_ids.len(),
+                        versions: c.token_policy_versions.len(),
                     });
                 }
             }
@@ -190,6 +186,7 @@ mod tests {
             reward_parts: [("jaccard".to_string(), reward / 2.0), ("format".to_string(), 1.0)].into_iter().collect(),
             text: String::new(),
             truncated: false,
+            token_policy_versions: Vec::new(),
         }
     }
 
@@ -267,15 +264,13 @@ mod tests {
         bad.logprobs.pop();
         let uneven = vec![group(4, vec![bad, completion(&[1], 0.0)])];
         assert!(matches!(group_prompts(&uneven, 2), Err(BatchError::LogprobCount { prompt_id: 4, .. })));
+        let mut versions = completion(&[1, 2], 1.0);
+        versions.token_policy_versions = vec![3];
+        let partial = vec![group(6, vec![versions, completion(&[1], 0.0)])];
+        assert!(matches!(group_prompts(&partial, 2), Err(BatchError::TokenVersionCount { prompt_id: 6, .. })));
         let mut no_prompt = group(5, vec![completion(&[1], 1.0), completion(&[2], 0.0)]);
         no_prompt.prompt = None;
         assert!(matches!(group_prompts(&[no_prompt], 2), Err(BatchError::MissingPrompt { prompt_id: 5, .. })));
-    }
-
-    #[test]
-    fn tied_groups_are_detected() {
-        assert!(is_tied(&group(1, vec![completion(&[1], 0.5), completion(&[2], 0.5), completion(&[3], 0.5)])));
-        assert!(!is_tied(&group(1, vec![completion(&[1], 0.5), completion(&[2], 0.5), completion(&[3], 0.6)])));
     }
 
     #[test]

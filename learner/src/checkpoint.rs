@@ -1,5 +1,7 @@
-//! Learner checkpoints: weights, optimizer state and the trainer state (step, RNG seed, data
-//! position) in one directory per step, written atomically and verified on load.
+//! Learner checkpoints: weights, optimizer state and the trainer state (optimizer and AdamW step
+//! counts) in one directory per step, written atomically and verified on load. Where the data
+//! stands is not here: the coordinator owns the data order and journals it (a learner never picks
+//! its own samples), and training draws no random numbers, so there is no RNG state to keep.
 //!
 //! Layout: `<dir>/step-00000042/{weights.safetensors, optimizer.safetensors, trainer_state.json}`.
 //! A checkpoint is written into `step-00000042.tmp`, every file is fsynced, `trainer_state.json`
@@ -33,11 +35,6 @@ pub struct TrainerState {
     pub step: u64,
     /// AdamW's update count (t).
     pub adam_steps: u64,
-    /// Seed the learner re-seeds libtorch with on resume (derived from run seed and step).
-    pub rng_seed: i64,
-    /// Epoch and position in the stage's data order, as the coordinator counts them.
-    pub data_epoch: u64,
-    pub data_position: u64,
     /// SHA-256 of weights.safetensors and optimizer.safetensors.
     pub weights_sha256: String,
     pub optimizer_sha256: String,
@@ -181,15 +178,7 @@ mod tests {
     use tch::{Device, Kind};
 
     fn state(step: u64) -> TrainerState {
-        TrainerState {
-            step,
-            adam_steps: step,
-            rng_seed: 7,
-            data_epoch: 0,
-            data_position: step * 4,
-            weights_sha256: String::new(),
-            optimizer_sha256: String::new(),
-        }
+        TrainerState { step, adam_steps: step, weights_sha256: String::new(), optimizer_sha256: String::new() }
     }
 
     fn save_step(root: &Path, step: u64) -> Tensor {
@@ -206,7 +195,7 @@ mod tests {
         let w = save_step(root.path(), 10);
         let ckpt = load(&step_dir(root.path(), 10)).unwrap();
         assert!(find(&ckpt.weights, "layer.weight", &ckpt.path).unwrap().equal(&w));
-        assert_eq!(ckpt.state.data_position, 40);
+        assert_eq!((ckpt.state.step, ckpt.state.adam_steps), (10, 10));
         assert_eq!(ckpt.state.weights_sha256.len(), 64);
         assert!(!step_dir(root.path(), 10).with_extension("tmp").exists());
     }

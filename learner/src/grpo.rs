@@ -89,6 +89,8 @@ impl Default for GrpoOptions {
 
 impl GrpoOptions {
     /// Reject values that would make the loss meaningless, naming the field.
+    // `!(x > 0.0)` on purpose: it refuses NaN too, which `x <= 0.0` would let through.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<(), GrpoError> {
         let bad = |field, value, reason| Err(GrpoError::BadOption { field, value, reason });
         if !(0.0..1.0).contains(&self.eps_low) {
@@ -122,19 +124,6 @@ impl GrpoOptions {
 // Advantages
 // ---------------------------------------------------------------------------------------------
 
-/// Advantages of a `[n_groups, G]` reward tensor, and how many groups tied.
-#[derive(Debug)]
-pub struct GroupAdvantages {
-    /// `[n_groups, G]`.
-    pub advantages: Tensor,
-    /// Groups whose rewards all tie (std ≈ 0, TRL's `isclose(std, 0)`): their advantages are 0
-    /// and they carry no learning signal.
-    pub tied_groups: i64,
-}
-
-/// TRL counts a group as tied when `torch.isclose(std, 0)`, i.e. std <= atol = 1e-8.
-const TIED_STD_ATOL: f64 = 1e-8;
-
 fn check_rewards(rewards: &Tensor) -> Result<(), GrpoError> {
     let size = rewards.size();
     if size.len() != 2 {
@@ -146,46 +135,33 @@ fn check_rewards(rewards: &Tensor) -> Result<(), GrpoError> {
     Ok(())
 }
 
-/// Per-group unbiased std `[n_groups, 1]` and the number of tied groups.
-fn group_std(rewards: &Tensor) -> Result<(Tensor, i64), GrpoError> {
-    let std = rewards.std_dim(1, true, true);
-    let tied = i64::try_from(std.le(TIED_STD_ATOL).sum(Kind::Int64))?;
-    Ok((std, tied))
-}
-
 /// GRPO: A_i = (r_i - mean_j r_j) / (std_j r_j + eps), std unbiased (divisor G - 1) as
-/// `torch.std` in TRL.
-pub fn grpo_advantages(rewards: &Tensor, eps: f64) -> Result<GroupAdvantages, GrpoError> {
+/// `torch.std` in TRL. A tied group (`medtvt_proto::groups`) gets A = 0.
+pub fn grpo_advantages(rewards: &Tensor, eps: f64) -> Result<Tensor, GrpoError> {
     check_rewards(rewards)?;
-    let (std, tied_groups) = group_std(rewards)?;
-    let mean = rewards.mean_dim(1, true, None); // [n_groups, 1]
-    Ok(GroupAdvantages { advantages: (rewards - mean) / (std + eps), tied_groups })
+    let std = rewards.std_dim(1, true, true); // [n_groups, 1]
+    let mean = rewards.mean_dim(1, true, None);
+    Ok((rewards - mean) / (std + eps))
 }
 
 /// Dr. GRPO: A_i = r_i - mean_j r_j.
-pub fn dr_grpo_advantages(rewards: &Tensor) -> Result<GroupAdvantages, GrpoError> {
+pub fn dr_grpo_advantages(rewards: &Tensor) -> Result<Tensor, GrpoError> {
     check_rewards(rewards)?;
-    let (_, tied_groups) = group_std(rewards)?;
     let mean = rewards.mean_dim(1, true, None);
-    Ok(GroupAdvantages { advantages: rewards - mean, tied_groups })
+    Ok(rewards - mean)
 }
 
 /// RLOO: A_i = r_i - (sum_j r_j - r_i) / (G - 1), the baseline being the mean of the others.
-pub fn rloo_advantages(rewards: &Tensor) -> Result<GroupAdvantages, GrpoError> {
+pub fn rloo_advantages(rewards: &Tensor) -> Result<Tensor, GrpoError> {
     check_rewards(rewards)?;
-    let (_, tied_groups) = group_std(rewards)?;
     let g = rewards.size()[1] as f64;
     let sum = rewards.sum_dim_intlist(1, true, None); // [n_groups, 1]
     let leave_one_out_mean = (sum - rewards) / (g - 1.0);
-    Ok(GroupAdvantages { advantages: rewards - leave_one_out_mean, tied_groups })
+    Ok(rewards - leave_one_out_mean)
 }
 
-/// The advantages the chosen estimator gives.
-pub fn group_advantages(
-    rewards: &Tensor,
-    estimator: AdvantageEstimator,
-    eps: f64,
-) -> Result<GroupAdvantages, GrpoError> {
+/// The advantages `[n_groups, G]` the chosen estimator gives for a `[n_groups, G]` reward tensor.
+pub fn group_advantages(rewards: &Tensor, estimator: AdvantageEstimator, eps: f64) -> Result<Tensor, GrpoError> {
     match estimator {
         AdvantageEstimator::Grpo => grpo_advantages(rewards, eps),
         AdvantageEstimator::DrGrpo => dr_grpo_advantages(rewards),
@@ -653,22 +629,20 @@ mod tests {
     }
 
     #[test]
-    fn grpo_advantages_normalise_by_unbiased_std_and_count_ties() {
+    fn grpo_advantages_normalise_by_unbiased_std() {
         let rewards = t2(&[&[1.0, 0.0, 0.0, 1.0], &[2.0, 2.0, 2.0, 2.0]]);
         let out = grpo_advantages(&rewards, 1e-4).unwrap();
         // Group 1: mean 0.5; unbiased std = sqrt(4 * 0.25 / 3) = sqrt(1/3); A = ±0.5 / (sqrt(1/3) + 1e-4).
         let a = 0.5 / ((1.0f64 / 3.0).sqrt() + 1e-4);
-        // Group 2: all equal -> A = 0 / (0 + eps) = 0, counted as tied.
-        assert_all_close(&values(&out.advantages), &[a, -a, -a, a, 0.0, 0.0, 0.0, 0.0]);
-        assert_eq!(out.tied_groups, 1);
+        // Group 2: all equal (tied) -> A = 0 / (0 + eps) = 0.
+        assert_all_close(&values(&out), &[a, -a, -a, a, 0.0, 0.0, 0.0, 0.0]);
     }
 
     #[test]
     fn dr_grpo_advantages_subtract_the_mean_only() {
         let out = dr_grpo_advantages(&t2(&[&[1.0, 0.0, 0.0, 1.0], &[3.0, 1.0, 2.0, 2.0]])).unwrap();
         // Means 0.5 and 2.
-        assert_all_close(&values(&out.advantages), &[0.5, -0.5, -0.5, 0.5, 1.0, -1.0, 0.0, 0.0]);
-        assert_eq!(out.tied_groups, 0);
+        assert_all_close(&values(&out), &[0.5, -0.5, -0.5, 0.5, 1.0, -1.0, 0.0, 0.0]);
     }
 
     #[test]
@@ -676,8 +650,7 @@ mod tests {
         let out = rloo_advantages(&t2(&[&[1.0, 0.0, 0.0, 1.0], &[3.0, 1.0, 2.0, 2.0], &[5.0, 5.0, 5.0, 5.0]])).unwrap();
         // 1 - (0+0+1)/3 = 2/3, 0 - (1+0+1)/3 = -2/3; 3 - 5/3 = 4/3, 1 - 7/3 = -4/3, 2 - 6/3 = 0.
         let (a, b) = (2.0 / 3.0, 4.0 / 3.0);
-        assert_all_close(&values(&out.advantages), &[a, -a, -a, a, b, -b, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
-        assert_eq!(out.tied_groups, 1);
+        assert_all_close(&values(&out), &[a, -a, -a, a, b, -b, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
     }
 
     #[test]

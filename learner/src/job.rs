@@ -188,7 +188,7 @@ fn run_job_inner<P: Policy>(
             )?;
             let every = cfg.train.checkpoint_every;
             if every > 0 && version_after % every == 0 && version_after < cfg.train.steps {
-                trainer.save_checkpoint(&checkpoints, cfg.run.seed)?;
+                trainer.save_checkpoint(&checkpoints)?;
             }
         }
         let report = StepReport {
@@ -220,7 +220,7 @@ fn finish<P: Policy>(
     write_file(&report_path, report.to_string().as_bytes())?;
     let final_dir = final_dir(cfg);
     if me.rank == 0 {
-        trainer.save_checkpoint(&cfg.run.out_dir.join("checkpoints"), cfg.run.seed)?;
+        trainer.save_checkpoint(&cfg.run.out_dir.join("checkpoints"))?;
         trainer.policy().save(&final_dir)?;
         let request = FinishJobRequest {
             job_id,

@@ -135,7 +135,6 @@ fn grpo_options(old_logprobs: OldLogprobs, importance_sampling: ImportanceSampli
         loss: GrpoOptions { beta: 0.0, importance_sampling, importance_sampling_cap: cap, ..GrpoOptions::default() },
         group_size: 4,
         temperature: 1.0,
-        filter_tied_groups: false,
         old_logprobs,
     }
 }

@@ -82,7 +82,6 @@ pub struct GrpoStepOptions {
     pub group_size: usize,
     /// The sampling temperature: log-probs are scored at the temperature they were sampled at.
     pub temperature: f64,
-    pub filter_tied_groups: bool,
     /// The sampler's log-probs or the learner's own as the ratio's "old" log-probs.
     pub old_logprobs: OldLogprobs,
 }
@@ -107,7 +106,6 @@ impl TrainerOptions {
             },
             group_size: g.group_size as usize,
             temperature: g.temperature,
-            filter_tied_groups: g.filter_tied_groups,
             old_logprobs: g.old_logprobs,
         });
         TrainerOptions {
@@ -134,6 +132,10 @@ pub struct StepOutcome {
     pub metrics: BTreeMap<String, f64>,
     /// The gradient was not finite: the weights were left alone.
     pub skipped: bool,
+}
+
+fn completions_of(groups: &[RolloutGroup]) -> usize {
+    groups.iter().map(|g| g.completions.len()).sum()
 }
 
 /// Sums a step accumulates on one rank; added over ranks with the collective.
@@ -329,19 +331,17 @@ impl<P: Policy> Trainer<P> {
         };
         let mut sums = Sums { rewards: batch::reward_sums(groups), ..Sums::default() };
         batch::group_prompts(groups, opts.group_size)?;
-        let tied: Vec<bool> = groups.iter().map(batch::is_tied).collect();
-        sums.tied_groups = tied.iter().filter(|&&t| t).count() as f64;
-        let keep: Vec<usize> = (0..groups.len()).filter(|&i| !(opts.filter_tied_groups && tied[i])).collect();
-        let kept_groups: Vec<RolloutGroup> = keep.iter().map(|&i| groups[i].clone()).collect();
-        let kept_prompts: Vec<PromptInput> = keep.iter().map(|&i| prompts[i].clone()).collect();
-        sums.groups_trained = kept_groups.len() as f64;
-        let completions: Vec<&Completion> = kept_groups.iter().flat_map(|g| g.completions.iter()).collect();
+        // Tied groups are filtered (under grpo.filter_tied_groups) by the coordinator, the one
+        // place that decides what is trained; here they are only counted.
+        sums.tied_groups = groups.iter().filter(|g| g.is_tied()).count() as f64;
+        sums.groups_trained = groups.len() as f64;
+        let completions: Vec<&Completion> = groups.iter().flat_map(|g| g.completions.iter()).collect();
         let tokens: usize = completions.iter().map(|c| c.token_ids.len()).sum();
         let local = grpo::aggregation_denominator(opts.loss.loss_aggregation, tokens as f64, completions.len() as f64);
         let normaliser = self.global_normaliser(local)?;
-        let parts = batch::micro_batches(kept_groups.len(), self.options.grad_accumulation);
+        let parts = batch::micro_batches(groups.len(), self.options.grad_accumulation);
         for range in parts {
-            let (loss, mismatch) = self.grpo_micro_loss(&kept_groups[range.clone()], &kept_prompts[range], &opts)?;
+            let (loss, mismatch) = self.grpo_micro_loss(&groups[range.clone()], &prompts[range], &opts)?;
             let metrics = loss.metrics;
             sums.kl_x_tokens += metrics.kl_mean.unwrap_or(0.0) * metrics.tokens;
             sums.clip_x_tokens += metrics.clip_fraction * metrics.tokens;
@@ -351,7 +351,7 @@ impl<P: Policy> Trainer<P> {
             sums.is_weight_max = sums.is_weight_max.max(metrics.is_weight_max.unwrap_or(0.0));
             self.backward(&(loss.numerator * normaliser), metrics.loss, metrics.tokens, &mut sums);
         }
-        sums.samples = kept_groups.len() as f64;
+        sums.samples = groups.len() as f64;
         Ok(sums)
     }
 
@@ -371,7 +371,7 @@ impl<P: Policy> Trainer<P> {
         let repeated = self.policy.repeat_prompts(&encoded, opts.group_size as i64); // b = n * G rows
         let t = batch::assemble_grpo(groups, 0, device);
         let advantages =
-            grpo::group_advantages(&t.rewards, opts.loss.advantage, opts.loss.advantage_eps)?.advantages.reshape([-1]);
+            grpo::group_advantages(&t.rewards, opts.loss.advantage, opts.loss.advantage_eps)?.reshape([-1]);
         let logp = self.policy.score(&repeated, &t.ids, &t.mask, opts.temperature, false); // [b, t]: eval mode (no dropout), as the workers sampled
         let logp_ref = match (&self.reference, opts.loss.beta > 0.0) {
             (Some(reference), true) => {
@@ -379,11 +379,19 @@ impl<P: Policy> Trainer<P> {
             }
             _ => None,
         };
-        let lag0: Vec<f32> = groups
-            .iter()
-            .flat_map(|g| std::iter::repeat_n(f32::from(u8::from(g.policy_version == self.step)), g.completions.len()))
-            .collect();
-        let lag0_mask = &t.mask * Tensor::from_slice(&lag0).to_device(device).unsqueeze(1); // [b, t]
+        // Per token: was it sampled by the version being trained? (A partial rollout's tokens
+        // carry their own versions.)
+        let width = t.mask.size()[1] as usize;
+        let mut lag0 = Vec::with_capacity(width * completions_of(groups));
+        for g in groups {
+            for c in &g.completions {
+                lag0.extend((0..width).map(|i| {
+                    let version = c.token_policy_versions.get(i).copied().unwrap_or(g.policy_version);
+                    f32::from(u8::from(i < c.token_ids.len() && version == self.step))
+                }));
+            }
+        }
+        let lag0_mask = &t.mask * Tensor::from_slice(&lag0).view([-1, width as i64]).to_device(device); // [b, t]
         let clip =
             ClipRange { eps_low: opts.loss.eps_low, eps_high: opts.loss.eps_high, dual_clip: opts.loss.dual_clip };
         let mismatch = grpo::sampler_mismatch(&logp, &t.logp_old, &lag0_mask, clip)?;
@@ -505,7 +513,7 @@ impl<P: Policy> Trainer<P> {
     }
 
     /// Writes a checkpoint of the trainable weights and optimizer state under `root`.
-    pub fn save_checkpoint(&self, root: &Path, seed: u64) -> Result<PathBuf, TrainError> {
+    pub fn save_checkpoint(&self, root: &Path) -> Result<PathBuf, TrainError> {
         // The f32 masters, not the model's (possibly bf16) copies: a resumed run continues exactly.
         let weights = self.optimizer.master_weights();
         let mut optimizer = Vec::with_capacity(2 * weights.len());
@@ -516,9 +524,6 @@ impl<P: Policy> Trainer<P> {
         let state = TrainerState {
             step: self.step,
             adam_steps: self.optimizer.steps,
-            rng_seed: seed.wrapping_add(self.step) as i64,
-            data_epoch: 0,
-            data_position: self.step,
             weights_sha256: String::new(),
             optimizer_sha256: String::new(),
         };
@@ -685,22 +690,22 @@ mod tests {
             reward_parts: [("jaccard".to_string(), reward), ("format".to_string(), 1.0)].into_iter().collect(),
             text: text.into(),
             truncated: false,
+            token_policy_versions: Vec::new(),
         }
     }
 
-    fn grpo_options(filter_tied_groups: bool) -> GrpoStepOptions {
+    fn grpo_options() -> GrpoStepOptions {
         GrpoStepOptions {
             loss: GrpoOptions { beta: 0.0, ..GrpoOptions::default() },
             group_size: 2,
             temperature: 1.0,
-            filter_tied_groups,
             old_logprobs: OldLogprobs::Sampler,
         }
     }
 
     #[test]
     fn grpo_steps_raise_the_better_completion_and_count_ties() {
-        let mut t = trainer(4, Box::new(SingleRank), Some(grpo_options(true)));
+        let mut t = trainer(4, Box::new(SingleRank), Some(grpo_options()));
         let q = "<lab> which?";
         let sample = br#"{"id":"s","split":"train","kind":"disease","encounter_id":"e","ecg":null,"cxr":null,"lab":"l.csv","question":"<lab> which?","answer":"<answer>x</answer>","labels":[]}"#;
         let group = |good: f32, bad: f32, policy: &BytePolicy| RolloutGroup {
@@ -721,7 +726,7 @@ mod tests {
             let prompts = vec![(q.to_string(), ModalityInputs::default()); 2];
             let m = t.step(&StepData::Grpo { groups, prompts }).unwrap().metrics;
             assert_eq!(m["tied_groups"], 1.0);
-            assert_eq!(m["groups_trained"], 1.0, "the tied group is filtered");
+            assert_eq!(m["groups_trained"], 2.0, "tied groups are filtered by the coordinator, not here");
             assert_eq!(m["completions"], 4.0);
             assert!((m["reward_mean"] - 0.5).abs() < 1e-6);
             assert!(m["clip_fraction"] >= 0.0 && m["clip_fraction"] <= 1.0);
@@ -740,7 +745,6 @@ mod tests {
             loss: GrpoOptions { beta: 0.0, ..GrpoOptions::default() },
             group_size: g,
             temperature: 1.0,
-            filter_tied_groups: false,
             old_logprobs: OldLogprobs::Sampler,
         };
         let mut t = trainer(5, Box::new(SingleRank), Some(opts));
@@ -799,7 +803,7 @@ mod tests {
         for _ in 0..2 {
             first.step(&data).unwrap();
         }
-        first.save_checkpoint(dir.path(), 0).unwrap();
+        first.save_checkpoint(dir.path()).unwrap();
         let (loaded, skipped) = checkpoint::latest_valid(dir.path());
         assert!(skipped.is_empty());
         // A resumed learner starts from a differently initialised model and takes over.
@@ -899,7 +903,7 @@ mod tests {
             prompts: vec![(q.to_string(), ModalityInputs::default()); range.len()],
         };
         for mode in [LossAggregation::TokenMean, LossAggregation::SeqMeanTokenMean, LossAggregation::SeqMeanTokenSum] {
-            let mut opts = grpo_options(false);
+            let mut opts = grpo_options();
             opts.loss.loss_aggregation = mode;
             opts.loss.token_sum_divisor = Some(32.0);
             let one = train_shards(vec![data(0..4)], 3, Some(opts));

@@ -11,10 +11,13 @@
 //! our weights. Every row generates exactly `--new` tokens (EOS disabled on both sides).
 //! `--no-hf` skips the transformers run; `--greedy` uses argmax instead of sampling at T = 1;
 //! `--threads N` sets torch's intra-op threads on both sides; `--repeat N` keeps the best of N.
+//! `--group G` makes the batch `batch / G` distinct prompts, each repeated G times (a GRPO
+//! group, as TRL feeds `generate`); ours then runs twice: one prefill per row (every copy of a
+//! prompt prefilled again, the old rollout path) and one prefill per group (the rollout path now).
 
 use medtvt_model::llama::{
-    check_device_kind, generate, kind_from_name, load_llama, save_hf, Llama, Llama3RopeScaling, LlamaConfig,
-    SamplingParams,
+    check_device_kind, generate_from_embeds, generate_groups_from_embeds, kind_from_name, load_llama, save_hf, Llama,
+    Llama3RopeScaling, LlamaConfig, SamplingParams,
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -62,6 +65,8 @@ struct Args {
     greedy: bool,
     /// Intra-op threads for both implementations; 0 keeps torch's default.
     threads: i64,
+    /// Completions per distinct prompt.
+    group: i64,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -76,6 +81,7 @@ fn parse_args() -> Result<Args, String> {
         hf: true,
         greedy: false,
         threads: 0,
+        group: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -90,13 +96,17 @@ fn parse_args() -> Result<Args, String> {
             "--device" => args.device = value()?,
             "--repeat" => args.repeat = number(value()?)?.max(1) as usize,
             "--threads" => args.threads = number(value()?)?,
+            "--group" => args.group = number(value()?)?.max(1),
             "--no-hf" => args.hf = false,
             "--greedy" => args.greedy = true,
             "--help" | "-h" => {
-                return Err(include_str!("bench_generate.rs").lines().take(16).collect::<Vec<_>>().join("\n"))
+                return Err(include_str!("bench_generate.rs").lines().take(20).collect::<Vec<_>>().join("\n"))
             }
             other => return Err(format!("unknown flag {other} (see --help)")),
         }
+    }
+    if args.batch % args.group != 0 {
+        return Err(format!("--batch {} is not a multiple of --group {}", args.batch, args.group));
     }
     Ok(args)
 }
@@ -139,27 +149,48 @@ fn sync(device: Device) {
 }
 
 /// Best-of-`repeat` seconds for a prefill pass (last-position logits) and a full generation.
-fn bench_ours(model: &Llama, prompts: &[Vec<i64>], args: &Args, device: Device) -> Result<(f64, f64), String> {
+/// `prompts` are the distinct prompts; each is generated from `args.group` times, with one prefill
+/// per group when `grouped`, else one per row (the prompts repeated in place first).
+fn bench_ours(
+    model: &Llama,
+    prompts: &[Vec<i64>],
+    args: &Args,
+    device: Device,
+    grouped: bool,
+) -> Result<(f64, f64), String> {
     let params = SamplingParams { max_new_tokens: args.new, greedy: args.greedy, seed: 1, ..Default::default() };
-    let warm = SamplingParams { max_new_tokens: 2, ..params.clone() };
-    generate(model, prompts, 0, &warm).map_err(|e| e.to_string())?;
+    let g = args.group;
     let ids = Tensor::from_slice2(prompts).to_device(device);
     let mask = ids.ones_like();
+    let run = |params: &SamplingParams| {
+        let embeds = tch::no_grad(|| model.embed_tokens(&ids));
+        if grouped {
+            generate_groups_from_embeds(model, &embeds, &mask, g, params)
+        } else {
+            let repeat = |t: &Tensor| t.repeat_interleave_self_int(g, 0, None::<i64>);
+            generate_from_embeds(model, &repeat(&embeds), &repeat(&mask), params)
+        }
+        .map_err(|e| e.to_string())
+    };
+    run(&SamplingParams { max_new_tokens: 2, ..params.clone() })?;
+    let prefill_rows = if grouped { ids.shallow_clone() } else { ids.repeat_interleave_self_int(g, 0, None::<i64>) };
     let (mut prefill, mut total) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..args.repeat {
         let start = Instant::now();
         tch::no_grad(|| {
-            let mut cache = model.new_cache(args.batch, args.prompt);
-            let hidden = model.forward_hidden(&model.embed_tokens(&ids), &mask, Some(&mut cache));
+            let rows = prefill_rows.size()[0];
+            let mut cache = model.new_cache(rows, args.prompt);
+            let hidden =
+                model.forward_hidden(&model.embed_tokens(&prefill_rows), &prefill_rows.ones_like(), Some(&mut cache));
             let _ = model.logits(&hidden.narrow(1, args.prompt - 1, 1));
         });
         sync(device);
         prefill = prefill.min(start.elapsed().as_secs_f64());
         let start = Instant::now();
-        let generation = generate(model, prompts, 0, &params).map_err(|e| e.to_string())?;
+        let generation = run(&params)?;
         sync(device);
         total = total.min(start.elapsed().as_secs_f64());
-        if generation.tokens.iter().any(|row| row.len() != args.new) {
+        if generation.tokens.len() as i64 != args.batch || generation.tokens.iter().any(|row| row.len() != args.new) {
             return Err("a row stopped early".into());
         }
     }
@@ -220,16 +251,32 @@ fn run() -> Result<(), String> {
         c.num_key_value_heads, args.batch, args.prompt, args.new, args.dtype, device,
         if args.greedy { "greedy" } else { "sampling T=1" }, tch::get_num_threads(),
     );
-    let prompts: Vec<Vec<i64>> = (0..args.batch)
+    let distinct: Vec<Vec<i64>> = (0..args.batch / args.group)
         .map(|r| (0..args.prompt).map(|i| (r * 7919 + i * 104729 + 3) % c.vocab_size).collect())
         .collect();
-    let (prefill, total) = bench_ours(&model, &prompts, &args, device)?;
     let rate = |tokens: i64, s: f64| tokens as f64 / s;
+    // Prompt tokens the batch holds (every row's), whichever way they were prefilled.
     let (prompt_tokens, new_tokens) = (args.batch * args.prompt, args.batch * args.new as i64);
     println!("\n| implementation | prefill tok/s | generation tok/s (end to end) | generate wall s |");
     println!("|---|---:|---:|---:|");
-    println!("| medtvt (tch) | {:.0} | {:.0} | {:.3} |", rate(prompt_tokens, prefill), rate(new_tokens, total), total);
+    let mut ours = Vec::new();
+    let variants: &[(bool, &str)] = if args.group > 1 {
+        &[(false, "medtvt (tch), one prefill per row"), (true, "medtvt (tch), one prefill per group")]
+    } else {
+        &[(true, "medtvt (tch)")]
+    };
+    for &(grouped, name) in variants {
+        let (prefill, total) = bench_ours(&model, &distinct, &args, device, grouped)?;
+        println!("| {name} | {:.0} | {:.0} | {:.3} |", rate(prompt_tokens, prefill), rate(new_tokens, total), total);
+        ours.push((name, prefill, total));
+    }
+    if let [(_, _, old), (_, _, new)] = ours[..] {
+        println!("| ratio one prefill per group / per row | | {:.2}x | |", old / new);
+    }
+    let (_, prefill, total) = *ours.last().ok_or("nothing measured")?;
     if args.hf {
+        let prompts: Vec<Vec<i64>> =
+            distinct.iter().flat_map(|p| std::iter::repeat_n(p.clone(), args.group as usize)).collect();
         let (hf_prefill, hf_total, threads) = bench_hf(&dir, &prompts, &args)?;
         println!(
             "| HF transformers generate ({threads} threads) | {:.0} | {:.0} | {:.3} |",
@@ -237,7 +284,7 @@ fn run() -> Result<(), String> {
             rate(new_tokens, hf_total),
             hf_total
         );
-        println!("| ratio medtvt / HF | {:.2}x | {:.2}x | |", hf_prefill / prefill, hf_total / total);
+        println!("| ratio medtvt (last row) / HF | {:.2}x | {:.2}x | |", hf_prefill / prefill, hf_total / total);
     }
     Ok(())
 }

@@ -170,8 +170,10 @@ pub struct PromptBatch {
     pub cxr: Tensor,
     /// [b, 100], zeros where absent.
     pub lab: Tensor,
-    /// [b, 3] bool in (ecg, cxr, lab) order.
+    /// [b, 3] bool in (ecg, cxr, lab) order, on the model's device.
     pub present: Tensor,
+    /// The same on the host, so that which encoders run is decided without reading the device.
+    pub present_rows: Vec<[bool; 3]>,
     /// Rows come in runs of this many copies of the same prompt (1 unless
     /// [`PromptBatch::repeat_interleave`] made the batch): the encoders then run once per run.
     pub repeats: i64,
@@ -197,7 +199,29 @@ impl PromptBatch {
             cxr: r(&self.cxr),
             lab: r(&self.lab),
             present: r(&self.present),
+            present_rows: self.present_rows.iter().flat_map(|row| std::iter::repeat_n(*row, g as usize)).collect(),
             repeats: self.repeats * g,
+        }
+    }
+
+    /// One row per run of [`PromptBatch::repeats`] copies: the distinct prompts, `repeats` = 1.
+    pub fn distinct_prompts(&self) -> PromptBatch {
+        let repeats = self.repeats.max(1);
+        if repeats == 1 {
+            return self.repeat_interleave(1);
+        }
+        let n = self.ids.size()[0];
+        let rows = Tensor::arange_start_step(0, n, repeats, (Kind::Int64, self.ids.device()));
+        let pick = |t: &Tensor| t.index_select(0, &rows.to_device(t.device()));
+        PromptBatch {
+            ids: pick(&self.ids),
+            mask: pick(&self.mask),
+            ecg: pick(&self.ecg),
+            cxr: pick(&self.cxr),
+            lab: pick(&self.lab),
+            present: pick(&self.present),
+            present_rows: self.present_rows.iter().step_by(repeats as usize).copied().collect(),
+            repeats: 1,
         }
     }
 }
@@ -669,7 +693,7 @@ impl MedTvt {
         let device = self.device();
         let s = self.modality.cxr.image_size;
         let mut rows = Vec::with_capacity(prompts.len());
-        let (mut ecg, mut cxr, mut lab, mut present) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut ecg, mut cxr, mut lab, mut present_rows) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (question, inputs) in prompts {
             let mut ids = self.tokenizer.encode(&self.prompt_text(question)?, false)?;
             if ids.len() > max_prompt_tokens {
@@ -682,10 +706,11 @@ impl MedTvt {
             ecg.push(modality_tensor(&inputs.ecg, &[ECG_LEADS, ECG_SAMPLES], "ecg")?);
             cxr.push(modality_tensor(&inputs.cxr, &[3, s, s], "cxr")?);
             lab.push(modality_tensor(&inputs.lab, &[LAB_FEATURES], "lab")?);
-            present.extend([inputs.ecg.is_some(), inputs.cxr.is_some(), inputs.lab.is_some()]);
+            present_rows.push([inputs.ecg.is_some(), inputs.cxr.is_some(), inputs.lab.is_some()]);
         }
         let (ids, mask) = llama::left_pad(&rows, self.pad_id, device)?;
         let b = prompts.len() as i64;
+        let present: Vec<bool> = present_rows.iter().flatten().copied().collect();
         // The encoders compute in the model's dtype (bf16 weights take bf16 inputs).
         let kind = self.vs.kind();
         Ok(PromptBatch {
@@ -695,6 +720,7 @@ impl MedTvt {
             cxr: Tensor::stack(&cxr, 0).to_device(device).to_kind(kind),
             lab: Tensor::stack(&lab, 0).to_device(device).to_kind(kind),
             present: Tensor::from_slice(&present).view([b, 3]).to_device(device),
+            present_rows,
             repeats: 1,
         })
     }
@@ -755,7 +781,8 @@ impl MedTvt {
             }
         };
         let present = unique(&batch.present); // [n, 3]
-        let any: Vec<bool> = Vec::<bool>::try_from(present.any_dim(0, false)).unwrap_or_else(|_| vec![true; 3]);
+                                              // Decided on the host: no device read per forward.
+        let any = [0, 1, 2].map(|m| batch.present_rows.iter().any(|row| row[m]));
         let n = present.size()[0];
         let d = self.llm.config().hidden_size;
         let absent = || Tensor::zeros([n, d], (self.vs.kind(), present.device()));
@@ -807,6 +834,26 @@ impl MedTvt {
         (embeds, gates)
     }
 
+    /// The decoder.
+    pub fn decoder(&self) -> &Llama {
+        &self.llm
+    }
+
+    /// The token ids that end a completion.
+    pub fn eos_ids(&self) -> &[i64] {
+        &self.eos_ids
+    }
+
+    /// Each prompt row's decoder input embeddings `[t_i, d]` without its padding (eval mode, no
+    /// grad): what a continuous batch prefills ([`crate::llama::ContinuousBatch`]).
+    pub fn prompt_rows(&self, batch: &PromptBatch) -> Result<Vec<Tensor>, ModelError> {
+        let _guard = tch::no_grad_guard();
+        let (embeds, _) = self.prompt_embeddings(batch, false);
+        let t = embeds.size()[1];
+        let lengths = Vec::<i64>::try_from(batch.mask.sum_dim_intlist(1, false, Kind::Int64).to_device(Device::Cpu))?;
+        Ok(lengths.iter().enumerate().map(|(i, &len)| embeds.get(i as i64).narrow(0, t - len, len)).collect())
+    }
+
     /// Samples completions (no grad, eval mode); EOS ids default to the tokenizer's. Returns the
     /// generation and each sample's CAO gates (`None` for an absent modality; in PT, where the
     /// MPL is bypassed, 1 for every present one).
@@ -816,13 +863,17 @@ impl MedTvt {
         params: &SamplingParams,
     ) -> Result<(Generation, Vec<SampleGates>), ModelError> {
         let _guard = tch::no_grad_guard();
-        let (embeds, gates) = self.prompt_embeddings(batch, false);
         let mut params = params.clone();
         if params.eos_token_ids.is_empty() {
             params.eos_token_ids = self.eos_ids.clone();
         }
-        let generation = llama::generate_from_embeds(&self.llm, &embeds, &batch.mask, &params)?;
-        Ok((generation, gates_per_sample(&gates, &batch.present)?))
+        // A GRPO batch (runs of `repeats` copies of each prompt) is prefilled once per prompt.
+        let distinct = batch.distinct_prompts();
+        let (embeds, gates) = self.prompt_embeddings(&distinct, false);
+        let repeats = batch.repeats.max(1);
+        let generation = llama::generate_groups_from_embeds(&self.llm, &embeds, &distinct.mask, repeats, &params)?;
+        let gates = gates_per_sample(&gates, &distinct.present_rows)?;
+        Ok((generation, gates.iter().flat_map(|g| std::iter::repeat_n(*g, repeats as usize)).collect()))
     }
 
     /// Teacher-forced log-probs `[b, tc]` of completion ids under the model at `temperature`

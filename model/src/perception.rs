@@ -26,18 +26,12 @@ const CYCLE: [(usize, usize, usize); 3] = [(0, 1, 2), (1, 2, 0), (2, 0, 1)];
 /// One sample's CAO gates in [`MODALITIES`] order; `None` where the modality is absent.
 pub type SampleGates = [Option<f32>; 3];
 
-/// Splits `[batch, 3]` gates into one [`SampleGates`] per sample, using `present` (`[batch, 3]`
-/// bool) to mark absent modalities (whose gate is exactly 0) as `None`.
-pub fn gates_per_sample(gates: &Tensor, present: &Tensor) -> Result<Vec<SampleGates>, tch::TchError> {
+/// Splits `[batch, 3]` gates into one [`SampleGates`] per sample, using `present` (one row per
+/// sample, on the host) to mark absent modalities (whose gate is exactly 0) as `None`.
+pub fn gates_per_sample(gates: &Tensor, present: &[[bool; 3]]) -> Result<Vec<SampleGates>, tch::TchError> {
     let values =
         Vec::<f32>::try_from(gates.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous().view([-1]))?;
-    let present =
-        Vec::<bool>::try_from(present.to_kind(Kind::Bool).to_device(tch::Device::Cpu).contiguous().view([-1]))?;
-    Ok(values
-        .chunks_exact(3)
-        .zip(present.chunks_exact(3))
-        .map(|(g, p)| [0, 1, 2].map(|i| p[i].then_some(g[i])))
-        .collect())
+    Ok(values.chunks_exact(3).zip(present).map(|(g, p)| [0, 1, 2].map(|i| p[i].then_some(g[i]))).collect())
 }
 
 #[derive(Debug, Clone)]
@@ -117,8 +111,8 @@ impl ModalityPerceptionLayer {
         for (q, k, v) in CYCLE {
             let out = self.attention(&token(q), &token(k), &token(v), train); // [b, 1, d]
             let valid = present_f.narrow(1, k as i64, 1) * present_f.narrow(1, v as i64, 1); // [b, 1]
-            fusion_sum = fusion_sum + out * valid.unsqueeze(-1);
-            counted = counted + valid;
+            fusion_sum += out * valid.unsqueeze(-1);
+            counted += valid;
         }
         let fusion = fusion_sum / counted.clamp_min(1.0).unsqueeze(-1); // [b, 1, d]
         let fusion = fusion.dropout(self.config.dropout, train) * self.config.alpha;
@@ -178,7 +172,7 @@ mod tests {
         let x = Tensor::randn([2, 3, 16], (Kind::Float, Device::Cpu));
         let present = Tensor::from_slice(&[true, false, true, true, true, false]).view([2, 3]);
         let out = mpl.forward_t(&x, &present, false);
-        let per_sample = gates_per_sample(&out.gates, &present).unwrap();
+        let per_sample = gates_per_sample(&out.gates, &[[true, false, true], [true, true, false]]).unwrap();
         assert_eq!(per_sample.len(), 2);
         assert_eq!(per_sample[0][1], None);
         assert_eq!(per_sample[1][2], None);

@@ -1,10 +1,13 @@
 //! The MedTVT gRPC API, `medtvt.v1.Coordinator`: the generated message types and tonic
 //! client/server (see `medtvt/v1/coordinator.proto` for the data flow it carries), plus
-//! [`client`], the typed client the rollout workers and learners use, and [`errors`], the reason
-//! codes every error carries on the wire.
+//! [`client`], the typed client the rollout workers and learners use, [`errors`], the reason
+//! codes every error carries on the wire, [`groups`], the rules about rollout groups that both
+//! ends apply, and [`weights`], the codec of policy weights as chunk streams.
 
 pub mod client;
 pub mod errors;
+pub mod groups;
+pub mod weights;
 
 /// Generated from `medtvt/v1/coordinator.proto`.
 pub mod v1 {

@@ -1,7 +1,9 @@
-//! Turning one lease into rollout groups: load each prompt's modalities, encode the prompts,
-//! repeat each G times in place, sample one completion per row, decode, and reward every
-//! completion against its prompt's reference answer (Jaccard over the disease sets + format).
-//! Each group carries the caller's trace context (`traceparent`) to the learner.
+//! Turning sampled completions into rollout groups: decode, and reward every completion against
+//! its prompt's reference answer (Jaccard over the disease sets + format). [`roll_out`] does a
+//! whole lease at once (one static batch: the prompts repeated G times in place), as benchmarks
+//! and tests use it; the worker's loop (`job.rs`) streams groups through the policy's rollout
+//! engine and builds each with [`rewarded_group`]. Each group carries the trace context
+//! (`traceparent`) of the lease it came from to the learner.
 
 use medtvt_data::QaSample;
 use medtvt_eval::{DiagnosisReward, RewardBreakdown};
@@ -38,17 +40,15 @@ pub fn lease_seed(run_seed: u64, lease_id: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Samples and rewards one group per leased prompt.
-pub fn roll_out<P: Policy>(
-    policy: &P,
-    loader: &InputLoader,
-    reward: &DiagnosisReward,
-    settings: &RolloutSettings,
-    lease: &Lease,
-    worker_id: u64,
-    policy_version: u64,
-) -> Result<Vec<RolloutGroup>, RolloutError> {
-    let samples: Vec<QaSample> = lease
+/// The seed of one group's random streams: the lease's seed mixed with the prompt id, so two
+/// prompts of one lease draw differently and a re-leased prompt draws anew.
+pub fn group_seed(run_seed: u64, lease_id: u64, prompt_id: u64) -> u64 {
+    lease_seed(lease_seed(run_seed, lease_id), prompt_id)
+}
+
+/// The leased prompts' QA samples.
+pub fn lease_samples(lease: &Lease) -> Result<Vec<QaSample>, RolloutError> {
+    lease
         .prompts
         .iter()
         .map(|p| {
@@ -58,7 +58,72 @@ pub fn roll_out<P: Policy>(
                 source,
             })
         })
-        .collect::<Result<_, _>>()?;
+        .collect()
+}
+
+/// Where a group comes from: everything of a [`RolloutGroup`] but its completions.
+#[derive(Debug, Clone)]
+pub struct GroupOrigin {
+    pub job_id: u64,
+    pub lease_id: u64,
+    pub worker_id: u64,
+    pub prompt_id: u64,
+    pub epoch: u64,
+    /// The version that sampled its first tokens (the oldest one).
+    pub policy_version: u64,
+    pub traceparent: String,
+}
+
+/// Decodes and rewards a group's completions against the reference answer. `token_versions`
+/// (one list per completion, may be empty) are kept only for a completion that newer weights
+/// reached while it was generated.
+pub fn rewarded_group<P: Policy>(
+    policy: &P,
+    reward: &DiagnosisReward,
+    reference: &str,
+    origin: GroupOrigin,
+    sampled: &Sampled,
+    token_versions: &[Vec<u64>],
+) -> RolloutGroup {
+    let texts: Vec<String> = sampled.tokens.iter().map(|t| policy.decode(t)).collect();
+    let scores = score_group(reward, reference, &texts);
+    let completions = scores
+        .into_iter()
+        .enumerate()
+        .map(|(row, score)| {
+            let mut c = completion(sampled, &texts, row, score);
+            let versions = token_versions.get(row).map(Vec::as_slice).unwrap_or_default();
+            if versions.iter().any(|&v| v != origin.policy_version) {
+                c.token_policy_versions = versions.to_vec();
+            }
+            c
+        })
+        .collect();
+    RolloutGroup {
+        job_id: origin.job_id,
+        lease_id: origin.lease_id,
+        worker_id: origin.worker_id,
+        prompt_id: origin.prompt_id,
+        epoch: origin.epoch,
+        policy_version: origin.policy_version,
+        completions,
+        prompt: None,
+        traceparent: origin.traceparent,
+    }
+}
+
+/// Samples and rewards one group per leased prompt, all at once (one static batch; the worker's
+/// loop streams groups through [`Policy::rollout_engine`] instead).
+pub fn roll_out<P: Policy>(
+    policy: &P,
+    loader: &InputLoader,
+    reward: &DiagnosisReward,
+    settings: &RolloutSettings,
+    lease: &Lease,
+    worker_id: u64,
+    policy_version: u64,
+) -> Result<Vec<RolloutGroup>, RolloutError> {
+    let samples = lease_samples(lease)?;
     let inputs = loader.prompts(&samples)?;
     let encoded = policy.encode_prompts(&inputs, settings.max_prompt_tokens)?;
     let g = settings.group_size;
@@ -69,7 +134,6 @@ pub fn roll_out<P: Policy>(
     if sampled.tokens.len() != expected || sampled.logprobs.len() != expected {
         return Err(RolloutError::Rows { got: sampled.tokens.len(), expected });
     }
-    let texts: Vec<String> = sampled.tokens.iter().map(|t| policy.decode(t)).collect();
     // The caller's span, when traced: the learner that trains a group joins its trace.
     let traceparent = medtvt_telemetry::propagation::current_traceparent().unwrap_or_default();
     let groups = lease
@@ -79,19 +143,21 @@ pub fn roll_out<P: Policy>(
         .enumerate()
         .map(|(i, (prompt, sample))| {
             let rows = i * g..(i + 1) * g;
-            let scores = score_group(reward, &sample.answer, &texts[rows.clone()]);
-            RolloutGroup {
+            let part = Sampled {
+                tokens: sampled.tokens[rows.clone()].to_vec(),
+                logprobs: sampled.logprobs[rows.clone()].to_vec(),
+                finished_by_eos: sampled.finished_by_eos[rows].to_vec(),
+            };
+            let origin = GroupOrigin {
                 job_id: lease.job_id,
                 lease_id: lease.lease_id,
                 worker_id,
                 prompt_id: prompt.prompt_id,
                 epoch: prompt.epoch,
                 policy_version,
-                prompt_token_ids: Vec::new(),
-                completions: rows.zip(scores).map(|(row, score)| completion(&sampled, &texts, row, score)).collect(),
-                prompt: None,
                 traceparent: traceparent.clone(),
-            }
+            };
+            rewarded_group(policy, reward, &sample.answer, origin, &part, &[])
         })
         .collect();
     Ok(groups)
@@ -113,6 +179,7 @@ fn completion(sampled: &Sampled, texts: &[String], row: usize, score: RewardBrea
             .collect(),
         text: texts[row].clone(),
         truncated: !sampled.finished_by_eos.get(row).copied().unwrap_or(false),
+        token_policy_versions: Vec::new(),
     }
 }
 

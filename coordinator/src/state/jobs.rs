@@ -75,7 +75,7 @@ impl Job {
             }
             (None, Stage::Grpo) => return invalid("grpo", "is required for a GRPO job".into()),
             _ => {
-                if config.train.batch_size % world_size as usize != 0 {
+                if !config.train.batch_size.is_multiple_of(world_size as usize) {
                     return invalid(
                         "train.batch_size",
                         format!("= {} is not divisible by cluster.learners = {world_size}", config.train.batch_size),
@@ -121,7 +121,6 @@ impl RunState {
         let id = JobId(self.next_job);
         let job = Job::new(id, config, Arc::new(samples))?;
         self.next_job += 1;
-        self.revision += 1;
         self.events.push(Event::JobQueued { job_id: id, name: job.config.run.name.clone(), stage: job.stage() });
         self.journal.push(Durable::JobQueued {
             job_id: id,
@@ -168,7 +167,6 @@ impl RunState {
         }
         job.state = state;
         job.message = message.clone();
-        self.revision += 1;
         if let Some(r) = &mut job.rollouts {
             // Nothing more will be trained: leases are void.
             r.leases.clear();
@@ -206,7 +204,6 @@ impl RunState {
     /// Stop accepting jobs; unless `drain`, cancel the queued and running ones.
     pub fn shutdown(&mut self, drain: bool) {
         self.shutting_down = true;
-        self.revision += 1;
         self.events.push(Event::ShutdownRequested { drain });
         if !drain {
             let pending: Vec<JobId> = self.running.iter().copied().chain(self.queue.iter().copied()).collect();

@@ -197,16 +197,72 @@ impl RunState {
         IdCounters { next_job: self.next_job, next_worker: self.next_worker, next_lease: self.next_lease }
     }
 
-    /// Changes whenever something a long-poll may wait for changed.
-    pub fn revision(&self) -> u64 {
-        self.revision
+    /// Everything a long-poll may wait for, summarised: the service wakes its long-polls when this
+    /// differs before and after a transition. Computed from the state, so that no transition has
+    /// to remember to announce itself.
+    pub fn wake_key(&self) -> WakeKey {
+        let jobs = self
+            .jobs
+            .values()
+            .map(|job| {
+                let rollouts = job.rollouts.as_ref().map(|r| {
+                    [
+                        r.next_fresh,
+                        r.requeued.len() as u64,
+                        r.leases.len() as u64,
+                        r.ready.len() as u64,
+                        r.assembling.len() as u64,
+                        r.steps.len() as u64,
+                    ]
+                });
+                let reports = job.reported.values().map(|ranks| ranks.len() as u64).sum();
+                (job.id.0, job.state, job.policy_version, job.steps_completed, reports, rollouts)
+            })
+            .collect();
+        WakeKey {
+            shutting_down: self.shutting_down,
+            running: self.running.map(|id| id.0),
+            alive_workers: self.workers.values().filter(|w| w.alive).count(),
+            rendezvous_payloads: self.rendezvous.values().flat_map(|r| &r.payloads).filter(|p| p.is_some()).count(),
+            jobs,
+        }
     }
+}
+
+/// What long-polls wait on (see [`RunState::wake_key`]): jobs as (id, state, policy version,
+/// steps completed, step reports, GRPO queues: next fresh prompt, requeued, leases, ready,
+/// assembling, sealed steps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WakeKey {
+    shutting_down: bool,
+    running: Option<u64>,
+    alive_workers: usize,
+    rendezvous_payloads: usize,
+    #[allow(clippy::type_complexity)]
+    jobs: Vec<(u64, JobState, u64, u64, u64, Option<[u64; 6]>)>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::state::test_support::*;
+
+    #[test]
+    fn the_wake_key_moves_with_what_long_polls_wait_for_and_not_with_heartbeats() {
+        let (mut st, now, w, job) = grpo_state(10);
+        let key = st.wake_key();
+        st.touch(now + Duration::from_secs(1), w).unwrap();
+        assert_eq!(st.wake_key(), key, "a heartbeat wakes nobody");
+        let grant = st.lease(now, w, job, 1).unwrap();
+        let leased = st.wake_key();
+        assert_ne!(leased, key, "a lease changes what is left to lease");
+        let k = keys(&grant)[0];
+        st.submit_group(now, group(w, job, grant.lease_id.unwrap(), k, 0, [1.0, 0.0])).unwrap();
+        assert_ne!(st.wake_key(), leased, "an accepted group is something a learner waits for");
+        let before_cancel = st.wake_key();
+        st.cancel_job(job).unwrap();
+        assert_ne!(st.wake_key(), before_cancel);
+    }
 
     /// What a store would hold after applying `records`, as [`RunState::resume`] takes it.
     fn stored(records: Vec<Durable>) -> (Vec<ResumedJob>, IdCounters) {

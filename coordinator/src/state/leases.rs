@@ -200,8 +200,7 @@ impl RunState {
         }
         r.accepted.insert(key);
         job.counters.groups_accepted += 1;
-        let first = group.completions.first().map(|c| c.reward);
-        if group.completions.iter().all(|c| Some(c.reward) == first) {
+        if group.is_tied() {
             job.counters.tied_groups += 1;
             if r.filter_tied_groups {
                 // No signal: consumed without training; the lease budget refills the batch.
@@ -209,7 +208,6 @@ impl RunState {
             }
         }
         r.ready.push_back(Arc::new(group));
-        self.revision += 1;
         Ok(GroupOutcome::Accepted)
     }
 }

@@ -66,11 +66,7 @@ impl RunState {
             self.events.push(Event::WorkerDead { worker_id: *id });
         }
         let returned = self.expire_leases_where(|l| l.deadline <= now || newly_dead.contains(&l.worker));
-        let changed = !newly_dead.is_empty() || returned > 0;
-        if changed {
-            self.revision += 1;
-        }
-        changed
+        !newly_dead.is_empty() || returned > 0
     }
 
     /// Expires the running job's leases matching `pred`; returns the prompts sent back.

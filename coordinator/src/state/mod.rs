@@ -42,7 +42,7 @@ mod status;
 mod steps;
 
 pub use jobs::{load_job, Assignment, LoadedJob};
-pub use journal::{Durable, IdCounters, JobProgress, JobRecord, ResumedJob, SealedStep};
+pub use journal::{Durable, IdCounters, JobProgress, JobRecord, ResumedJob, SealedStep, WakeKey};
 pub use leases::{GroupOutcome, LeaseGrant};
 pub use membership::Worker;
 pub use status::{JobSnapshot, PipelineGauges};
@@ -272,8 +272,6 @@ pub struct RunState {
     next_lease: u64,
     shutting_down: bool,
     events: Vec<Event>,
-    /// Bumped by every change a long-poll may be waiting for.
-    revision: u64,
     /// Records not yet drained by [`RunState::drain_journal`], in order.
     journal: Vec<Durable>,
     /// The last record of each job handed out by [`RunState::drain_journal`]: a job's record is
@@ -297,7 +295,6 @@ impl RunState {
             next_lease: 1,
             shutting_down: false,
             events: Vec::new(),
-            revision: 0,
             journal: Vec::new(),
             written: HashMap::new(),
             written_ids: IdCounters { next_job: 1, next_worker: 1, next_lease: 1 },

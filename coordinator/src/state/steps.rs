@@ -91,7 +91,6 @@ run.out_dir, or remove {out}/checkpoints to start over",
             }
             if !dropped.is_empty() {
                 r.requeue_front(dropped.into_iter());
-                self.revision += 1;
             }
             if r.assembling.len() as u64 == r.prompts_per_step {
                 let groups = std::mem::take(&mut r.assembling);
@@ -99,7 +98,6 @@ run.out_dir, or remove {out}/checkpoints to start over",
                     groups.iter().map(|g| policy_version.saturating_sub(g.policy_version)).max().unwrap_or(0);
                 self.journal.push(Durable::StepSealed { job_id: id, step, groups: groups.clone() });
                 r.steps.push(groups);
-                self.revision += 1;
             }
         }
         if step < r.pruned_below {
@@ -152,7 +150,6 @@ run.out_dir, or remove {out}/checkpoints to start over",
             return Ok(job.steps_completed); // a restarted learner re-reporting
         }
         job.reported.entry(step).or_default().insert(rank);
-        self.revision += 1;
         job.policy_version = job.policy_version.max(policy_version_after);
         if rank == 0 {
             job.latest_metrics = metrics;
@@ -233,7 +230,6 @@ run.out_dir, or remove {out}/checkpoints to start over",
         let job = self.running_job_mut(id)?;
         if version > job.policy_version {
             job.policy_version = version;
-            self.revision += 1;
         }
         Ok(())
     }
@@ -265,7 +261,6 @@ run.out_dir, or remove {out}/checkpoints to start over",
         let slot = &mut round.payloads[rank as usize];
         if !complete && slot.as_ref() != Some(&payload) {
             *slot = Some(payload);
-            self.revision += 1;
         }
         Ok(round.payloads.iter().cloned().collect())
     }

@@ -124,7 +124,6 @@ pub fn group_for(lease: &pb::Lease, worker_id: u64, prompt: &pb::Prompt, version
         prompt_id: prompt.prompt_id,
         epoch: prompt.epoch,
         policy_version: version,
-        prompt_token_ids: vec![1, 2, 3],
         completions: (0..lease.group_size)
             .map(|i| pb::Completion {
                 token_ids: vec![5, 6, i as i64],
@@ -133,6 +132,7 @@ pub fn group_for(lease: &pb::Lease, worker_id: u64, prompt: &pb::Prompt, version
                 reward_parts: [("jaccard".to_string(), i as f32), ("format".to_string(), 0.0)].into(),
                 text: format!("<think>t</think><answer>a{i}</answer>"),
                 truncated: false,
+                token_policy_versions: Vec::new(),
             })
             .collect(),
         prompt: None,

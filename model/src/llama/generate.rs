@@ -81,7 +81,7 @@ pub enum GenerateError {
 }
 
 impl SamplingParams {
-    fn validate(&self) -> Result<(), GenerateError> {
+    pub(crate) fn validate(&self) -> Result<(), GenerateError> {
         let bad = |field, value: f64, why| Err(GenerateError::Params { field, value: value.to_string(), why });
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
             return bad("temperature", self.temperature, "must be finite and > 0");
@@ -138,9 +138,34 @@ pub fn generate_from_embeds(
     prompt_mask: &Tensor,
     params: &SamplingParams,
 ) -> Result<Generation, GenerateError> {
+    generate_groups_from_embeds(model, prompt_embeds, prompt_mask, 1, params)
+}
+
+/// Generates `group_size` continuations of each of `n` left-padded prompts (`[n, t, d]`, mask
+/// `[n, t]`): rows `i * group_size .. (i + 1) * group_size` of the result continue prompt `i`.
+///
+/// Each prompt is prefilled once and its KV cache copied to its group's rows
+/// ([`super::KvCache::repeat_rows`]), so the prefill costs what one completion's would. The rows
+/// then sample exactly as the same prompts repeated `group_size` times in place would through
+/// [`generate_from_embeds`]: the same per-row random streams, the same decode steps.
+pub fn generate_groups_from_embeds(
+    model: &Llama,
+    prompt_embeds: &Tensor,
+    prompt_mask: &Tensor,
+    group_size: i64,
+    params: &SamplingParams,
+) -> Result<Generation, GenerateError> {
     let _no_grad = tch::no_grad_guard();
     params.validate()?;
-    let (b, t) = check_prompt(model, prompt_embeds, prompt_mask)?;
+    if group_size < 1 {
+        return Err(GenerateError::Params {
+            field: "group_size",
+            value: group_size.to_string(),
+            why: "must be at least 1",
+        });
+    }
+    let (n, t) = check_prompt(model, prompt_embeds, prompt_mask)?;
+    let b = n * group_size;
     let device = model.device();
     let max_new = params.max_new_tokens as i64;
     if max_new == 0 {
@@ -150,11 +175,19 @@ pub fn generate_from_embeds(
             finished_by_eos: vec![false; b as usize],
         });
     }
-    let mut cache = model.new_cache(b, t + max_new);
+    let prompt_mask = prompt_mask.to_kind(Kind::Int64);
+    let (mut cache, mut logits) = if group_size == 1 {
+        let mut cache = model.new_cache(b, t + max_new);
+        let hidden = model.forward_hidden(prompt_embeds, &prompt_mask, Some(&mut cache));
+        (cache, model.logits(&hidden.narrow(1, t - 1, 1)).squeeze_dim(1))
+    } else {
+        let mut shared = model.new_cache(n, t);
+        let hidden = model.forward_hidden(prompt_embeds, &prompt_mask, Some(&mut shared));
+        let logits = model.logits(&hidden.narrow(1, t - 1, 1)).squeeze_dim(1);
+        (shared.repeat_rows(group_size, t + max_new), logits.repeat_interleave_self_int(group_size, 0, None::<i64>))
+    }; // logits: [b, vocab]
     let mask = Tensor::ones([b, t + max_new], (Kind::Int64, device)); // generated tokens are real
-    mask.narrow(1, 0, t).copy_(&prompt_mask.to_kind(Kind::Int64));
-    let hidden = model.forward_hidden(prompt_embeds, &mask.narrow(1, 0, t), Some(&mut cache));
-    let mut logits = model.logits(&hidden.narrow(1, t - 1, 1)).squeeze_dim(1); // [b, vocab]
+    mask.narrow(1, 0, t).copy_(&prompt_mask.repeat_interleave_self_int(group_size, 0, None::<i64>));
 
     let sampler = Sampler::new(params, b, device);
     let eos = Tensor::from_slice(&params.eos_token_ids).to_device(device).unsqueeze(0); // [1, n_eos]
@@ -229,7 +262,7 @@ fn collect_rows(tokens: &Tensor, logprobs: &Tensor, eos: &[i64]) -> Result<Gener
 }
 
 /// Chooses the next token of every row from its logits `[b, vocab]`.
-struct Sampler {
+pub(crate) struct Sampler {
     greedy: bool,
     temperature: f64,
     top_k: i64,
@@ -241,12 +274,17 @@ struct Sampler {
 impl Sampler {
     fn new(params: &SamplingParams, batch: i64, device: Device) -> Self {
         let rows = Tensor::arange(batch, (Kind::Int64, device)).unsqueeze(1);
+        Self::with_keys(params, row_keys(params.seed, &rows))
+    }
+
+    /// A sampler whose rows draw from the given streams ([`row_keys`]).
+    pub(crate) fn with_keys(params: &SamplingParams, row_keys: Tensor) -> Self {
         Sampler {
             greedy: params.greedy,
             temperature: params.temperature,
             top_k: params.top_k as i64,
             top_p: params.top_p,
-            row_keys: splitmix64(&(rows * ROW_STRIDE + params.seed as i64)),
+            row_keys,
         }
     }
 
@@ -257,16 +295,37 @@ impl Sampler {
         invert_cdf(&self.cdf(logits), &self.uniforms(step)).squeeze_dim(1)
     }
 
+    /// One uniform number per row for decode step `step`: `[b, 1]` f64, strictly inside (0, 1).
+    fn uniforms(&self, step: i64) -> Tensor {
+        stream_uniforms(&(&self.row_keys + step.wrapping_mul(STEP_STRIDE)))
+    }
+
+    /// The next token of every row, row r at its own decode step `steps[r]` (`[b, 1]` i64): the
+    /// token [`Sampler::choose`] would draw for that row at that step.
+    pub(crate) fn choose_rows(&self, logits: &Tensor, steps: &Tensor) -> Tensor {
+        if self.greedy {
+            return logits.argmax(-1, false);
+        }
+        let u = stream_uniforms(&(&self.row_keys + steps * STEP_STRIDE));
+        invert_cdf(&self.cdf(logits), &u).squeeze_dim(1)
+    }
+
     /// Each row's cumulative distribution `[b, vocab]` (f64) over the tokens the filters keep.
     fn cdf(&self, logits: &Tensor) -> Tensor {
         let filtered = filter_logits(&(logits / self.temperature), self.top_k, self.top_p);
         filtered.to_kind(Kind::Double).softmax(-1, Kind::Double).cumsum(-1, Kind::Double)
     }
+}
 
-    /// One uniform number per row for decode step `step`: `[b, 1]` f64, strictly inside (0, 1).
-    fn uniforms(&self, step: i64) -> Tensor {
-        unit_interval(&splitmix64(&splitmix64(&(&self.row_keys + step.wrapping_mul(STEP_STRIDE)))))
-    }
+/// The random stream key of each row `[b, 1]` (row indices `rows`, `[b, 1]` i64) under `seed`.
+pub(crate) fn row_keys(seed: u64, rows: &Tensor) -> Tensor {
+    splitmix64(&(rows * ROW_STRIDE + seed as i64))
+}
+
+/// One uniform number per row strictly inside (0, 1), `[b, 1]` f64, for stream positions
+/// `keys + step * STEP_STRIDE`.
+fn stream_uniforms(positions: &Tensor) -> Tensor {
+    unit_interval(&splitmix64(&splitmix64(positions)))
 }
 
 /// Inverse-CDF sampling: for cumulative distributions `cdf` `[b, vocab]` and uniforms `u`
@@ -470,6 +529,42 @@ mod tests {
         assert_eq!(g.tokens, vec![vec![4, 2], vec![3, 3, 3]]);
         assert_eq!(g.logprobs, vec![vec![-1., -2.], vec![-4., -5., -6.]]);
         assert_eq!(g.finished_by_eos, vec![true, false]);
+    }
+
+    /// A group's rows continue one prefill of their prompt and sample what the prompt repeated in
+    /// place would: same tokens, log-probs within float noise, for ragged prompts and EOS.
+    #[test]
+    fn one_prefill_per_group_samples_what_repeated_prompts_sample() {
+        tch::manual_seed(11);
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let model = Llama::new(&vs.root(), &crate::llama::LlamaConfig::tiny(40, 32, 64, 2, 4, 2));
+        let prompts = vec![vec![3, 9, 4, 7, 1], vec![8, 2], vec![5, 5, 6]];
+        let (ids, mask) = left_pad(&prompts, 0, Device::Cpu).unwrap();
+        let embeds = model.embed_tokens(&ids);
+        let g = 4;
+        let repeat = |t: &Tensor| t.repeat_interleave_self_int(g, 0, None::<i64>);
+        for params in [
+            SamplingParams { max_new_tokens: 12, seed: 5, eos_token_ids: vec![7], ..Default::default() },
+            SamplingParams { max_new_tokens: 6, seed: 9, top_k: 5, top_p: 0.8, ..Default::default() },
+            SamplingParams { max_new_tokens: 6, greedy: true, ..Default::default() },
+        ] {
+            let grouped = generate_groups_from_embeds(&model, &embeds, &mask, g, &params).unwrap();
+            let repeated = generate_from_embeds(&model, &repeat(&embeds), &repeat(&mask), &params).unwrap();
+            assert_eq!(grouped.tokens.len(), 12);
+            assert_eq!(grouped.tokens, repeated.tokens, "{params:?}");
+            assert_eq!(grouped.finished_by_eos, repeated.finished_by_eos);
+            for (a, b) in grouped.logprobs.iter().flatten().zip(repeated.logprobs.iter().flatten()) {
+                assert!((a - b).abs() < 1e-5, "log-probs {a} vs {b}");
+            }
+        }
+        let distinct: std::collections::HashSet<_> = generate_groups_from_embeds(&model, &embeds, &mask, g, &params(3))
+            .unwrap()
+            .tokens
+            .into_iter()
+            .take(g as usize)
+            .collect();
+        assert!(distinct.len() > 1, "a group's rows draw their own tokens");
+        assert!(generate_groups_from_embeds(&model, &embeds, &mask, 0, &params(0)).is_err());
     }
 
     #[test]

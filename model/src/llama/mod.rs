@@ -6,10 +6,12 @@
 //! - `weights`: safetensors load/save, dtype/device policy
 //! - `resize`: new vocabulary rows for tokens added to the tokenizer (transformers' mean init)
 //! - `model`: the network and `KvCache`
-//! - `generate`: batched generation over ragged prompts
+//! - `generate`: batched generation over ragged prompts (one prefill per GRPO group)
+//! - `engine`: continuous batching, decode slots that GRPO groups flow through
 //! - `score`: log-probs of given completions
 
 pub mod config;
+pub mod engine;
 pub mod generate;
 pub mod model;
 pub mod resize;
@@ -17,7 +19,10 @@ pub mod score;
 pub mod weights;
 
 pub use config::{ConfigError, Llama3RopeScaling, LlamaConfig};
-pub use generate::{generate, generate_from_embeds, left_pad, GenerateError, Generation, SamplingParams};
+pub use engine::{ContinuousBatch, FinishedGroup, GroupRequest};
+pub use generate::{
+    generate, generate_from_embeds, generate_groups_from_embeds, left_pad, GenerateError, Generation, SamplingParams,
+};
 pub use model::{KvCache, Llama};
 pub use score::{score_completions, score_ids};
 pub use weights::{

@@ -62,6 +62,68 @@ impl KvCache {
         self.batch
     }
 
+    /// A cache of `batch * g` rows in which rows `i * g .. i * g + g` are copies of this cache's
+    /// row `i`, with room for `capacity` positions: the G completions of a GRPO group continue
+    /// from one prefill of their prompt instead of G identical ones.
+    pub fn repeat_rows(&self, g: i64, capacity: i64) -> KvCache {
+        let capacity = capacity.max(self.len).max(1);
+        let copy = |buffer: &Tensor| {
+            let mut shape = buffer.size();
+            shape[0] *= g;
+            shape[2] = capacity;
+            let out = Tensor::zeros(&shape, (buffer.kind(), buffer.device()));
+            out.narrow(2, 0, self.len).copy_(&buffer.narrow(2, 0, self.len).repeat_interleave_self_int(
+                g,
+                0,
+                None::<i64>,
+            ));
+            out
+        };
+        KvCache {
+            keys: self.keys.iter().map(copy).collect(),
+            values: self.values.iter().map(copy).collect(),
+            len: self.len,
+            capacity,
+            batch: self.batch * g,
+        }
+    }
+
+    /// Appends `src`'s cached positions as new columns of this cache: for each `(src_row,
+    /// dst_row)` pair, row `dst_row` gets `src_row`'s keys and values. Every row's length grows by
+    /// `src.len()`; what the other rows hold in the new columns is left over from before, so their
+    /// attention mask must exclude them (continuous batching, `engine.rs`).
+    pub fn append_rows(&mut self, src: &KvCache, placement: &[(i64, i64)]) {
+        let (t, at) = (src.len, self.len);
+        self.reserve(at + t);
+        if t > 0 && !placement.is_empty() {
+            let device = self.keys.first().map_or(Device::Cpu, Tensor::device);
+            let from = Tensor::from_slice(&placement.iter().map(|p| p.0).collect::<Vec<_>>()).to_device(device);
+            let to = Tensor::from_slice(&placement.iter().map(|p| p.1).collect::<Vec<_>>()).to_device(device);
+            let pairs = self.keys.iter_mut().zip(&src.keys).chain(self.values.iter_mut().zip(&src.values));
+            for (dst, src) in pairs {
+                let _ = dst.narrow(2, at, t).index_copy_(0, &to, &src.narrow(2, 0, t).index_select(0, &from));
+            }
+        }
+        self.len = at + t;
+    }
+
+    /// Keeps, for each row r, the cached columns `columns[r]` (`[batch, width]` i64 indices into
+    /// `0..len`), in that order, as the new columns `0..width`, in buffers of `capacity` positions.
+    pub fn gather_columns(&mut self, columns: &Tensor, capacity: i64) {
+        let width = columns.size()[1];
+        let capacity = capacity.max(width).max(1);
+        for buffer in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            let shape = buffer.size(); // [b, kv, cap, hd]
+            let index = columns.view([shape[0], 1, width, 1]).expand([shape[0], shape[1], width, shape[3]], false);
+            let kept = buffer.narrow(2, 0, self.len).gather(2, &index, false);
+            let grown = Tensor::zeros([shape[0], shape[1], capacity, shape[3]], (buffer.kind(), buffer.device()));
+            grown.narrow(2, 0, width).copy_(&kept);
+            *buffer = grown;
+        }
+        self.len = width;
+        self.capacity = capacity;
+    }
+
     /// Forgets the cached positions; the buffers are kept for reuse.
     pub fn reset(&mut self) {
         self.len = 0;

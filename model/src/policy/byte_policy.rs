@@ -52,7 +52,7 @@ impl BytePolicy {
                     .sin()
                     * 0.1)
                     .view(var.size().as_slice());
-                let _ = var.shallow_clone().copy_(&values);
+                var.shallow_clone().copy_(&values);
             }
         });
         policy

@@ -1,7 +1,8 @@
 //! [`Policy`] for MedTVT-R1 (`medtvt_model::medtvt::MedTvt`): the model the `medtvt learner` and
 //! `medtvt rollout-worker` processes train and sample.
 
-use super::{Policy, PolicyError, RolloutSampling, Sampled, TrainableCount};
+use super::{FinishedRollout, GroupSpec, Policy, PolicyError, RolloutEngine, RolloutSampling, Sampled, TrainableCount};
+use crate::llama::{ContinuousBatch, GroupRequest};
 use crate::medtvt::{MedTvt, PromptBatch};
 use crate::{MedTokenizer, SamplingParams};
 use medtvt_config::{RunConfig, Stage};
@@ -101,6 +102,24 @@ impl Policy for MedTvtPolicy {
         })
     }
 
+    fn rollout_engine(
+        &self,
+        slots: usize,
+        sampling: &RolloutSampling,
+    ) -> Result<Box<dyn RolloutEngine<Self>>, PolicyError> {
+        let params = SamplingParams {
+            max_new_tokens: sampling.max_new_tokens,
+            temperature: sampling.temperature,
+            top_p: sampling.top_p,
+            top_k: sampling.top_k,
+            greedy: false,
+            seed: sampling.seed,
+            eos_token_ids: self.0.eos_ids().to_vec(),
+        };
+        let batch = ContinuousBatch::new(slots, &params, self.0.device()).map_err(model_error)?;
+        Ok(Box::new(MedTvtRollouts { batch }))
+    }
+
     fn decode(&self, ids: &[i64]) -> String {
         // Undecodable ids give an empty text, which earns no reward, rather than failing a lease.
         self.0.decode(ids).unwrap_or_default()
@@ -120,5 +139,57 @@ impl Policy for MedTvtPolicy {
 
     fn save(&self, dir: &Path) -> Result<(), PolicyError> {
         self.0.save(dir).map_err(model_error)
+    }
+}
+
+/// MedTVT's rollouts: continuous batching over the decoder ([`ContinuousBatch`]); the encoders and
+/// the MPL run once per prompt at submission.
+pub struct MedTvtRollouts {
+    batch: ContinuousBatch,
+}
+
+impl RolloutEngine<MedTvtPolicy> for MedTvtRollouts {
+    fn submit(
+        &mut self,
+        policy: &MedTvtPolicy,
+        prompts: &PromptBatch,
+        groups: &[GroupSpec],
+    ) -> Result<(), PolicyError> {
+        let rows = policy.0.prompt_rows(prompts).map_err(model_error)?;
+        if rows.len() != groups.len() {
+            return Err(PolicyError::Model(format!("{} prompts for {} groups", rows.len(), groups.len())));
+        }
+        for (embeds, spec) in rows.into_iter().zip(groups) {
+            let request = GroupRequest { id: spec.id, embeds, group_size: spec.group_size, seed: spec.seed };
+            self.batch.submit(request).map_err(model_error)?;
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, policy: &MedTvtPolicy, version: u64) -> Result<Vec<FinishedRollout>, PolicyError> {
+        let done = self.batch.step(policy.0.decoder(), version).map_err(model_error)?;
+        Ok(done
+            .into_iter()
+            .map(|g| {
+                let sampled = Sampled {
+                    tokens: g.generation.tokens,
+                    logprobs: g.generation.logprobs,
+                    finished_by_eos: g.generation.finished_by_eos,
+                };
+                FinishedRollout { id: g.id, sampled, token_versions: g.tags }
+            })
+            .collect())
+    }
+
+    fn cancel(&mut self, ids: &[u64]) {
+        self.batch.cancel(ids);
+    }
+
+    fn free_slots(&self) -> usize {
+        self.batch.free_slots()
+    }
+
+    fn is_idle(&self) -> bool {
+        self.batch.is_idle()
     }
 }

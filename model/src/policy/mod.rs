@@ -47,6 +47,120 @@ pub struct Sampled {
     pub finished_by_eos: Vec<bool>,
 }
 
+/// One group of a continuous rollout batch: `group_size` completions of one prompt, row j drawing
+/// from random stream (`seed`, j).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupSpec {
+    /// The caller's name for the group, returned with its completions.
+    pub id: u64,
+    pub group_size: usize,
+    pub seed: u64,
+}
+
+/// A group whose completions all ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishedRollout {
+    pub id: u64,
+    /// Its completions in row order.
+    pub sampled: Sampled,
+    /// Per completion, the policy version that sampled each token (the `version` of the step).
+    pub token_versions: Vec<Vec<u64>>,
+}
+
+/// Rollouts that GRPO groups flow through ([`Policy::rollout_engine`]): groups are submitted when
+/// there is room and come back as soon as all their completions ended. The policy is passed to
+/// every call, so its weights may change between steps (the rows go on with the new ones, and
+/// each token records the version that sampled it).
+pub trait RolloutEngine<P: Policy> {
+    /// Queues `groups`, one per row of `prompts` (distinct prompts, not repeated).
+    fn submit(&mut self, policy: &P, prompts: &P::Prompts, groups: &[GroupSpec]) -> Result<(), PolicyError>;
+    /// Does one unit of work (admit and decode one token, or a whole queued batch) with the
+    /// policy at `version`, and returns the groups that ended.
+    fn step(&mut self, policy: &P, version: u64) -> Result<Vec<FinishedRollout>, PolicyError>;
+    /// Drops groups `ids` (queued or being generated).
+    fn cancel(&mut self, ids: &[u64]);
+    /// Completion slots neither busy nor promised to a queued group.
+    fn free_slots(&self) -> usize;
+    /// Nothing queued and nothing being generated.
+    fn is_idle(&self) -> bool;
+}
+
+/// The fallback [`RolloutEngine`]: each submitted batch is sampled whole, in one
+/// [`Policy::sample`] call over its prompts repeated in place (seeded by its first group's seed),
+/// one batch per step. Policies with a decode loop of their own do better (MedTVT: continuous
+/// batching).
+pub struct BatchRollouts<P: Policy> {
+    slots: usize,
+    sampling: RolloutSampling,
+    queued: std::collections::VecDeque<(P::Prompts, Vec<GroupSpec>)>,
+    cancelled: std::collections::HashSet<u64>,
+}
+
+impl<P: Policy> BatchRollouts<P> {
+    pub fn new(slots: usize, sampling: &RolloutSampling) -> Self {
+        BatchRollouts { slots, sampling: *sampling, queued: Default::default(), cancelled: Default::default() }
+    }
+
+    fn queued_rows(&self) -> usize {
+        self.queued.iter().flat_map(|(_, groups)| groups).map(|g| g.group_size).sum()
+    }
+}
+
+impl<P: Policy> RolloutEngine<P> for BatchRollouts<P> {
+    fn submit(&mut self, policy: &P, prompts: &P::Prompts, groups: &[GroupSpec]) -> Result<(), PolicyError> {
+        let Some(first) = groups.first() else { return Ok(()) };
+        if groups.iter().any(|g| g.group_size != first.group_size) {
+            return Err(PolicyError::Model("one batch of groups must share one group size".into()));
+        }
+        self.queued.push_back((policy.repeat_prompts(prompts, 1), groups.to_vec()));
+        Ok(())
+    }
+
+    fn step(&mut self, policy: &P, version: u64) -> Result<Vec<FinishedRollout>, PolicyError> {
+        let Some((prompts, groups)) = self.queued.pop_front() else { return Ok(Vec::new()) };
+        let g = groups.first().map_or(1, |s| s.group_size);
+        let seed = groups.first().map_or(self.sampling.seed, |s| s.seed);
+        let sampled =
+            policy.sample(&policy.repeat_prompts(&prompts, g as i64), &RolloutSampling { seed, ..self.sampling })?;
+        if sampled.tokens.len() != groups.len() * g {
+            return Err(PolicyError::Model(format!(
+                "sampling returned {} rows for {} groups of {g}",
+                sampled.tokens.len(),
+                groups.len()
+            )));
+        }
+        let done = groups
+            .iter()
+            .enumerate()
+            .filter(|(_, spec)| !self.cancelled.remove(&spec.id))
+            .map(|(i, spec)| {
+                let rows = i * g..(i + 1) * g;
+                let part = Sampled {
+                    tokens: sampled.tokens[rows.clone()].to_vec(),
+                    logprobs: sampled.logprobs[rows.clone()].to_vec(),
+                    finished_by_eos: sampled.finished_by_eos[rows].to_vec(),
+                };
+                let token_versions = part.tokens.iter().map(|t| vec![version; t.len()]).collect();
+                FinishedRollout { id: spec.id, sampled: part, token_versions }
+            })
+            .collect();
+        Ok(done)
+    }
+
+    fn cancel(&mut self, ids: &[u64]) {
+        // A queued batch keeps its prompts: a cancelled group's rows are sampled and discarded.
+        self.cancelled.extend(ids);
+    }
+
+    fn free_slots(&self) -> usize {
+        self.slots.saturating_sub(self.queued_rows())
+    }
+
+    fn is_idle(&self) -> bool {
+        self.queued.is_empty()
+    }
+}
+
 /// How many tensors `set_trainable` left trainable and which groups they belong to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrainableCount {
@@ -103,6 +217,19 @@ pub trait Policy: Sized {
 
     /// Samples one completion per prompt row (no grad, eval mode).
     fn sample(&self, prompts: &Self::Prompts, sampling: &RolloutSampling) -> Result<Sampled, PolicyError>;
+
+    /// Rollouts with `slots` completions in flight at most ([`RolloutEngine`]); by default
+    /// [`BatchRollouts`], which samples each submitted batch whole.
+    fn rollout_engine(
+        &self,
+        slots: usize,
+        sampling: &RolloutSampling,
+    ) -> Result<Box<dyn RolloutEngine<Self>>, PolicyError>
+    where
+        Self: 'static,
+    {
+        Ok(Box::new(BatchRollouts::new(slots, sampling)))
+    }
 
     fn decode(&self, ids: &[i64]) -> String;
 
