@@ -1,6 +1,6 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv/ (torch 2.11.0,
 # whose libtorch the Rust crates link) on first use.
-.PHONY: setup build demo test chaos validate-deploy fixtures bench bench-grpo fuzz clean-venv
+.PHONY: setup build demo test chaos validate-deploy fixtures bench bench-grpo gpu-check fuzz clean-venv
 
 CARGO ?= cargo
 VENV := .venv
@@ -54,6 +54,11 @@ bench: setup
 bench-grpo: setup
 	@scripts/setup_venv.sh scripts/requirements-fixtures.txt scripts/requirements-bench.txt
 	$(CARGO) run --release -p medtvt-cli --example bench_grpo
+
+# The GPU check: release binaries (stripped, with scripts/gpu_check.sh) in target/gpu-check, to copy
+# to a GPU machine with torch 2.11 and no Rust, and run there: target/gpu-check/gpu_check.sh run.
+gpu-check: setup
+	scripts/gpu_check.sh bundle target/gpu-check
 
 # Bounded fuzzing of the WFDB, answer and config parsers (nightly toolchain; FUZZ_SECONDS per
 # target, default 60). Not part of `make test`.

@@ -198,7 +198,10 @@ fn bench_ours(
 }
 
 fn bench_hf(dir: &Path, prompts: &[Vec<i64>], args: &Args) -> Result<(f64, f64, i64), String> {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    // MEDTVT_PYTHON: a python with transformers where `.venv` is not (e.g. the GPU check's machine).
+    let python = std::env::var_os("MEDTVT_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
     let request = serde_json::json!({
         "dir": dir, "ids": prompts, "new": args.new, "dtype": args.dtype, "device": args.device,
         "repeat": args.repeat, "greedy": args.greedy, "threads": args.threads,
