@@ -489,7 +489,7 @@ fn a_dataset_with_five_percent_broken_files_skips_exactly_their_samples() {
 
 const LOSS_STEPS: u64 = 6;
 /// `cluster.collective_timeout_s` of the learner-loss scenarios.
-const COLLECTIVE_TIMEOUT_S: f64 = 3.0;
+const COLLECTIVE_TIMEOUT_S: f64 = 4.0;
 
 /// A GRPO job for two learners and one rollout worker that survives losing a learner under
 /// `policy`: 2 prompts x 2 completions per step, a checkpoint every 2 steps.
@@ -638,8 +638,8 @@ fn a_learner_killed_mid_step_leaves_the_survivor_training_alone() {
 #[test]
 fn a_stopped_learner_is_detected_within_twice_the_collective_timeout() {
     scenario(
-        "(h) SIGSTOP learner rank 1 of 2 mid-run (shrink, collective_timeout_s = 3)",
-        "rank 0's collective times out (within 2 x 3 s), the stopped rank is left out, the survivor finishes the run",
+        "(h) SIGSTOP learner rank 1 of 2 mid-run (shrink, collective_timeout_s = 4)",
+        "rank 0's collective times out (within 2 x 4 s), the stopped rank is left out, the survivor finishes the run",
         || {
             let run = LossRun::start("shrink", 2);
             let pid = run.learners[1].as_ref().unwrap().child.id();
@@ -714,13 +714,18 @@ fn replacement_rejoins(policy: &str) -> String {
     let mut run = LossRun::start(policy, 1);
     let killed = Instant::now();
     run.learners[1].take().unwrap().kill();
-    std::thread::sleep(Duration::from_secs(5));
+    if policy == "shrink" {
+        // The survivor carries on alone first.
+        let (_, shrunk) = run.wait_regrouped();
+        assert_eq!(shrunk.learners, 1, "{shrunk:#?}");
+    }
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(killed.elapsed()));
     let again = run.root.join("replacement");
     std::fs::create_dir_all(&again).unwrap();
     run.learners[1] = Some(learner(&run.url, 1, 2, &again));
     let every = Duration::from_millis(50);
     let regrouped = wait_for_every(&run.rt, &run.url, 1, &run.root, Duration::from_secs(120), every, |s| {
-        s.group_epoch >= 2 && s.learners == 2
+        s.group_epoch >= if policy == "shrink" { 3 } else { 2 } && s.learners == 2
     });
     let recovered = Instant::now();
     let lost = if policy == "wait" { 0 } else { 1 };

@@ -5,6 +5,11 @@
 //! the new weights (GRPO), appends metrics.jsonl, writes checkpoints, saves `final/` and finishes
 //! the job.
 //!
+//! With `cluster.on_learner_loss` = `shrink` or `wait`, the learners form a group that re-forms
+//! when a rank is lost ([`crate::group`]): a step whose collective fails is not applied, the
+//! learner takes a seat in the new group and redoes the step with its new rank and world size;
+//! rank 0's duties go with the rank of the current group.
+//!
 //! Tracing: each step runs in a `train_step` span (its RPCs are children at the coordinator), and
 //! each GRPO group in a `train_group` span parented to the worker span that sampled it, carried
 //! in the group's `traceparent` (see [`medtvt_telemetry::propagation`]).

@@ -7,8 +7,10 @@
 //! collective failed or timed out), when a member stops heart-beating, or when a learner that is
 //! not a member asks (a replacement, or a member left out earlier). It waits for each member of
 //! the old group until that member asks too, stops heart-beating, or `cluster.collective_timeout_s`
-//! passes; under `wait`, a lost member's place is then held for a replacement with the same slot
-//! (the learner's `--rank`) until `cluster.replacement_timeout_s`. While a group forms, calls
+//! passes since the group broke and since the member's last progress (the step and phase its
+//! heartbeats carry: a rank still computing its step comes, a hung one does not); under `wait`, a
+//! lost member's place is then held for a replacement with the same slot (the learner's
+//! `--rank`) until `cluster.replacement_timeout_s`. While a group forms, calls
 //! that name the old epoch get `STALE_GROUP`, so every member comes to ask at its next call.
 //!
 //! Members are ordered by the optimizer steps they hold, most first: rank 0 of the new group holds
@@ -187,8 +189,13 @@ impl RunState {
             if forming.joined.values().any(|m| m.slot == *slot) {
                 continue;
             }
-            let silent = old.is_none_or(|w| !self.workers.get(&w).is_some_and(|w| w.alive));
-            let given_up = !first && (silent || waited >= window);
+            let worker = old.and_then(|w| self.workers.get(&w)).filter(|w| w.alive);
+            // A member still heart-beating is waited for until `window` after the later of the
+            // group breaking and its last progress: a slow rank finishing its step's compute
+            // comes; a hung one (its phase stuck) is left out like a dead one.
+            let stuck =
+                worker.is_none_or(|w| now.saturating_duration_since(w.phase_since.max(forming.started)) >= window);
+            let given_up = !first && stuck;
             let held = cluster.on_learner_loss == LearnerLossPolicy::Wait && waited < hold;
             if !given_up || held {
                 return false;
@@ -310,6 +317,17 @@ mod tests {
         // The left-out old rank 0, if it comes back, starts a group that grows back to it.
         assert_eq!(st.join_group(now, job, a, 0, 0, 1).unwrap(), GroupSeat::Pending);
         assert!(matches!(st.check_group(job, 2), Err(StateError::StaleGroup(_))));
+    }
+
+    #[test]
+    fn a_member_that_makes_progress_is_waited_for_and_a_hung_one_is_not() {
+        let (mut st, now, job, [a, b]) = grouped("shrink");
+        st.join_group(now, job, a, 0, 0, 1).unwrap();
+        // `b` is still computing: its heartbeat says it entered `train` 1 s after the break.
+        st.record_progress(now + Duration::from_secs(1), b, 0, "train");
+        assert!(!st.advance_group(now + Duration::from_millis(2500), job));
+        assert!(st.advance_group(now + Duration::from_secs(3), job), "2 s after its last progress it is hung");
+        assert!(matches!(st.join_group(now, job, a, 0, 0, 1).unwrap(), GroupSeat::Seat { world_size: 1, .. }));
     }
 
     #[test]
