@@ -274,6 +274,10 @@ fn run_steps<P: Policy>(ctx: &JobContext<'_>, seat: Seat, trainer: &mut Trainer<
                 trainer.save_checkpoint(&ctx.checkpoints, cfg.run.seed)?;
             }
         }
+        if version_after == cfg.train.steps {
+            // Before the last report: the job can succeed as soon as every rank reported it.
+            write_rank_report(cfg, ctx.me, trainer)?;
+        }
         link.set_progress(version_after, "report");
         let report = StepReport {
             job_id: ctx.job_id,
@@ -298,9 +302,7 @@ fn run_steps<P: Policy>(ctx: &JobContext<'_>, seat: Seat, trainer: &mut Trainer<
 fn finish<P: Policy>(ctx: &JobContext<'_>, seat: Seat, trainer: &Trainer<P>) -> Result<JobEnd, JobError> {
     let (link, cfg, me) = (ctx.link, ctx.cfg, ctx.me);
     link.set_progress(trainer.step_index(), "finish");
-    let report_path = rank_report_path(cfg, me.rank);
-    let report = serde_json::json!({ "rank": me.rank, "step": trainer.step_index(), "weights_sha256": trainer.weights_digest() });
-    write_file(&report_path, report.to_string().as_bytes())?;
+    write_rank_report(cfg, me, trainer)?;
     let final_dir = final_dir(cfg);
     if seat.rank == 0 {
         trainer.save_checkpoint(&ctx.checkpoints, cfg.run.seed)?;
@@ -326,6 +328,12 @@ fn finish<P: Policy>(ctx: &JobContext<'_>, seat: Seat, trainer: &Trainer<P>) -> 
         }
     }
     Ok(JobEnd::Completed { steps: trainer.step_index(), final_dir })
+}
+
+/// This rank's weights digest, named by its `--rank` (tests compare the ranks' files).
+fn write_rank_report<P: Policy>(cfg: &RunConfig, me: &LearnerIdentity, trainer: &Trainer<P>) -> Result<(), JobError> {
+    let report = serde_json::json!({ "rank": me.rank, "step": trainer.step_index(), "weights_sha256": trainer.weights_digest() });
+    write_file(&rank_report_path(cfg, me.rank), report.to_string().as_bytes())
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), JobError> {
