@@ -13,7 +13,11 @@
 //!     resumes from the previous one;
 //! (f) 5 % of a dataset's files broken in four ways: the coordinator skips exactly the samples
 //!     that name them (reported by id, file and problem, counted in the job status), and with
-//!     `data.strict` refuses the job at the first one.
+//!     `data.strict` refuses the job at the first one;
+//! (g)-(j) a learner rank of two lost mid-run under `cluster.on_learner_loss` = `shrink` or
+//!     `wait` (kill -9 rank 1 while a rollout worker keeps sampling, SIGSTOP rank 1, kill -9
+//!     rank 0, and a replacement started 5 s after the kill): the survivors re-form the group and
+//!     the run keeps the invariants [`learner_loss_invariants`] checks.
 //!
 //! Each test is one row of the reliability table: it prints `| fault | expected | observed |
 //! pass/fail |` and, when `MEDTVT_CHAOS_REPORT` names a file, appends the row there (`make chaos`
@@ -479,4 +483,261 @@ fn a_dataset_with_five_percent_broken_files_skips_exactly_their_samples() {
             )
         },
     );
+}
+
+// ───────────── Losing a learner rank (issue #15) ─────────────
+
+const LOSS_STEPS: u64 = 6;
+/// `cluster.collective_timeout_s` of the learner-loss scenarios.
+const COLLECTIVE_TIMEOUT_S: f64 = 4.0;
+
+/// A GRPO job for two learners and one rollout worker that survives losing a learner under
+/// `policy`: 2 prompts x 2 completions per step, a checkpoint every 2 steps.
+fn two_learner_grpo(root: &Path, data: &Path, checkpoint: &Path, policy: &str) -> PathBuf {
+    let train = format!("steps = {LOSS_STEPS}\nlearning_rate = 0.001\ngrad_accumulation = 1\ncheckpoint_every = 2\n");
+    let cluster = format!(
+        "learners = 2\nrollout_workers = 1\nlease_timeout_s = 30.0\nheartbeat_timeout_s = 4.0\n\
+         collective_timeout_s = {COLLECTIVE_TIMEOUT_S:.1}\non_learner_loss = \"{policy}\"\nreplacement_timeout_s = 30.0\n"
+    );
+    let grpo = "\n[grpo]\ngroup_size = 2\nprompts_per_step = 2\nmax_new_tokens = 8\nbeta = 0.0\nmax_staleness = 2\n";
+    config_with_cluster(root, "grpo", "grpo", data, Some(checkpoint), &train, &cluster, grpo)
+}
+
+/// The coordinator's events (`events.jsonl`) of one kind, as JSON records.
+fn events_of(root: &Path, kind: &str) -> Vec<serde_json::Value> {
+    read(&root.join("events.jsonl"))
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["record"].clone())
+        .filter(|r| r["event"] == kind)
+        .collect()
+}
+
+/// Waits until `path` contains `needle`; the time it first did (polled every 20 ms).
+fn wait_log(path: &Path, needle: &str, limit: Duration) -> Instant {
+    let deadline = Instant::now() + limit;
+    loop {
+        if read(path).contains(needle) {
+            return Instant::now();
+        }
+        assert!(Instant::now() < deadline, "{} never said `{needle}`:\n{}", path.display(), read(path));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The invariants of issue #15 after a run that lost a learner: the job succeeded after exactly
+/// train.steps optimizer steps (coordinator, final checkpoint, AdamW count); every step completed
+/// once, so each of its sealed groups was trained in exactly one completed step (2 per step); the
+/// policy versions the steps completed with never went down; the learner group re-formed. Returns
+/// a summary for the table.
+fn learner_loss_invariants(root: &Path, status: &medtvt_proto::v1::JobStatus) -> String {
+    assert!(succeeded(status), "{status:#?}");
+    let checkpoints = root.join("grpo").join("checkpoints");
+    let last = trainer_state(&medtvt_learner::checkpoint::step_dir(&checkpoints, LOSS_STEPS));
+    assert_eq!((status.step, last.step, last.adam_steps), (LOSS_STEPS, LOSS_STEPS, LOSS_STEPS), "{status:#?}");
+    assert_eq!(status.groups_trained, LOSS_STEPS * 2, "{status:#?}");
+    let completed = events_of(root, "step_completed");
+    let steps: Vec<u64> = completed.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (0..LOSS_STEPS).collect::<Vec<_>>(), "each step completed exactly once, in order");
+    let versions: Vec<u64> = completed.iter().map(|e| e["policy_version"].as_u64().unwrap()).collect();
+    assert!(versions.windows(2).all(|w| w[0] <= w[1]), "policy versions went down: {versions:?}");
+    let formed = events_of(root, "learner_group_formed");
+    assert!(formed.len() >= 2, "the group formed at the start and again after the loss: {formed:?}");
+    let records = metrics(&root.join("grpo").join("metrics.jsonl"));
+    assert_eq!(records.last().map(|r| r.step), Some(LOSS_STEPS - 1));
+    format!(
+        "{} steps, {} AdamW steps in the final checkpoint; steps 0..{} completed once each; {} groups trained (2 per step), {} dropped as stale; policy versions {:?}",
+        status.step,
+        last.adam_steps,
+        LOSS_STEPS,
+        status.groups_trained,
+        status.groups_dropped_stale,
+        versions
+    )
+}
+
+/// Starts coordinator, two learners (`shrink`/`wait` as `policy`) and one rollout worker on a GRPO
+/// job and waits until `at_step` steps are done.
+struct LossRun {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    rt: tokio::runtime::Runtime,
+    url: String,
+    _coordinator: Proc,
+    learners: Vec<Option<Proc>>,
+    _worker: Proc,
+}
+
+impl LossRun {
+    fn start(policy: &str, at_step: u64) -> LossRun {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let data = dataset(&root);
+        let cfg = two_learner_grpo(&root, &data, &initial_checkpoint(&root, &data), policy);
+        let rt = runtime();
+        let (coordinator, url) = start_coordinator(&root, &[&cfg]);
+        let learners = vec![Some(learner(&url, 0, 2, &root)), Some(learner(&url, 1, 2, &root))];
+        let worker = worker(&url, "worker-a", &root);
+        wait_for(&rt, &url, 1, &root, Duration::from_secs(150), |s| s.step >= at_step);
+        LossRun { _tmp: tmp, root, rt, url, _coordinator: coordinator, learners, _worker: worker }
+    }
+
+    /// The phase learner `rank`'s last heartbeat reported (what it was doing).
+    fn phase_of(&self, rank: u32) -> String {
+        let status = run_status(&self.rt, &self.url, None);
+        let learner = status.workers.iter().find(|w| w.rank == rank && w.name.starts_with("learner"));
+        learner.map(|w| format!("{} of step {}", w.phase, w.step)).unwrap_or_default()
+    }
+
+    fn log(&self, rank: usize) -> PathBuf {
+        self.root.join(format!("learner-{rank}.log"))
+    }
+
+    fn wait_succeeded(&self) -> medtvt_proto::v1::JobStatus {
+        wait_for(&self.rt, &self.url, 1, &self.root, Duration::from_secs(180), succeeded)
+    }
+
+    /// Waits until the group re-formed (epoch 2 or later); the time it did.
+    fn wait_regrouped(&self) -> (Instant, medtvt_proto::v1::JobStatus) {
+        let every = Duration::from_millis(50);
+        let status =
+            wait_for_every(&self.rt, &self.url, 1, &self.root, Duration::from_secs(120), every, |s| s.group_epoch >= 2);
+        (Instant::now(), status)
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+#[test]
+fn a_learner_killed_mid_step_leaves_the_survivor_training_alone() {
+    scenario(
+        "(g) GRPO with a rollout worker sampling: kill -9 learner rank 1 of 2 mid-run (on_learner_loss = shrink)",
+        "rank 0 detects it, re-forms a group of 1, redoes the interrupted step on the whole batch; the worker keeps sampling; exactly train.steps steps, each group trained once, versions monotonic",
+        || {
+            let mut run = LossRun::start("shrink", 2);
+            let phase = run.phase_of(1);
+            let killed = Instant::now();
+            run.learners[1].take().unwrap().kill();
+            let detected = wait_log(&run.log(0), "the learner group broke", Duration::from_secs(60));
+            let (recovered, regrouped) = run.wait_regrouped();
+            assert_eq!((regrouped.learners, regrouped.learners_lost), (1, 1), "{regrouped:#?}");
+            let status = run.wait_succeeded();
+            let summary = learner_loss_invariants(&run.root, &status);
+            assert!(read(&run.root.join("worker-a.log")).contains("lease rolled out"));
+            format!(
+                "killed in `{phase}`; detected in {:.1} s, group of 1 formed {:.1} s after the kill; {summary}; SUCCEEDED",
+                secs(detected - killed),
+                secs(recovered - killed)
+            )
+        },
+    );
+}
+
+#[test]
+fn a_stopped_learner_is_detected_within_twice_the_collective_timeout() {
+    scenario(
+        "(h) SIGSTOP learner rank 1 of 2 mid-run (shrink, collective_timeout_s = 4)",
+        "rank 0's collective times out (within 2 x 4 s), the stopped rank is left out, the survivor finishes the run",
+        || {
+            let run = LossRun::start("shrink", 2);
+            let pid = run.learners[1].as_ref().unwrap().child.id();
+            let stopped = Instant::now();
+            assert!(std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap().success());
+            let detected = wait_log(&run.log(0), "the learner group broke", Duration::from_secs(60));
+            let (recovered, regrouped) = run.wait_regrouped();
+            assert!(
+                secs(detected - stopped) <= 2.0 * COLLECTIVE_TIMEOUT_S,
+                "detected after {:.1} s",
+                secs(detected - stopped)
+            );
+            assert_eq!(regrouped.learners, 1, "{regrouped:#?}");
+            let status = run.wait_succeeded();
+            let summary = learner_loss_invariants(&run.root, &status);
+            format!(
+                "detected in {:.1} s (limit {:.0} s), group of 1 formed {:.1} s after the stop; {summary}; SUCCEEDED",
+                secs(detected - stopped),
+                2.0 * COLLECTIVE_TIMEOUT_S,
+                secs(recovered - stopped)
+            )
+        },
+    );
+}
+
+#[test]
+fn losing_rank_zero_moves_its_duties_to_the_survivor() {
+    scenario(
+        "(i) kill -9 learner rank 0 of 2 mid-run (shrink)",
+        "rank 1 becomes rank 0 of a group of 1 from its memory, publishes weights, writes metrics and checkpoints, finishes the job",
+        || {
+            let mut run = LossRun::start("shrink", 2);
+            let phase = run.phase_of(0);
+            let killed = Instant::now();
+            run.learners[0].take().unwrap().kill();
+            let detected = wait_log(&run.log(1), "the learner group broke", Duration::from_secs(60));
+            let (recovered, regrouped) = run.wait_regrouped();
+            assert_eq!(regrouped.learners, 1, "{regrouped:#?}");
+            let status = run.wait_succeeded();
+            let summary = learner_loss_invariants(&run.root, &status);
+            assert!(status.message.contains("final"), "{status:#?}");
+            format!(
+                "killed in `{phase}`; detected in {:.1} s, rank 1 took rank 0's place {:.1} s after the kill; {summary}; SUCCEEDED",
+                secs(detected - killed),
+                secs(recovered - killed)
+            )
+        },
+    );
+}
+
+#[test]
+fn wait_takes_a_replacement_started_five_seconds_later() {
+    scenario(
+        "(j) kill -9 learner rank 1 of 2, start a replacement rank 1 5 s later (on_learner_loss = wait)",
+        "the job is held until the replacement joins; it takes rank 0's state; the group of 2 finishes with identical weights on both ranks",
+        || replacement_rejoins("wait"),
+    );
+}
+
+#[test]
+fn a_replacement_grows_a_shrunk_group_back() {
+    scenario(
+        "(k) kill -9 learner rank 1 of 2 (shrink), start a replacement rank 1 5 s later",
+        "rank 0 trains alone meanwhile; the replacement grows the group back to 2 at a step boundary; identical final weights on both ranks",
+        || replacement_rejoins("shrink"),
+    );
+}
+
+/// Kills learner rank 1, starts a replacement 5 s later and checks that it joins the group.
+fn replacement_rejoins(policy: &str) -> String {
+    // Lost at step 1, so that the replacement (loading takes seconds) joins well before the end.
+    let mut run = LossRun::start(policy, 1);
+    let killed = Instant::now();
+    run.learners[1].take().unwrap().kill();
+    if policy == "shrink" {
+        // The survivor carries on alone first.
+        let (_, shrunk) = run.wait_regrouped();
+        assert_eq!(shrunk.learners, 1, "{shrunk:#?}");
+    }
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(killed.elapsed()));
+    let again = run.root.join("replacement");
+    std::fs::create_dir_all(&again).unwrap();
+    run.learners[1] = Some(learner(&run.url, 1, 2, &again));
+    let every = Duration::from_millis(50);
+    let regrouped = wait_for_every(&run.rt, &run.url, 1, &run.root, Duration::from_secs(120), every, |s| {
+        s.group_epoch >= if policy == "shrink" { 3 } else { 2 } && s.learners == 2
+    });
+    let recovered = Instant::now();
+    let lost = if policy == "wait" { 0 } else { 1 };
+    assert_eq!(regrouped.learners_lost, lost, "{regrouped:#?}");
+    let status = run.wait_succeeded();
+    let summary = learner_loss_invariants(&run.root, &status);
+    let out = run.root.join("grpo");
+    assert_eq!(rank_digest(&out, 0), rank_digest(&out, 1), "both ranks end with the same weights");
+    let alone = if policy == "wait" { "held" } else { "trained alone" };
+    format!(
+        "{alone} until the group of 2 formed again {:.1} s after the kill (group epoch {}; the replacement started at 5 s); final weights identical on both ranks; {summary}; SUCCEEDED",
+        secs(recovered - killed),
+        regrouped.group_epoch
+    )
 }

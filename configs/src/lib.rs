@@ -143,6 +143,21 @@ mod tests {
     }
 
     #[test]
+    fn learner_loss_options_parse_and_their_timeouts_are_checked() {
+        let cluster = |extra: &str| load_text(&format!("{MINIMAL}\n[cluster]\n{extra}"));
+        let cfg = cluster("on_learner_loss = \"shrink\"\ncollective_timeout_s = 2.5\n").unwrap();
+        assert_eq!(cfg.cluster.on_learner_loss, LearnerLossPolicy::Shrink);
+        assert_eq!(cfg.cluster.collective_timeout_s, 2.5);
+        assert_eq!(load_text(MINIMAL).unwrap().cluster.on_learner_loss, LearnerLossPolicy::Fail);
+        let err = cluster("collective_timeout_s = 0.0\n").unwrap_err().to_string();
+        assert_eq!(err, "my.toml: `cluster.collective_timeout_s` must be > 0");
+        let err = cluster("replacement_timeout_s = -1.0\n").unwrap_err().to_string();
+        assert_eq!(err, "my.toml: `cluster.replacement_timeout_s` must be > 0");
+        let err = cluster("on_learner_loss = \"retry\"\n").unwrap_err().to_string();
+        assert!(err.contains("retry") && err.contains("shrink"), "{err}");
+    }
+
+    #[test]
     fn missing_directory_is_named() {
         let err = load_text(&MINIMAL.replace("DIR", "/definitely/not/here")).unwrap_err().to_string();
         assert!(err.contains("`data.dir`") && err.contains("/definitely/not/here"), "{err}");

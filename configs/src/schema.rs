@@ -365,12 +365,44 @@ pub struct ClusterSection {
     pub learners: u32,
     pub lease_timeout_s: f64,
     pub heartbeat_timeout_s: f64,
+    /// How long one collective operation (TCP or NCCL) may wait for the other ranks before this
+    /// rank gives up on them: longer than the most one rank's compute can lag another's in a step.
+    /// It is also how long re-forming the group waits for a member that has not come back.
+    pub collective_timeout_s: f64,
+    /// What a job does when it loses a learner rank (see docs/reliability.md).
+    pub on_learner_loss: LearnerLossPolicy,
+    /// `on_learner_loss = "wait"`: how long the job is held for a replacement of a lost rank
+    /// before the survivors carry on without it.
+    pub replacement_timeout_s: f64,
 }
 
 impl Default for ClusterSection {
     fn default() -> Self {
-        ClusterSection { rollout_workers: 2, learners: 2, lease_timeout_s: 120.0, heartbeat_timeout_s: 30.0 }
+        ClusterSection {
+            rollout_workers: 2,
+            learners: 2,
+            lease_timeout_s: 120.0,
+            heartbeat_timeout_s: 30.0,
+            collective_timeout_s: 60.0,
+            on_learner_loss: LearnerLossPolicy::Fail,
+            replacement_timeout_s: 60.0,
+        }
     }
+}
+
+/// What a job does when a learner rank dies, hangs or is cut off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LearnerLossPolicy {
+    /// The job fails; restarting the ranks resumes it from the newest checkpoint.
+    #[default]
+    Fail,
+    /// The survivors form a smaller group, reshard the same global batch and redo the
+    /// interrupted step; a rank that joins later grows the group back at a step boundary.
+    Shrink,
+    /// Hold the job until a replacement with the same rank registers (up to
+    /// `cluster.replacement_timeout_s`), then shrink.
+    Wait,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -465,6 +497,12 @@ impl RunConfig {
         }
         if self.cluster.heartbeat_timeout_s.is_nan() || self.cluster.heartbeat_timeout_s <= 0.0 {
             return bad("cluster.heartbeat_timeout_s", "must be > 0");
+        }
+        if self.cluster.collective_timeout_s.is_nan() || self.cluster.collective_timeout_s <= 0.0 {
+            return bad("cluster.collective_timeout_s", "must be > 0");
+        }
+        if self.cluster.replacement_timeout_s.is_nan() || self.cluster.replacement_timeout_s <= 0.0 {
+            return bad("cluster.replacement_timeout_s", "must be > 0");
         }
         if self.data.max_answer_tokens == 0 {
             return bad("data.max_answer_tokens", "must be at least 1");

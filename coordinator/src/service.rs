@@ -7,7 +7,7 @@
 use crate::events::EventLog;
 use crate::ids::{JobId, JobState, Role, WorkerId};
 use crate::job_roots::JobRoots;
-use crate::state::{self, Assignment, BatchOutcome, GroupOutcome, RunState, StateError};
+use crate::state::{self, Assignment, BatchOutcome, GroupOutcome, GroupSeat, RunState, StateError};
 use crate::store::RunStore;
 use crate::weights::{VersionAssembler, WeightStore, WeightVersion, WeightsError};
 use medtvt_config::Stage;
@@ -281,10 +281,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let worker = WorkerId(request.into_inner().worker_id);
+        let req = request.into_inner();
+        let worker = WorkerId(req.worker_id);
         let stopping = self.shared.stopping();
         self.shared.with_state(|st| {
-            st.touch(Instant::now(), worker).map_err(to_status)?;
+            let now = Instant::now();
+            st.touch(now, worker).map_err(to_status)?;
+            st.record_progress(now, worker, req.step, &req.phase);
             let (job_id, policy_version, job_state) = running_job_fields(st);
             Ok(Response::new(pb::HeartbeatResponse {
                 job_id,
@@ -403,6 +406,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     unknown_lease_groups: j.counters.unknown_lease_groups,
                     leases_expired: j.counters.leases_expired,
                     samples_skipped: j.counters.samples_skipped,
+                    group_epoch: j.group_epoch,
+                    learners: j.learners,
+                    learners_lost: j.learners_lost,
                 })
                 .collect();
             let workers = st
@@ -414,6 +420,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     rank: w.rank,
                     last_heartbeat_ms_ago: now.saturating_duration_since(w.last_seen).as_millis() as u64,
                     alive: w.alive,
+                    step: w.step,
+                    phase: w.phase.clone(),
+                    phase_ms_ago: now.saturating_duration_since(w.phase_since).as_millis() as u64,
                 })
                 .collect();
             let pipeline = pipeline_pb(st);
@@ -513,6 +522,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let found = self
             .shared
             .long_poll(wait, |st| {
+                st.check_group(job, req.group_epoch)?;
                 let outcome = st.pull_batch(job, req.rank, req.world_size, req.step)?;
                 Ok(match outcome {
                     BatchOutcome::Pending => None,
@@ -570,6 +580,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let (completed, state) = self
             .shared
             .with_state(|st| {
+                st.check_group(job, req.group_epoch)?;
                 let completed = st.report_step(job, req.rank, req.step, metrics, req.policy_version_after)?;
                 Ok((completed, st.job_state(job)?))
             })
@@ -585,7 +596,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let req = request.into_inner();
         let state = self
             .shared
-            .with_state(|st| st.finish_job(JobId(req.job_id), req.rank, req.checkpoint_dir, req.failure))
+            .with_state(|st| {
+                st.check_group(JobId(req.job_id), req.group_epoch)?;
+                st.finish_job(JobId(req.job_id), req.rank, req.checkpoint_dir, req.failure)
+            })
             .map_err(to_status)?;
         Ok(Response::new(pb::FinishJobResponse { state: job_state_pb(state) as i32 }))
     }
@@ -670,6 +684,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         Ok(Response::new(tokio_stream::iter(chunks.into_iter().map(Ok).collect::<Vec<_>>())))
     }
 
+    #[tracing::instrument(skip_all, fields(job_id = request.get_ref().job_id, slot = request.get_ref().slot, after_epoch = request.get_ref().after_epoch))]
+    async fn join_learner_group(
+        &self,
+        request: Request<pb::JoinGroupRequest>,
+    ) -> Result<Response<pb::LearnerGroupSeat>, Status> {
+        self.join_group(request.into_inner()).await.map(Response::new)
+    }
+
     #[tracing::instrument(skip_all, fields(job_id = request.get_ref().job_id, key = %request.get_ref().key, rank = request.get_ref().rank))]
     async fn rendezvous(
         &self,
@@ -695,6 +717,40 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     }
 }
 
+impl CoordinatorService {
+    /// JoinLearnerGroup's long-poll (see the proto).
+    pub(crate) async fn join_group(&self, req: pb::JoinGroupRequest) -> Result<pb::LearnerGroupSeat, Status> {
+        let job = JobId(req.job_id);
+        let worker = WorkerId(req.worker_id);
+        let wait = self.shared.wait_for(req.wait_ms);
+        let seat = self
+            .shared
+            .long_poll(wait, |st| {
+                let now = Instant::now();
+                st.touch(now, worker)?;
+                match st.join_group(now, job, worker, req.slot, req.step, req.after_epoch)? {
+                    GroupSeat::Pending => Ok(None),
+                    seat => Ok(Some(seat)),
+                }
+            })
+            .await?;
+        let mut answer = pb::LearnerGroupSeat::default();
+        match seat {
+            None | Some(GroupSeat::Pending) => answer.pending = true,
+            Some(GroupSeat::Done(state)) => {
+                answer.done = true;
+                answer.job_state = job_state_pb(state) as i32;
+            }
+            Some(GroupSeat::Seat { epoch, rank, world_size, resume_step }) => {
+                answer.job_state = pb::JobState::Running as i32;
+                (answer.epoch, answer.rank, answer.world_size, answer.resume_step) =
+                    (epoch, rank, world_size, resume_step);
+            }
+        }
+        Ok(answer)
+    }
+}
+
 #[cfg(test)]
 mod status_tests {
     use super::*;
@@ -714,6 +770,7 @@ mod status_tests {
             (StateError::StepPruned("x".into()), Code::FailedPrecondition, ErrorReason::StepPruned),
             (StateError::ForeignCheckpoint("x".into()), Code::FailedPrecondition, ErrorReason::ForeignCheckpoint),
             (StateError::LastStepNotReported("x".into()), Code::FailedPrecondition, ErrorReason::LastStepNotReported),
+            (StateError::StaleGroup("x".into()), Code::FailedPrecondition, ErrorReason::StaleGroup),
             (StateError::ShuttingDown, Code::Unavailable, ErrorReason::ShuttingDown),
         ];
         for (err, code, reason) in cases {

@@ -94,6 +94,13 @@ pub fn render(status: &pb::RunStatus) -> String {
             j.job_id, j.samples_skipped
         );
     }
+    for j in status.jobs.iter().filter(|j| j.group_epoch > 0) {
+        let _ = writeln!(
+            out,
+            "job {}: learner group {} of {} rank(s), {} rank(s) lost so far",
+            j.job_id, j.group_epoch, j.learners, j.learners_lost
+        );
+    }
     for j in status.jobs.iter().filter(|j| !j.latest_metrics.is_empty()) {
         let mut metrics: Vec<_> = j.latest_metrics.iter().collect();
         metrics.sort_by(|a, b| a.0.cmp(b.0));
@@ -104,7 +111,8 @@ pub fn render(status: &pb::RunStatus) -> String {
         }
     }
     out.push('\n');
-    let mut rows = vec![["WORKER", "NAME", "ROLE", "RANK", "ALIVE", "LAST SEEN"].map(String::from).to_vec()];
+    let mut rows =
+        vec![["WORKER", "NAME", "ROLE", "RANK", "ALIVE", "LAST SEEN", "PROGRESS"].map(String::from).to_vec()];
     for w in &status.workers {
         rows.push(vec![
             w.worker_id.to_string(),
@@ -113,6 +121,12 @@ pub fn render(status: &pb::RunStatus) -> String {
             w.rank.to_string(),
             if w.alive { "yes" } else { "DEAD" }.into(),
             format!("{:.1}s ago", w.last_heartbeat_ms_ago as f64 / 1000.0),
+            // A learner's training loop: a rank whose phase stays put while its peers move is hung.
+            if w.phase.is_empty() {
+                "-".into()
+            } else {
+                format!("step {} {} for {:.1}s", w.step, w.phase, w.phase_ms_ago as f64 / 1000.0)
+            },
         ]);
     }
     out.push_str(&table(&rows));
@@ -171,16 +185,32 @@ mod tests {
                 ]
                 .into(),
                 samples_skipped: 4,
+                group_epoch: 2,
+                learners: 1,
+                learners_lost: 1,
                 ..Default::default()
             }],
-            workers: vec![pb::WorkerInfo {
-                worker_id: 9,
-                name: "host-a".into(),
-                role: pb::Role::RolloutWorker as i32,
-                alive: false,
-                last_heartbeat_ms_ago: 31_500,
-                ..Default::default()
-            }],
+            workers: vec![
+                pb::WorkerInfo {
+                    worker_id: 9,
+                    name: "host-a".into(),
+                    role: pb::Role::RolloutWorker as i32,
+                    alive: false,
+                    last_heartbeat_ms_ago: 31_500,
+                    ..Default::default()
+                },
+                pb::WorkerInfo {
+                    worker_id: 10,
+                    name: "learner-1".into(),
+                    role: pb::Role::Learner as i32,
+                    rank: 1,
+                    alive: true,
+                    last_heartbeat_ms_ago: 400,
+                    step: 7,
+                    phase: "train".into(),
+                    phase_ms_ago: 95_000,
+                },
+            ],
             shutting_down: false,
             pipeline: Some(pb::PipelineGauges {
                 job_id: 3,
@@ -206,6 +236,8 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("job 3: 4 samples skipped for broken modality files"), "{text}");
-        assert!(text.contains("9       host-a  rollout  0     DEAD   31.5s ago"), "{text}");
+        assert!(text.contains("9       host-a     rollout  0     DEAD   31.5s ago  -"), "{text}");
+        assert!(text.contains("step 7 train for 95.0s"), "{text}");
+        assert!(text.contains("job 3: learner group 2 of 1 rank(s), 1 rank(s) lost so far"), "{text}");
     }
 }

@@ -110,7 +110,13 @@ async fn a_killed_coordinator_resumes_pt_and_grpo_jobs_from_its_run_dir() {
     for rank in 0..2 {
         report(&mut c, pt, rank, 2, 3).await;
     }
-    let finish = pb::FinishJobRequest { job_id: pt, rank: 0, checkpoint_dir: "ckpt".into(), failure: String::new() };
+    let finish = pb::FinishJobRequest {
+        job_id: pt,
+        rank: 0,
+        checkpoint_dir: "ckpt".into(),
+        failure: String::new(),
+        ..Default::default()
+    };
     assert_eq!(c.finish_job(finish).await.unwrap().into_inner().state, pb::JobState::Succeeded as i32);
     let distinct: HashSet<_> = pt_samples.iter().collect();
     assert_eq!((pt_samples.len(), distinct.len()), (12, 12), "one epoch of 12 samples, none repeated or skipped");
@@ -191,7 +197,13 @@ async fn a_killed_coordinator_resumes_pt_and_grpo_jobs_from_its_run_dir() {
             report(&mut c, grpo, rank, step, step + 1).await;
         }
     }
-    let finish = pb::FinishJobRequest { job_id: grpo, rank: 0, checkpoint_dir: "ckpt".into(), failure: String::new() };
+    let finish = pb::FinishJobRequest {
+        job_id: grpo,
+        rank: 0,
+        checkpoint_dir: "ckpt".into(),
+        failure: String::new(),
+        ..Default::default()
+    };
     assert_eq!(c.finish_job(finish).await.unwrap().into_inner().state, pb::JobState::Succeeded as i32);
     let unique: HashSet<_> = trained.iter().collect();
     assert_eq!((trained.len(), unique.len()), (8, 8), "4 steps x 2 groups, each trained exactly once: {trained:?}");

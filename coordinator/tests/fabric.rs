@@ -57,7 +57,7 @@ async fn weights_round_trip_byte_identical_with_a_version_bump() {
         (published.policy_version, published.tensors, published.bytes),
         (1, 2, (big.len() + small.len()) as u64)
     );
-    let hb = c.heartbeat(pb::HeartbeatRequest { worker_id: worker }).await.unwrap().into_inner();
+    let hb = c.heartbeat(pb::HeartbeatRequest { worker_id: worker, ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(hb.policy_version, 1);
 
     let mut stream = c

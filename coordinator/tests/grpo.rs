@@ -78,8 +78,13 @@ async fn learner(mut c: Client, job: u64, rank: u32, steps: u64) -> Vec<(u64, u6
     }
     assert!(pull(&mut c, job, rank, steps, 0).await.done);
     if rank == 0 {
-        let finish =
-            pb::FinishJobRequest { job_id: job, rank: 0, checkpoint_dir: "ckpt".into(), failure: String::new() };
+        let finish = pb::FinishJobRequest {
+            job_id: job,
+            rank: 0,
+            checkpoint_dir: "ckpt".into(),
+            failure: String::new(),
+            ..Default::default()
+        };
         c.finish_job(finish).await.unwrap();
     }
     trained
@@ -241,7 +246,7 @@ async fn silent_worker_is_marked_dead_and_its_leases_return() {
     let mut c = server.client().await;
     let job = submit(&mut c, server.config("grpo", "heartbeat_timeout_s = 0.3\n"), &[]).await;
     let me = register(&mut c, pb::Role::RolloutWorker, "quiet", 0).await;
-    let hb = c.heartbeat(pb::HeartbeatRequest { worker_id: me }).await.unwrap().into_inner();
+    let hb = c.heartbeat(pb::HeartbeatRequest { worker_id: me, ..Default::default() }).await.unwrap().into_inner();
     assert_eq!((hb.job_id, hb.job_state, hb.shutdown), (job, pb::JobState::Running as i32, false));
     assert!(hb.heartbeat_interval_ms <= 100, "a third of the job's timeout");
     let l = lease(&mut c, me, job, 2).await;
@@ -253,11 +258,11 @@ async fn silent_worker_is_marked_dead_and_its_leases_return() {
     assert_eq!(status.jobs[0].leased_prompts_outstanding, 0);
     assert_eq!(status.jobs[0].leases_expired, 1);
     // It comes back with a heartbeat, but its old lease stays void.
-    c.heartbeat(pb::HeartbeatRequest { worker_id: me }).await.unwrap();
+    c.heartbeat(pb::HeartbeatRequest { worker_id: me, ..Default::default() }).await.unwrap();
     let status = c.get_status(pb::StatusRequest::default()).await.unwrap().into_inner();
     assert!(status.workers.iter().any(|w| w.worker_id == me && w.alive));
     assert_eq!(submit_groups(&mut c, groups_for(&l, me, 0)).await.stale, 2);
-    let err = c.heartbeat(pb::HeartbeatRequest { worker_id: 12_345 }).await.unwrap_err();
+    let err = c.heartbeat(pb::HeartbeatRequest { worker_id: 12_345, ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     server.stop().await;
 }

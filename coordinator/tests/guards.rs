@@ -17,7 +17,7 @@ async fn unknown_worker_ids_are_not_found_and_told_to_register_again() {
     let job = submit(&mut c, server.config("grpo", ""), &[]).await;
     let ghost = 4_242;
     let errors = [
-        c.heartbeat(pb::HeartbeatRequest { worker_id: ghost }).await.unwrap_err(),
+        c.heartbeat(pb::HeartbeatRequest { worker_id: ghost, ..Default::default() }).await.unwrap_err(),
         c.wait_for_job(pb::WaitForJobRequest { worker_id: ghost, after_job_id: 0, wait_ms: 10 }).await.unwrap_err(),
         c.lease_prompts(pb::LeaseRequest { worker_id: ghost, job_id: job, max_prompts: 1 }).await.unwrap_err(),
         c.fetch_weights(pb::FetchWeightsRequest { worker_id: ghost, job_id: job, have_version: 0 }).await.unwrap_err(),
@@ -40,9 +40,16 @@ async fn unknown_job_ids_are_not_found_naming_the_job() {
     let wrong = 99;
     let errors = [
         c.lease_prompts(pb::LeaseRequest { worker_id: worker, job_id: wrong, max_prompts: 1 }).await.unwrap_err(),
-        c.pull_training_batch(pb::PullBatchRequest { job_id: wrong, rank: 0, world_size: 2, step: 0, wait_ms: 10 })
-            .await
-            .unwrap_err(),
+        c.pull_training_batch(pb::PullBatchRequest {
+            job_id: wrong,
+            rank: 0,
+            world_size: 2,
+            step: 0,
+            wait_ms: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
         c.report_step(pb::StepReport { job_id: wrong, rank: 0, step: 0, ..Default::default() }).await.unwrap_err(),
         c.finish_job(pb::FinishJobRequest { job_id: wrong, ..Default::default() }).await.unwrap_err(),
         c.fetch_weights(pb::FetchWeightsRequest { worker_id: worker, job_id: wrong, have_version: 0 })

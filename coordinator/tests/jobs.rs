@@ -74,13 +74,25 @@ async fn pt_batches_are_sharded_disjointly_idempotent_and_jobs_run_in_order() {
     }
     assert!(pull(&mut c, pt, 0, 3, 0).await.done);
     let err = c
-        .pull_training_batch(pb::PullBatchRequest { job_id: pt, rank: 0, world_size: 3, step: 0, wait_ms: 0 })
+        .pull_training_batch(pb::PullBatchRequest {
+            job_id: pt,
+            rank: 0,
+            world_size: 3,
+            step: 0,
+            wait_ms: 0,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
-    let finish =
-        pb::FinishJobRequest { job_id: pt, rank: 0, checkpoint_dir: "out/final".into(), failure: String::new() };
+    let finish = pb::FinishJobRequest {
+        job_id: pt,
+        rank: 0,
+        checkpoint_dir: "out/final".into(),
+        failure: String::new(),
+        ..Default::default()
+    };
     assert_eq!(c.finish_job(finish).await.unwrap().into_inner().state, pb::JobState::Succeeded as i32);
     let done = job_status(&mut c, pt).await;
     assert_eq!((done.step, done.policy_version), (3, 3));

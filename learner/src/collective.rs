@@ -6,6 +6,12 @@
 //! sends the mean back, so every rank receives the very same bytes and the ranks' weights stay
 //! bit-identical after every step (a ring all-reduce would be faster for large models but sums in
 //! a rank-dependent order). On CUDA, NCCL's all-reduce serves the same role.
+//!
+//! No operation waits forever: set-up (accepting and connecting) and, after
+//! [`TcpCollective::with_op_timeout`], every read and write on a peer's socket fail with
+//! [`CollectiveError::Timeout`] after `cluster.collective_timeout_s`, so a dead, stopped or cut-off
+//! rank is noticed by the ranks waiting for it (a rank that died also closes its sockets, which
+//! its peers see at once).
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -24,6 +30,22 @@ pub enum CollectiveError {
     OutOfStep { rank: usize, got: u64, expected: u64 },
     #[error("collective: a peer announced rank {got}, outside world size {world_size}")]
     BadRank { got: u64, world_size: usize },
+    #[error("collective: rank {rank} did not answer within {after:?} (dead, stopped or cut off?)")]
+    Timeout { rank: usize, after: Duration },
+    #[error("collective: this rank is between learner groups (its collective was closed)")]
+    Disconnected,
+}
+
+impl CollectiveError {
+    /// An I/O error on the link with `rank`; a socket timeout becomes [`CollectiveError::Timeout`].
+    fn io(rank: usize, source: std::io::Error, timeout: Option<Duration>) -> Self {
+        match (source.kind(), timeout) {
+            (std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut, Some(after)) => {
+                CollectiveError::Timeout { rank, after }
+            }
+            _ => CollectiveError::Io { rank, source },
+        }
+    }
 }
 
 /// What the learner needs from a collective.
@@ -34,6 +56,25 @@ pub trait GradientCollective: Send {
     fn all_reduce_mean(&mut self, tensors: &[Tensor]) -> Result<(), CollectiveError>;
     /// Replaces each tensor by rank 0's value.
     fn broadcast_from_root(&mut self, tensors: &[Tensor]) -> Result<(), CollectiveError>;
+}
+
+/// The collective of a rank between two learner groups: its old sockets are closed (so that
+/// peers still waiting on them notice at once) and every operation fails.
+pub struct Disconnected;
+
+impl GradientCollective for Disconnected {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_mean(&mut self, _tensors: &[Tensor]) -> Result<(), CollectiveError> {
+        Err(CollectiveError::Disconnected)
+    }
+    fn broadcast_from_root(&mut self, _tensors: &[Tensor]) -> Result<(), CollectiveError> {
+        Err(CollectiveError::Disconnected)
+    }
 }
 
 /// The trivial collective of a single learner.
@@ -64,11 +105,13 @@ pub struct TcpCollective {
     links: Vec<Link>,
     /// Counts operations so that ranks that fall out of step fail loudly instead of mixing data.
     op: u64,
+    /// How long one read or write on a peer's socket may block (`None`: forever).
+    op_timeout: Option<Duration>,
 }
 
 impl TcpCollective {
-    /// Rank 0: accept W-1 connections on `listener`. Every other rank: connect to `root`, retrying
-    /// until `timeout` (rank 0 may start later).
+    /// Rank 0: accept W-1 connections on `listener` within `timeout`. Every other rank: connect to
+    /// `root`, retrying until `timeout` (rank 0 may start later).
     pub fn connect(
         rank: usize,
         world_size: usize,
@@ -84,10 +127,23 @@ impl TcpCollective {
                 None => TcpListener::bind(root).map_err(io)?,
             };
             let mut by_rank: Vec<Option<Link>> = (0..world_size).map(|_| None).collect();
+            let deadline = Instant::now() + timeout;
+            listener.set_nonblocking(true).map_err(io)?;
             for _ in 1..world_size {
-                let (stream, _) = listener.accept().map_err(io)?;
+                let missing = (1..world_size).find(|r| by_rank[*r].is_none()).unwrap_or(1);
+                let stream = loop {
+                    match listener.accept() {
+                        Ok((stream, _)) => break stream,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(10))
+                        }
+                        Err(e) => return Err(CollectiveError::io(missing, e, Some(timeout))),
+                    }
+                };
+                stream.set_nonblocking(false).map_err(io)?;
+                stream.set_read_timeout(Some(timeout)).map_err(io)?;
                 let mut link = split(stream).map_err(io)?;
-                let peer = read_u64(&mut link.0).map_err(io)?;
+                let peer = read_u64(&mut link.0).map_err(|e| CollectiveError::io(0, e, Some(timeout)))?;
                 if peer == 0 || peer as usize >= world_size {
                     return Err(CollectiveError::BadRank { got: peer, world_size });
                 }
@@ -110,7 +166,20 @@ impl TcpCollective {
             link.1.flush().map_err(io)?;
             links.push(link);
         }
-        Ok(TcpCollective { rank, world_size, links, op: 0 })
+        Ok(TcpCollective { rank, world_size, links, op: 0, op_timeout: None })
+    }
+
+    /// Makes every later read and write on a peer's socket fail after `timeout`.
+    pub fn with_op_timeout(mut self, timeout: Duration) -> Result<Self, CollectiveError> {
+        for (i, (reader, _)) in self.links.iter().enumerate() {
+            let peer = if self.rank == 0 { i + 1 } else { 0 };
+            let stream = reader.get_ref();
+            let io = |source| CollectiveError::Io { rank: peer, source };
+            stream.set_read_timeout(Some(timeout)).map_err(io)?;
+            stream.set_write_timeout(Some(timeout)).map_err(io)?;
+        }
+        self.op_timeout = Some(timeout);
+        Ok(self)
     }
 
     /// Root's side of one operation: gather (optionally), combine, scatter.
@@ -118,7 +187,7 @@ impl TcpCollective {
         if reduce {
             for (i, (reader, _)) in self.links.iter_mut().enumerate() {
                 let peer = i + 1;
-                let incoming = read_frame(reader, self.op, buffer.len() as u64, peer)?;
+                let incoming = read_frame(reader, self.op, buffer.len() as u64, peer, self.op_timeout)?;
                 for (acc, x) in buffer.iter_mut().zip(incoming) {
                     *acc += x;
                 }
@@ -127,7 +196,7 @@ impl TcpCollective {
             buffer.iter_mut().for_each(|x| *x /= w);
         }
         for (i, (_, writer)) in self.links.iter_mut().enumerate() {
-            write_frame(writer, self.op, &buffer).map_err(|source| CollectiveError::Io { rank: i + 1, source })?;
+            write_frame(writer, self.op, &buffer).map_err(|e| CollectiveError::io(i + 1, e, self.op_timeout))?;
         }
         Ok(buffer)
     }
@@ -135,9 +204,9 @@ impl TcpCollective {
     fn leaf_exchange(&mut self, buffer: Vec<f32>, reduce: bool) -> Result<Vec<f32>, CollectiveError> {
         let (reader, writer) = &mut self.links[0];
         if reduce {
-            write_frame(writer, self.op, &buffer).map_err(|source| CollectiveError::Io { rank: 0, source })?;
+            write_frame(writer, self.op, &buffer).map_err(|e| CollectiveError::io(0, e, self.op_timeout))?;
         }
-        read_frame(reader, self.op, buffer.len() as u64, 0)
+        read_frame(reader, self.op, buffer.len() as u64, 0, self.op_timeout)
     }
 
     fn exchange(&mut self, tensors: &[Tensor], reduce: bool) -> Result<(), CollectiveError> {
@@ -216,8 +285,14 @@ fn write_frame(w: &mut BufWriter<TcpStream>, op: u64, values: &[f32]) -> std::io
     w.flush()
 }
 
-fn read_frame(r: &mut BufReader<TcpStream>, op: u64, expected: u64, rank: usize) -> Result<Vec<f32>, CollectiveError> {
-    let io = |source| CollectiveError::Io { rank, source };
+fn read_frame(
+    r: &mut BufReader<TcpStream>,
+    op: u64,
+    expected: u64,
+    rank: usize,
+    timeout: Option<Duration>,
+) -> Result<Vec<f32>, CollectiveError> {
+    let io = |source| CollectiveError::io(rank, source, timeout);
     let got_op = read_u64(r).map_err(io)?;
     if got_op != op {
         return Err(CollectiveError::OutOfStep { rank, got: got_op, expected: op });
@@ -303,6 +378,34 @@ mod tests {
             }
         });
         assert_eq!(results[0], vec![1.0], "rank 0 names rank 1's wrong size");
+    }
+
+    #[test]
+    fn a_silent_peer_times_out_and_a_dead_one_is_seen_at_once() {
+        let mut ranks = start(2).into_iter();
+        let root = ranks.next().unwrap().with_op_timeout(Duration::from_millis(300)).unwrap();
+        let leaf = ranks.next().unwrap();
+        let mut root = root;
+        let t = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+        // The leaf is alive but never sends (as if stopped): rank 0 gives up after the timeout.
+        let started = Instant::now();
+        let err = root.all_reduce_mean(std::slice::from_ref(&t)).unwrap_err();
+        assert!(matches!(err, CollectiveError::Timeout { rank: 1, .. }), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        // The leaf's process ends: its socket closes and the next operation fails at once.
+        drop(leaf);
+        let started = Instant::now();
+        let err = root.all_reduce_mean(std::slice::from_ref(&t)).unwrap_err();
+        assert!(matches!(err, CollectiveError::Io { rank: 1, .. }), "{err}");
+        assert!(started.elapsed() < Duration::from_millis(250), "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn rank_zero_stops_waiting_for_a_rank_that_never_connects() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let root = listener.local_addr().unwrap();
+        let err = TcpCollective::connect(0, 2, Some(listener), root, Duration::from_millis(200)).err().unwrap();
+        assert!(matches!(err, CollectiveError::Timeout { rank: 1, .. }), "{err}");
     }
 
     #[test]

@@ -5,16 +5,22 @@
 //! the new weights (GRPO), appends metrics.jsonl, writes checkpoints, saves `final/` and finishes
 //! the job.
 //!
+//! With `cluster.on_learner_loss` = `shrink` or `wait`, the learners form a group that re-forms
+//! when a rank is lost ([`crate::group`]): a step whose collective fails is not applied, the
+//! learner takes a seat in the new group and redoes the step with its new rank and world size;
+//! rank 0's duties go with the rank of the current group.
+//!
 //! Tracing: each step runs in a `train_step` span (its RPCs are children at the coordinator), and
 //! each GRPO group in a `train_group` span parented to the worker span that sampled it, carried
 //! in the group's `traceparent` (see [`medtvt_telemetry::propagation`]).
 
 use crate::checkpoint;
-use crate::collective::{CollectiveError, GradientCollective, SingleRank, TcpCollective};
+use crate::collective::{CollectiveError, Disconnected, GradientCollective, SingleRank, TcpCollective};
+use crate::group::{self, Seat};
 use crate::metrics_log::{self, MetricsRecord};
 use crate::nccl_collective::NcclCollective;
 use crate::trainer::{StepData, Trainer, TrainerOptions};
-use medtvt_config::{RunConfig, Stage};
+use medtvt_config::{LearnerLossPolicy, RunConfig, Stage};
 use medtvt_data::Split;
 use medtvt_model::policy::Policy;
 use medtvt_proto::v1::{
@@ -29,6 +35,10 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tch::Device;
+
+/// How long the ranks of a group that never re-forms (`on_learner_loss = "fail"`) may take to
+/// connect: they may start minutes apart.
+const FIRST_CONNECT_WINDOW: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -95,14 +105,16 @@ pub fn run_job<P: Policy>(
     me: &LearnerIdentity,
     job: &JobAssignment,
 ) -> Result<JobEnd, JobError> {
-    let result = run_job_inner::<P>(link, me, job);
+    let mut seat = Seat::ungrouped(me);
+    let result = run_job_inner::<P>(link, me, job, &mut seat);
     if let Err(err) = &result {
-        if me.rank == 0 && !link.stop_flag().is_stopped() {
+        if seat.rank == 0 && !link.stop_flag().is_stopped() {
             let request = FinishJobRequest {
                 job_id: job.job_id,
                 rank: 0,
                 checkpoint_dir: String::new(),
                 failure: err.to_string(),
+                group_epoch: seat.epoch,
             };
             if let Err(report) = link.call("FinishJob", |mut c| {
                 let request = request.clone();
@@ -115,10 +127,24 @@ pub fn run_job<P: Policy>(
     result
 }
 
+/// What the step loop of one job needs besides the trainer.
+struct JobContext<'a> {
+    link: &'a CoordinatorLink,
+    me: &'a LearnerIdentity,
+    job_id: u64,
+    cfg: &'a RunConfig,
+    loader: InputLoader,
+    checkpoints: PathBuf,
+    /// The learners form groups that re-form when a rank is lost (`on_learner_loss` != fail).
+    grouped: bool,
+}
+
+/// `seat` is where this learner sits now (updated when its group re-forms).
 fn run_job_inner<P: Policy>(
     link: &CoordinatorLink,
     me: &LearnerIdentity,
     job: &JobAssignment,
+    seat: &mut Seat,
 ) -> Result<JobEnd, JobError> {
     let origin = PathBuf::from(format!("<job {} config>", job.job_id));
     let cfg = medtvt_config::parse_run_config(&job.config_toml, &origin, &[])
@@ -150,16 +176,70 @@ fn run_job_inner<P: Policy>(
         }
         _ => None,
     };
-    let collective = connect_collective(me, device, &rendezvous, attempt)?;
-    let mut trainer = Trainer::new(policy, reference, collective, TrainerOptions::from_config(&cfg));
-    if from_scratch {
-        trainer.broadcast_weights()?;
-    }
+    let grouped = cfg.cluster.on_learner_loss != LearnerLossPolicy::Fail;
+    let timeout = Duration::from_secs_f64(cfg.cluster.collective_timeout_s);
+    let options = TrainerOptions::from_config(&cfg);
+    let mut trainer = if grouped {
+        Trainer::new(policy, reference, Box::new(Disconnected), options)
+    } else {
+        let collective = connect_collective(
+            me,
+            *seat,
+            device,
+            link,
+            job.job_id,
+            &attempt.to_string(),
+            FIRST_CONNECT_WINDOW,
+            timeout,
+        )?;
+        let mut trainer = Trainer::new(policy, reference, collective, options);
+        if from_scratch {
+            trainer.broadcast_weights()?;
+        }
+        trainer
+    };
     if let Some(ckpt) = &resume {
         trainer.restore(ckpt)?;
         tracing::info!(path = %ckpt.path.display(), step = ckpt.state.step, "resumed from checkpoint");
     }
+    if grouped {
+        // The first group waits for every rank; its rank 0 holds the most steps (a newer checkpoint).
+        match group::regroup(link, me, job.job_id, device, &mut trainer, 0, timeout)? {
+            Some(first) => *seat = first,
+            None => return Ok(JobEnd::Stopped { at_step: trainer.step_index() }),
+        }
+    }
     let loader = InputLoader::from_config(&cfg, trainer.policy().image_size())?;
+    let ctx = JobContext { link, me, job_id: job.job_id, cfg: &cfg, loader, checkpoints, grouped };
+    loop {
+        let attempt = match run_steps(&ctx, *seat, &mut trainer) {
+            Ok(true) => finish(&ctx, *seat, &trainer),
+            Ok(false) => return Ok(JobEnd::Stopped { at_step: trainer.step_index() }),
+            Err(err) => Err(err),
+        };
+        match attempt {
+            Err(err) if grouped && group::is_group_fault(&err) => {
+                tracing::warn!(error = %err, epoch = seat.epoch, step = trainer.step_index(), "the learner group broke");
+                let Some(next) = group::regroup(link, me, job.job_id, device, &mut trainer, seat.epoch, timeout)?
+                else {
+                    return Ok(JobEnd::Stopped { at_step: trainer.step_index() });
+                };
+                *seat = next;
+                let version = trainer.step_index();
+                if seat.rank == 0 && cfg.run.stage == Stage::Grpo && version > 0 {
+                    // The old rank 0 may have been lost before publishing the version the group holds.
+                    publish_weights(link, job.job_id, version, &trainer.policy().trainable_tensors())?;
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Trains steps until the last one: true when every step is done, false when the coordinator
+/// said the job is over.
+fn run_steps<P: Policy>(ctx: &JobContext<'_>, seat: Seat, trainer: &mut Trainer<P>) -> Result<bool, JobError> {
+    let (link, cfg) = (ctx.link, ctx.cfg);
     let stage_name = stage_name(cfg.run.stage);
     // OTLP instruments when telemetry exports (a no-op handle otherwise).
     let run_metrics = medtvt_telemetry::metrics::RunMetrics::global();
@@ -167,19 +247,22 @@ fn run_job_inner<P: Policy>(
         let step = trainer.step_index();
         // Entered for the whole step, so the coordinator's spans of its calls are children.
         let step_span =
-            tracing::info_span!("train_step", job_id = job.job_id, step, rank = me.rank, stage = stage_name);
+            tracing::info_span!("train_step", job_id = ctx.job_id, step, rank = seat.rank, stage = stage_name);
         let _entered = step_span.enter();
-        let Some(batch) = pull_batch(link, job.job_id, me, step)? else {
-            return Ok(JobEnd::Stopped { at_step: step });
+        link.set_progress(step, "pull");
+        let Some(batch) = pull_batch(link, ctx.job_id, seat, step)? else {
+            return Ok(false);
         };
         // Ended when the step is reported (dropped at the end of this iteration).
         let _group_spans = group_spans(&batch.groups, &step_span);
-        let data = step_data(&loader, batch)?;
+        let data = step_data(&ctx.loader, batch)?;
+        link.set_progress(step, "train");
         let outcome = trainer.step(&data)?;
         let version_after = step + 1;
-        if me.rank == 0 {
+        if seat.rank == 0 {
+            link.set_progress(version_after, "publish");
             if cfg.run.stage == Stage::Grpo {
-                publish_weights(link, job.job_id, version_after, &trainer.policy().trainable_tensors())?;
+                publish_weights(link, ctx.job_id, version_after, &trainer.policy().trainable_tensors())?;
             }
             run_metrics.record_step(&outcome.metrics, &[]);
             metrics_log::append(
@@ -188,52 +271,69 @@ fn run_job_inner<P: Policy>(
             )?;
             let every = cfg.train.checkpoint_every;
             if every > 0 && version_after % every == 0 && version_after < cfg.train.steps {
-                trainer.save_checkpoint(&checkpoints)?;
+                trainer.save_checkpoint(&ctx.checkpoints)?;
             }
         }
+        if version_after == cfg.train.steps {
+            // Before the last report: the job can succeed as soon as every rank reported it.
+            write_rank_report(cfg, ctx.me, trainer)?;
+        }
+        link.set_progress(version_after, "report");
         let report = StepReport {
-            job_id: job.job_id,
-            rank: me.rank as u32,
+            job_id: ctx.job_id,
+            rank: seat.rank as u32,
             step,
             metrics: outcome.metrics.into_iter().collect::<HashMap<_, _>>(),
             policy_version_after: version_after,
+            group_epoch: seat.epoch,
         };
         link.call("ReportStep", |mut c| {
             let report = report.clone();
             async move { c.report_step(report).await }
         })?;
     }
-    finish(link, job.job_id, me, &cfg, &trainer)
+    Ok(true)
 }
 
-/// The end of a completed job: every rank records its weights digest; rank 0 writes the last
-/// checkpoint and `final/`, then finishes the job.
-fn finish<P: Policy>(
-    link: &CoordinatorLink,
-    job_id: u64,
-    me: &LearnerIdentity,
-    cfg: &RunConfig,
-    trainer: &Trainer<P>,
-) -> Result<JobEnd, JobError> {
-    let report_path = rank_report_path(cfg, me.rank);
-    let report = serde_json::json!({ "rank": me.rank, "step": trainer.step_index(), "weights_sha256": trainer.weights_digest() });
-    write_file(&report_path, report.to_string().as_bytes())?;
+/// The end of a completed job: every rank records its weights digest (named by its `--rank`);
+/// rank 0 writes the last checkpoint and `final/`, then finishes the job. In a group that can
+/// re-form, rank 0 stays until the job succeeded: a rank lost before it reported the last step
+/// re-forms the group (STALE_GROUP), and the new group holds every step.
+fn finish<P: Policy>(ctx: &JobContext<'_>, seat: Seat, trainer: &Trainer<P>) -> Result<JobEnd, JobError> {
+    let (link, cfg, me) = (ctx.link, ctx.cfg, ctx.me);
+    link.set_progress(trainer.step_index(), "finish");
+    write_rank_report(cfg, me, trainer)?;
     let final_dir = final_dir(cfg);
-    if me.rank == 0 {
-        trainer.save_checkpoint(&cfg.run.out_dir.join("checkpoints"))?;
+    if seat.rank == 0 {
+        trainer.save_checkpoint(&ctx.checkpoints)?;
         trainer.policy().save(&final_dir)?;
         let request = FinishJobRequest {
-            job_id,
+            job_id: ctx.job_id,
             rank: 0,
             checkpoint_dir: final_dir.display().to_string(),
             failure: String::new(),
+            group_epoch: seat.epoch,
         };
-        link.call("FinishJob", |mut c| {
-            let request = request.clone();
-            async move { c.finish_job(request).await }
-        })?;
+        loop {
+            let answer = link.call("FinishJob", |mut c| {
+                let request = request.clone();
+                async move { c.finish_job(request).await }
+            })?;
+            if !ctx.grouped || answer.state != medtvt_proto::v1::JobState::Running as i32 {
+                break;
+            }
+            if !link.pause(Duration::from_millis(200)) {
+                break;
+            }
+        }
     }
     Ok(JobEnd::Completed { steps: trainer.step_index(), final_dir })
+}
+
+/// This rank's weights digest, named by its `--rank` (tests compare the ranks' files).
+fn write_rank_report<P: Policy>(cfg: &RunConfig, me: &LearnerIdentity, trainer: &Trainer<P>) -> Result<(), JobError> {
+    let report = serde_json::json!({ "rank": me.rank, "step": trainer.step_index(), "weights_sha256": trainer.weights_digest() });
+    write_file(&rank_report_path(cfg, me.rank), report.to_string().as_bytes())
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), JobError> {
@@ -271,14 +371,15 @@ fn group_spans(groups: &[RolloutGroup], step: &tracing::Span) -> Vec<tracing::Sp
 }
 
 /// This rank's shard of `step`, waiting while it is pending; `None` when the job is done.
-fn pull_batch(
-    link: &CoordinatorLink,
-    job_id: u64,
-    me: &LearnerIdentity,
-    step: u64,
-) -> Result<Option<TrainingBatch>, JobError> {
-    let request =
-        PullBatchRequest { job_id, rank: me.rank as u32, world_size: me.world_size as u32, step, wait_ms: 5_000 };
+fn pull_batch(link: &CoordinatorLink, job_id: u64, seat: Seat, step: u64) -> Result<Option<TrainingBatch>, JobError> {
+    let request = PullBatchRequest {
+        job_id,
+        rank: seat.rank as u32,
+        world_size: seat.world_size as u32,
+        step,
+        wait_ms: 5_000,
+        group_epoch: seat.epoch,
+    };
     loop {
         let batch = link.call("PullTrainingBatch", |mut c| async move { c.pull_training_batch(request).await })?;
         if batch.done {
@@ -393,46 +494,53 @@ fn shared_tokenizer<P: Policy>(
     Ok(PathBuf::from(String::from_utf8_lossy(&payloads[0]).into_owned()))
 }
 
-/// SingleRank for one learner; otherwise the TCP collective, rank 0's address shared through
-/// Rendezvous.
-fn connect_collective(
+/// SingleRank for one learner; otherwise NCCL (CUDA) or the TCP collective for `seat`, rank 0's
+/// address or NCCL id shared through Rendezvous under keys ending in `tag` (one per attempt or
+/// group epoch). The ranks have `window` to connect; every later operation `op_timeout`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn connect_collective(
     me: &LearnerIdentity,
+    seat: Seat,
     device: Device,
-    rendezvous: &Rendezvous<'_>,
-    attempt: u64,
+    link: &CoordinatorLink,
+    job_id: u64,
+    tag: &str,
+    window: Duration,
+    op_timeout: Duration,
 ) -> Result<Box<dyn GradientCollective>, JobError> {
-    if me.world_size == 1 {
+    if seat.world_size == 1 {
         return Ok(Box::new(SingleRank));
     }
+    let rendezvous = &Rendezvous { link, job_id, rank: seat.rank, world_size: seat.world_size };
     if device.is_cuda() {
         let probe = crate::nccl::NcclProbe::probe(Path::new(""));
         if probe.nccl_loadable {
-            let key = format!("collective/nccl/{attempt}");
-            let payload = if me.rank == 0 { NcclCollective::new_unique_id()? } else { Vec::new() };
+            let key = format!("collective/nccl/{tag}");
+            let payload = if seat.rank == 0 { NcclCollective::new_unique_id()? } else { Vec::new() };
             let payloads = rendezvous.all_gather(&key, payload)?;
-            tracing::info!(rank = me.rank, "joining the NCCL communicator");
-            return Ok(Box::new(NcclCollective::connect(me.rank, me.world_size, &payloads[0], device)?));
+            tracing::info!(rank = seat.rank, "joining the NCCL communicator");
+            let nccl = NcclCollective::connect(seat.rank, seat.world_size, &payloads[0], device)?;
+            return Ok(Box::new(nccl.with_op_timeout(op_timeout)));
         }
         tracing::warn!(reason = %probe.explain(), "CUDA ranks fall back to the CPU TCP collective");
     }
-    let key = format!("collective/tcp/{attempt}");
-    let timeout = Duration::from_secs(120);
-    if me.rank == 0 {
+    let key = format!("collective/tcp/{tag}");
+    let collective = if seat.rank == 0 {
         let io = |source| CollectiveError::Io { rank: 0, source };
         let listener = TcpListener::bind(me.collective_bind).map_err(io)?;
         let local = listener.local_addr().map_err(io)?;
         let host = me.collective_host.clone().unwrap_or_else(|| local.ip().to_string());
         let advertised = format!("{host}:{}", local.port());
         rendezvous.all_gather(&key, advertised.clone().into_bytes())?;
-        let root = local;
-        Ok(Box::new(TcpCollective::connect(0, me.world_size, Some(listener), root, timeout)?))
+        TcpCollective::connect(0, seat.world_size, Some(listener), local, window)?
     } else {
         let payloads = rendezvous.all_gather(&key, Vec::new())?;
         let text = String::from_utf8_lossy(&payloads[0]).into_owned();
         let root =
             resolve(&text).ok_or_else(|| JobError::Rendezvous(format!("rank 0 advertised `{text}`, not host:port")))?;
-        Ok(Box::new(TcpCollective::connect(me.rank, me.world_size, None, root, timeout)?))
-    }
+        TcpCollective::connect(seat.rank, seat.world_size, None, root, window)?
+    };
+    Ok(Box::new(collective.with_op_timeout(op_timeout)?))
 }
 
 fn resolve(host_port: &str) -> Option<SocketAddr> {

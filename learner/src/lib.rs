@@ -10,6 +10,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod collective;
+pub mod group;
 pub mod grpo;
 pub mod job;
 pub mod metrics_log;

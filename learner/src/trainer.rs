@@ -257,6 +257,36 @@ impl<P: Policy> Trainer<P> {
         Ok(())
     }
 
+    /// Swaps in the collective of a new learner group (or [`crate::collective::Disconnected`]
+    /// between groups, which closes the old one's sockets); returns the old one.
+    pub fn replace_collective(&mut self, collective: Box<dyn GradientCollective>) -> Box<dyn GradientCollective> {
+        std::mem::replace(&mut self.collective, collective)
+    }
+
+    /// Makes every rank of a newly formed group hold rank 0's whole training state: weights (the
+    /// f32 masters too), AdamW moments, and the step counters. Rank 0 of a new group is the
+    /// member with the most optimizer steps, so a rank that is behind (a replacement, or a
+    /// survivor whose last step was cut short) catches up, and survivors keep what they hold in
+    /// memory.
+    pub fn sync_from_root(&mut self) -> Result<(), TrainError> {
+        if self.collective.world_size() == 1 {
+            return Ok(());
+        }
+        let weights: Vec<Tensor> = self.policy.all_tensors().into_iter().map(|(_, t)| t).collect();
+        self.collective.broadcast_from_root(&weights)?;
+        let masters: Vec<Tensor> = self.optimizer.master_weights().into_iter().map(|(_, t)| t).collect();
+        self.collective.broadcast_from_root(&masters)?;
+        self.collective.broadcast_from_root(&self.optimizer.exp_avg)?;
+        self.collective.broadcast_from_root(&self.optimizer.exp_avg_sq)?;
+        // Counts travel as f32: exact below 2^24 steps.
+        let counters = Tensor::from_slice(&[self.step as f32, self.skipped_steps as f32, self.optimizer.steps as f32]);
+        self.collective.broadcast_from_root(std::slice::from_ref(&counters))?;
+        let counters = Vec::<f32>::try_from(&counters)?;
+        (self.step, self.skipped_steps, self.optimizer.steps) =
+            (counters[0] as u64, counters[1] as u64, counters[2] as u64);
+        Ok(())
+    }
+
     /// Trains one step on this rank's shard.
     pub fn step(&mut self, data: &StepData) -> Result<StepOutcome, TrainError> {
         let started = Instant::now();
@@ -677,6 +707,68 @@ mod tests {
         assert_eq!(t.weights_digest(), leaf_digest);
         assert_eq!(losses, leaf_losses, "metrics are summed over ranks, so both ranks report the same");
         assert!(losses[4] < losses[0], "{losses:?}");
+    }
+
+    /// Issue #15: rank 1 dies before step 2's all-reduce. Rank 0's step fails and leaves its
+    /// weights and optimizer alone; redone alone on the whole batch (the group shrunk to one
+    /// rank), it ends where one learner that trained the whole batch all along ends.
+    #[test]
+    fn a_step_cut_short_by_a_lost_rank_is_redone_by_the_survivor_exactly() {
+        let mut alone = trainer(3, Box::new(SingleRank), None);
+        for _ in 0..3 {
+            alone.step(&supervised(&PAIRS)).unwrap();
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let root = listener.local_addr().unwrap();
+        let leaf = std::thread::spawn(move || {
+            let c = TcpCollective::connect(1, 2, None, root, Duration::from_secs(10)).unwrap();
+            let mut t = trainer(3, Box::new(c), None);
+            for _ in 0..2 {
+                t.step(&supervised(&PAIRS[2..])).unwrap();
+            }
+            // Dropped here: its sockets close as a killed process's would.
+        });
+        let c = TcpCollective::connect(0, 2, Some(listener), root, Duration::from_secs(10)).unwrap();
+        let mut t = trainer(3, Box::new(c.with_op_timeout(Duration::from_secs(5)).unwrap()), None);
+        for _ in 0..2 {
+            t.step(&supervised(&PAIRS[..2])).unwrap();
+        }
+        leaf.join().unwrap();
+        let before = (t.weights_digest(), t.step_index(), t.optimizer.steps);
+        let err = t.step(&supervised(&PAIRS[..2])).err().unwrap();
+        assert!(matches!(err, TrainError::Collective(_)), "{err}");
+        assert_eq!((t.weights_digest(), t.step_index(), t.optimizer.steps), before, "nothing of the cut step applied");
+        t.replace_collective(Box::new(SingleRank));
+        t.sync_from_root().unwrap();
+        t.step(&supervised(&PAIRS)).unwrap();
+        assert_eq!(t.step_index(), 3);
+        // Two ranks on halves equal one on the whole batch up to float summation order.
+        let diff = max_difference(&t.policy().all_tensors(), &alone.policy().all_tensors());
+        assert!(diff < 1e-5, "the survivor and one learner differ by {diff}");
+    }
+
+    /// A rank that is behind (a replacement) takes rank 0's whole state when a group forms.
+    #[test]
+    fn a_new_group_starts_from_rank_zeros_state() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let root = listener.local_addr().unwrap();
+        let behind = std::thread::spawn(move || {
+            let c = TcpCollective::connect(1, 2, None, root, Duration::from_secs(10)).unwrap();
+            let mut t = trainer(8, Box::new(SingleRank), None);
+            t.replace_collective(Box::new(c));
+            t.sync_from_root().unwrap();
+            t.step(&supervised(&PAIRS[2..])).unwrap();
+            (t.weights_digest(), t.step_index(), t.optimizer.steps)
+        });
+        let mut t = trainer(3, Box::new(SingleRank), None);
+        for _ in 0..2 {
+            t.step(&supervised(&PAIRS)).unwrap();
+        }
+        let c = TcpCollective::connect(0, 2, Some(listener), root, Duration::from_secs(10)).unwrap();
+        t.replace_collective(Box::new(c));
+        t.sync_from_root().unwrap();
+        t.step(&supervised(&PAIRS[..2])).unwrap();
+        assert_eq!(behind.join().unwrap(), (t.weights_digest(), 3, 3));
     }
 
     fn completion(text: &str, reward: f32, policy: &BytePolicy, prompt: &str) -> Completion {

@@ -61,6 +61,12 @@ pub fn is_unknown_worker(status: &tonic::Status) -> bool {
     reason_of(status) == Some(ErrorReason::UnknownWorker)
 }
 
+/// Whether `status` says the caller's learner group was replaced by a new one (a rank was lost
+/// or a replacement joined): the learner asks for a seat in the new group.
+pub fn is_stale_group(status: &tonic::Status) -> bool {
+    reason_of(status) == Some(ErrorReason::StaleGroup)
+}
+
 /// Whether `status` is the coordinator refusing a PublishWeights because it already holds that
 /// policy version (or a newer one) of the job: a learner that resumed from a checkpoint
 /// publishes versions again that it had published before it died.

@@ -19,7 +19,7 @@ pub fn grpc_code(reason: ErrorReason) -> Code {
     match reason {
         UnknownWorker | UnknownJob => Code::NotFound,
         JobNotRunning | NotGrpo | WrongRole | StepNotReady | StepPruned | ForeignCheckpoint | LastStepNotReported
-        | AlreadyPublished => Code::FailedPrecondition,
+        | AlreadyPublished | StaleGroup => Code::FailedPrecondition,
         InvalidJob | InvalidGroup | BadRank | StepOutOfRange | InvalidWeights | InvalidRequest => Code::InvalidArgument,
         ShuttingDown => Code::Unavailable,
         RendezvousTimeout => Code::DeadlineExceeded,

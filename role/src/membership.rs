@@ -191,7 +191,8 @@ async fn heartbeat(
             _ = stop_rx.changed() => return,
         }
         let worker_id = registration.worker_id();
-        match client.heartbeat(HeartbeatRequest { worker_id }).await {
+        let (step, phase) = registration.progress().get();
+        match client.heartbeat(HeartbeatRequest { worker_id, step, phase: phase.to_string() }).await {
             Ok(response) if response.get_ref().shutdown => {
                 tracing::info!("the coordinator is shutting down");
                 stop.stop();

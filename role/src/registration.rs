@@ -15,12 +15,34 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// What a learner's training loop is doing: optimizer steps done and the phase it is in. Every
+/// heartbeat carries it, so the coordinator tells a rank stuck in one phase (hung) from one that
+/// moves slowly, although the heartbeat itself comes from a separate task.
+#[derive(Debug, Default)]
+pub struct Progress {
+    step: AtomicU64,
+    phase: std::sync::Mutex<&'static str>,
+}
+
+impl Progress {
+    pub fn set(&self, step: u64, phase: &'static str) {
+        self.step.store(step, Ordering::SeqCst);
+        *self.phase.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = phase;
+    }
+
+    pub fn get(&self) -> (u64, &'static str) {
+        let phase = *self.phase.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        (self.step.load(Ordering::SeqCst), phase)
+    }
+}
+
 /// The process's current membership credentials.
 #[derive(Debug)]
 pub struct Registration {
     request: RegisterRequest,
     worker_id: AtomicU64,
     heartbeat_interval_ms: u64,
+    progress: Progress,
     /// Held while registering again, so that concurrent callers register only once.
     renewing: tokio::sync::Mutex<()>,
 }
@@ -34,6 +56,7 @@ impl Registration {
             request,
             worker_id: AtomicU64::new(response.worker_id),
             heartbeat_interval_ms: response.heartbeat_interval_ms,
+            progress: Progress::default(),
             renewing: tokio::sync::Mutex::new(()),
         }))
     }
@@ -41,6 +64,11 @@ impl Registration {
     /// The id every call should carry now.
     pub fn worker_id(&self) -> u64 {
         self.worker_id.load(Ordering::SeqCst)
+    }
+
+    /// The training progress the heartbeats carry.
+    pub fn progress(&self) -> &Progress {
+        &self.progress
     }
 
     /// The heartbeat period the coordinator asked for at the first registration (100 ms..60 s).

@@ -108,6 +108,11 @@ impl CoordinatorLink {
         &self.stop
     }
 
+    /// Records the training loop's progress for the next heartbeats.
+    pub fn set_progress(&self, step: u64, phase: &'static str) {
+        self.registration.progress().set(step, phase);
+    }
+
     /// Runs `f(client)` to completion on the runtime, retrying transient failures. Must be called
     /// from a thread outside the runtime (a `spawn_blocking` task or a std thread).
     pub fn call<T, F, Fut>(&self, call: &'static str, mut f: F) -> Result<T, RpcError>

@@ -102,6 +102,7 @@ impl Job {
             latest_metrics: BTreeMap::new(),
             counters: JobCounters::default(),
             rollouts,
+            group: Default::default(),
             config,
         })
     }

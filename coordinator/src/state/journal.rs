@@ -204,8 +204,13 @@ impl RunState {
         let jobs = self
             .jobs
             .values()
-            .map(|job| {
-                let rollouts = job.rollouts.as_ref().map(|r| {
+            .map(|job| JobWake {
+                id: job.id.0,
+                state: job.state,
+                policy_version: job.policy_version,
+                steps_completed: job.steps_completed,
+                step_reports: job.reported.values().map(|ranks| ranks.len() as u64).sum(),
+                rollouts: job.rollouts.as_ref().map(|r| {
                     [
                         r.next_fresh,
                         r.requeued.len() as u64,
@@ -214,9 +219,12 @@ impl RunState {
                         r.assembling.len() as u64,
                         r.steps.len() as u64,
                     ]
-                });
-                let reports = job.reported.values().map(|ranks| ranks.len() as u64).sum();
-                (job.id.0, job.state, job.policy_version, job.steps_completed, reports, rollouts)
+                }),
+                learner_group: (
+                    job.group.epoch,
+                    job.group.forming.is_some(),
+                    job.group.forming.as_ref().map_or(0, |f| f.joined.len()),
+                ),
             })
             .collect();
         WakeKey {
@@ -229,17 +237,29 @@ impl RunState {
     }
 }
 
-/// What long-polls wait on (see [`RunState::wake_key`]): jobs as (id, state, policy version,
-/// steps completed, step reports, GRPO queues: next fresh prompt, requeued, leases, ready,
-/// assembling, sealed steps).
+/// What long-polls wait on (see [`RunState::wake_key`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WakeKey {
     shutting_down: bool,
     running: Option<u64>,
     alive_workers: usize,
     rendezvous_payloads: usize,
-    #[allow(clippy::type_complexity)]
-    jobs: Vec<(u64, JobState, u64, u64, u64, Option<[u64; 6]>)>,
+    jobs: Vec<JobWake>,
+}
+
+/// One job's part of a [`WakeKey`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct JobWake {
+    id: u64,
+    state: JobState,
+    policy_version: u64,
+    steps_completed: u64,
+    /// Step reports received for steps not yet completed.
+    step_reports: u64,
+    /// GRPO queues: next fresh prompt, requeued, leases, ready, assembling, sealed steps.
+    rollouts: Option<[u64; 6]>,
+    /// The learner group: epoch, whether a new one is forming, and how many asked for a seat.
+    learner_group: (u64, bool, usize),
 }
 
 #[cfg(test)]

@@ -11,6 +11,11 @@ pub struct Worker {
     pub world_size: u32,
     pub last_seen: Instant,
     pub alive: bool,
+    /// Learners: optimizer steps done and the phase of the training loop, as their last
+    /// heartbeat said, and when that phase began.
+    pub step: u64,
+    pub phase: String,
+    pub phase_since: Instant,
 }
 
 impl RunState {
@@ -29,7 +34,18 @@ impl RunState {
         let id = WorkerId(self.next_worker);
         self.next_worker += 1;
         self.events.push(Event::WorkerRegistered { worker_id: id, role, name: name.clone() });
-        self.workers.insert(id, Worker { name, role, rank, world_size, last_seen: now, alive: true });
+        let worker = Worker {
+            name,
+            role,
+            rank,
+            world_size,
+            last_seen: now,
+            alive: true,
+            step: 0,
+            phase: String::new(),
+            phase_since: now,
+        };
+        self.workers.insert(id, worker);
         id
     }
 
@@ -39,6 +55,17 @@ impl RunState {
         worker.last_seen = now;
         worker.alive = true;
         Ok(worker)
+    }
+
+    /// Records a learner's training progress (from its heartbeat).
+    pub fn record_progress(&mut self, now: Instant, id: WorkerId, step: u64, phase: &str) {
+        if let Some(worker) = self.workers.get_mut(&id) {
+            if worker.step != step || worker.phase != phase {
+                worker.phase_since = now;
+            }
+            worker.step = step;
+            worker.phase = phase.to_string();
+        }
     }
 
     pub fn deregister(&mut self, id: WorkerId) -> Result<usize, StateError> {
@@ -65,8 +92,10 @@ impl RunState {
         for id in &newly_dead {
             self.events.push(Event::WorkerDead { worker_id: *id });
         }
+        self.on_learners_dead(now, &newly_dead);
+        let group_formed = self.running.is_some_and(|id| self.advance_group(now, id));
         let returned = self.expire_leases_where(|l| l.deadline <= now || newly_dead.contains(&l.worker));
-        !newly_dead.is_empty() || returned > 0
+        !newly_dead.is_empty() || returned > 0 || group_formed
     }
 
     /// Expires the running job's leases matching `pred`; returns the prompts sent back.

@@ -34,6 +34,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod groups;
 mod jobs;
 mod journal;
 mod leases;
@@ -41,6 +42,7 @@ mod membership;
 mod status;
 mod steps;
 
+pub use groups::GroupSeat;
 pub use jobs::{load_job, Assignment, LoadedJob};
 pub use journal::{Durable, IdCounters, JobProgress, JobRecord, ResumedJob, SealedStep, WakeKey};
 pub use leases::{GroupOutcome, LeaseGrant};
@@ -79,6 +81,8 @@ pub enum StateError {
     ForeignCheckpoint(String),
     #[error("{0}")]
     LastStepNotReported(String),
+    #[error("{0}")]
+    StaleGroup(String),
     #[error("the coordinator is shutting down and accepts no new jobs")]
     ShuttingDown,
 }
@@ -101,6 +105,7 @@ impl StateError {
             StateError::StepPruned(_) => ErrorReason::StepPruned,
             StateError::ForeignCheckpoint(_) => ErrorReason::ForeignCheckpoint,
             StateError::LastStepNotReported(_) => ErrorReason::LastStepNotReported,
+            StateError::StaleGroup(_) => ErrorReason::StaleGroup,
             StateError::ShuttingDown => ErrorReason::ShuttingDown,
         }
     }
@@ -173,6 +178,15 @@ pub enum Event {
     },
     ShutdownRequested {
         drain: bool,
+    },
+    /// A learner group formed (`on_learner_loss` = shrink or wait): its size, the optimizer
+    /// steps it resumes from, and the slots (learner `--rank`s) of the old group left out.
+    LearnerGroupFormed {
+        job_id: JobId,
+        epoch: u64,
+        learners: u32,
+        resume_step: u64,
+        lost_slots: Vec<u32>,
     },
 }
 
@@ -250,6 +264,8 @@ struct Job {
     latest_metrics: BTreeMap<String, f64>,
     counters: JobCounters,
     rollouts: Option<Rollouts>,
+    /// The learners training the job now (`on_learner_loss` = shrink or wait).
+    group: groups::LearnerGroup,
 }
 
 impl Job {}

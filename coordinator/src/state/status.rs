@@ -16,6 +16,10 @@ pub struct JobSnapshot {
     pub queue_depth: u64,
     pub leased_prompts_outstanding: u64,
     pub latest_metrics: BTreeMap<String, f64>,
+    /// The learner group: epoch (0 = none formed), ranks now, members lost over the job.
+    pub group_epoch: u64,
+    pub learners: u32,
+    pub learners_lost: u64,
 }
 
 /// The rollout pipeline of the running GRPO job, as the coordinator's gauges report it (all 0
@@ -72,6 +76,9 @@ impl RunState {
                 queue_depth: j.rollouts.as_ref().map_or(0, Rollouts::queued_groups),
                 leased_prompts_outstanding: j.rollouts.as_ref().map_or(0, |r| r.outstanding()),
                 latest_metrics: j.latest_metrics.clone(),
+                group_epoch: j.group.epoch,
+                learners: j.world_size,
+                learners_lost: j.group.lost,
             })
             .collect())
     }

@@ -20,6 +20,15 @@ pub enum BatchOutcome {
     },
 }
 
+/// Rank `rank`'s part of a step's `len` items split over `world_size` ranks: contiguous, in rank
+/// order, sizes differing by at most one (equal when `world_size` divides `len`, as it does for
+/// the group a job starts with; a shrunk group may not divide it, and the trainer's global loss
+/// normalisation makes uneven shards train exactly what even ones would).
+fn shard_range(len: usize, rank: u32, world_size: u32) -> std::ops::Range<usize> {
+    let (rank, world) = (rank as usize, world_size.max(1) as usize);
+    len * rank / world..len * (rank + 1) / world
+}
+
 impl RunState {
     pub(super) fn check_rank(job: &Job, rank: u32, world_size: u32) -> Result<(), StateError> {
         if world_size != job.world_size {
@@ -50,9 +59,11 @@ impl RunState {
         let policy_version = job.policy_version;
         let Some(r) = &mut job.rollouts else {
             let batch = job.config.train.batch_size as u64;
-            let per_rank = batch / world_size as u64;
-            let start = step * batch + rank as u64 * per_rank;
-            let samples = (start..start + per_rank).map(|p| job.samples[job.order.at(p).0 as usize].clone()).collect();
+            let shard = shard_range(batch as usize, rank, world_size);
+            let start = step * batch;
+            let samples = (start + shard.start as u64..start + shard.end as u64)
+                .map(|p| job.samples[job.order.at(p).0 as usize].clone())
+                .collect();
             return Ok(BatchOutcome::Samples { samples, policy_version });
         };
         // Steps are sealed in order and a learner only pulls step s after training s - 1, so a
@@ -107,8 +118,7 @@ run.out_dir, or remove {out}/checkpoints to start over",
             )));
         }
         let Some(sealed) = r.steps.get(step as usize) else { return Ok(BatchOutcome::Pending) };
-        let per_rank = sealed.len() / world_size as usize;
-        let groups = sealed[rank as usize * per_rank..(rank as usize + 1) * per_rank].to_vec();
+        let groups = sealed[shard_range(sealed.len(), rank, world_size)].to_vec();
         Ok(BatchOutcome::Groups { groups, policy_version })
     }
 

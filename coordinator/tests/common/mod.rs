@@ -145,7 +145,7 @@ pub async fn submit_groups(client: &mut Client, groups: Vec<pb::RolloutGroup>) -
 }
 
 pub async fn pull(client: &mut Client, job_id: u64, rank: u32, step: u64, wait_ms: u64) -> pb::TrainingBatch {
-    let req = pb::PullBatchRequest { job_id, rank, world_size: 2, step, wait_ms };
+    let req = pb::PullBatchRequest { job_id, rank, world_size: 2, step, wait_ms, ..Default::default() };
     client.pull_training_batch(req).await.unwrap().into_inner()
 }
 
@@ -162,6 +162,7 @@ pub async fn report(
         step,
         metrics: [("loss".to_string(), 1.0 / (step + 1) as f64)].into(),
         policy_version_after: version_after,
+        ..Default::default()
     };
     client.report_step(req).await.unwrap().into_inner()
 }
