@@ -625,7 +625,7 @@ fn a_learner_killed_mid_step_leaves_the_survivor_training_alone() {
             assert_eq!((regrouped.learners, regrouped.learners_lost), (1, 1), "{regrouped:#?}");
             let status = run.wait_succeeded();
             let summary = learner_loss_invariants(&run.root, &status);
-            assert!(read(&run.root.join("worker-a.log")).contains("lease rolled out"));
+            assert!(read(&run.root.join("worker-a.log")).contains("groups submitted"));
             format!(
                 "killed in `{phase}`; detected in {:.1} s, group of 1 formed {:.1} s after the kill; {summary}; SUCCEEDED",
                 secs(detected - killed),

@@ -49,6 +49,10 @@ pub struct CoordinatorArgs {
     /// File holding a shared secret; every call must then carry `authorization: Bearer <it>`.
     #[arg(long, env = "MEDTVT_AUTH_TOKEN_FILE", value_name = "FILE")]
     pub auth_token_file: Option<PathBuf>,
+    /// Largest gRPC message sent or accepted, in MiB: a GRPO training batch is one message, and a
+    /// batch over it is refused with an error naming both (raise it here and on every role).
+    #[arg(long, env = "MEDTVT_MAX_MESSAGE_MIB", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=2047))]
+    pub max_message_mib: u32,
     /// OTLP/gRPC endpoint for traces and metrics (e.g. http://127.0.0.1:4317).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
@@ -98,7 +102,13 @@ pub async fn run_until(
     let tls = crate::tls::TlsFiles::from_flags(args.tls_cert.clone(), args.tls_key.clone())?;
     let job_roots = job_roots(&args.job_roots)?;
     tracing::info!(roots = ?job_roots, "paths of submitted jobs are confined");
-    let mut options = ServerOptions { auth_token, run_dir: args.run_dir.clone(), tls, ..ServerOptions::default() };
+    let mut options = ServerOptions {
+        auth_token,
+        run_dir: args.run_dir.clone(),
+        tls,
+        max_message_bytes: (args.max_message_mib as usize) << 20,
+        ..ServerOptions::default()
+    };
     options.service.job_roots = job_roots;
     let coordinator = Coordinator::bind(args.listen, options).await?;
     let configs = if coordinator.resumed() {

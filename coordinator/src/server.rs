@@ -120,7 +120,8 @@ impl Coordinator {
         let resumed = state.is_some();
         let state = state.unwrap_or_else(|| RunState::new(options.state.clone()));
         let (stop_tx, stop_rx) = watch::channel(false);
-        let shared = Arc::new(Shared::new(state, events, store, stop_rx, options.service.clone()));
+        let service = ServiceOptions { max_message_bytes: options.max_message_bytes, ..options.service.clone() };
+        let shared = Arc::new(Shared::new(state, events, store, stop_rx, service));
         if let Some(version) = weights {
             let (job, number) = (crate::ids::JobId(version.job_id), version.version);
             shared.weights().install(version);

@@ -34,6 +34,8 @@ pub struct ServiceOptions {
     pub lease_retry: Duration,
     /// Where the paths of a job submitted with SubmitJob may lie.
     pub job_roots: JobRoots,
+    /// The gRPC message limit (the server's): a reply over it is refused with MESSAGE_TOO_LARGE.
+    pub max_message_bytes: usize,
 }
 
 impl Default for ServiceOptions {
@@ -44,6 +46,7 @@ impl Default for ServiceOptions {
             weight_chunk_bytes: medtvt_proto::MAX_WEIGHT_CHUNK_BYTES,
             lease_retry: Duration::from_millis(200),
             job_roots: JobRoots::default(),
+            max_message_bytes: medtvt_proto::DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -569,6 +572,20 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             Some((BatchOutcome::Pending, _)) => batch.pending = true,
         }
         tracing::Span::current().record("policy_version", batch.policy_version);
+        let (size, limit) = (prost::Message::encoded_len(&batch), self.shared.options.max_message_bytes);
+        if size > limit {
+            return Err(reject(
+                ErrorReason::MessageTooLarge,
+                format!(
+                    "the training batch of job {} step {} is {size} bytes, over the gRPC message limit of {limit} \
+                     bytes: raise {} on the coordinator and every learner, or make the batch smaller \
+                     (grpo.prompts_per_step, grpo.group_size, grpo.max_new_tokens, train.batch_size)",
+                    job.0,
+                    req.step,
+                    medtvt_proto::MAX_MESSAGE_FLAG
+                ),
+            ));
+        }
         Ok(Response::new(batch))
     }
 

@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use medtvt_coordinator::ServerOptions;
 use medtvt_proto::client::Client;
 use medtvt_proto::v1 as pb;
 use std::collections::HashSet;
@@ -264,5 +265,32 @@ async fn silent_worker_is_marked_dead_and_its_leases_return() {
     assert_eq!(submit_groups(&mut c, groups_for(&l, me, 0)).await.stale, 2);
     let err = c.heartbeat(pb::HeartbeatRequest { worker_id: 12_345, ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+    server.stop().await;
+}
+
+/// A training batch over the gRPC message limit is refused with MESSAGE_TOO_LARGE, and the message
+/// names its size, the limit and the flag that raises it (each group alone fits).
+#[tokio::test]
+async fn a_batch_over_the_message_limit_is_refused_naming_the_limit() {
+    let limit = 4096;
+    let server = TestServer::start(ServerOptions { max_message_bytes: limit, ..options() }).await;
+    let mut c = server.client().await;
+    let job = submit(&mut c, server.config("grpo", ""), &[]).await;
+    let me = register(&mut c, pb::Role::RolloutWorker, "w", 0).await;
+    let l = lease(&mut c, me, job, 2).await;
+    assert_eq!(l.prompts.len(), 2);
+    for mut group in groups_for(&l, me, 0) {
+        for completion in &mut group.completions {
+            completion.text = "x".repeat(1200);
+        }
+        assert_eq!(submit_groups(&mut c, vec![group]).await.accepted, 1);
+    }
+    let req =
+        pb::PullBatchRequest { job_id: job, rank: 0, world_size: 2, step: 0, wait_ms: 2_000, ..Default::default() };
+    let err = c.pull_training_batch(req).await.unwrap_err();
+    assert_eq!(medtvt_proto::errors::reason_of(&err), Some(pb::ErrorReason::MessageTooLarge));
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    let message = err.message();
+    assert!(message.contains(&format!("limit of {limit} bytes")) && message.contains("--max-message-mib"), "{message}");
     server.stop().await;
 }

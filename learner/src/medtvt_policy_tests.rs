@@ -253,9 +253,14 @@ fn bf16_loss_tracks_the_f32_loss() {
         .collect();
     let (f32_losses, bf16_losses) = (&losses[0], &losses[1]);
     assert!(f32_losses[11] < 0.7 * f32_losses[0], "the f32 run must learn: {f32_losses:?}");
+    // Step by step within 10 % (bf16 rounding can make one step's loss jump and the next recover),
+    // and the last four steps' mean within 5 %.
     for (step, (a, b)) in f32_losses.iter().zip(bf16_losses).enumerate() {
-        assert!((a - b).abs() < 0.05 * a, "step {step}: f32 loss {a}, bf16 loss {b}\n{f32_losses:?}\n{bf16_losses:?}");
+        assert!((a - b).abs() < 0.10 * a, "step {step}: f32 loss {a}, bf16 loss {b}\n{f32_losses:?}\n{bf16_losses:?}");
     }
+    let tail = |l: &[f64]| l[8..].iter().sum::<f64>() / 4.0;
+    let (a, b) = (tail(f32_losses), tail(bf16_losses));
+    assert!((a - b).abs() < 0.05 * a, "last four steps: f32 {a}, bf16 {b}\n{f32_losses:?}\n{bf16_losses:?}");
 }
 
 /// Issue #4: the tiny model overfits a handful of disease-level samples in SFT: the answer

@@ -58,6 +58,7 @@ pub async fn run<P: Policy + 'static>(args: LearnerArgs) -> Result<(), ProcessEr
         name,
         rank: args.rank,
         world_size: args.world_size,
+        max_message_bytes: args.role.max_message_bytes(),
     };
     let mut membership = Membership::join(&options).await?;
     let me = LearnerIdentity {

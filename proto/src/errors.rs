@@ -25,6 +25,7 @@ pub fn grpc_code(reason: ErrorReason) -> Code {
         RendezvousTimeout => Code::DeadlineExceeded,
         Unauthenticated => Code::Unauthenticated,
         PathNotAllowed => Code::PermissionDenied,
+        MessageTooLarge => Code::ResourceExhausted,
         Internal | Unspecified => Code::Internal,
     }
 }

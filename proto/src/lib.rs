@@ -25,3 +25,6 @@ pub const MAX_WEIGHT_CHUNK_BYTES: usize = 1 << 20;
 
 /// Default gRPC message size limit on both sides: a chunk plus headroom, or a large batch.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The flag (and environment variable) that sets the gRPC message limit on every process.
+pub const MAX_MESSAGE_FLAG: &str = "--max-message-mib (MEDTVT_MAX_MESSAGE_MIB)";

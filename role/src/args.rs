@@ -19,6 +19,17 @@ pub struct RoleArgs {
     /// OTLP/gRPC endpoint for traces and metrics (read by the command that sets up telemetry).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// Largest gRPC message sent or accepted, in MiB (a GRPO training batch is one message); the
+    /// coordinator takes the same flag.
+    #[arg(long, env = "MEDTVT_MAX_MESSAGE_MIB", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=2047))]
+    pub max_message_mib: u32,
+}
+
+impl RoleArgs {
+    /// The gRPC message limit in bytes.
+    pub fn max_message_bytes(&self) -> usize {
+        (self.max_message_mib as usize) << 20
+    }
 }
 
 #[cfg(test)]

@@ -49,6 +49,8 @@ pub struct JoinOptions {
     pub name: String,
     pub rank: u32,
     pub world_size: u32,
+    /// Largest gRPC message sent or accepted.
+    pub max_message_bytes: usize,
 }
 
 /// A registered process.
@@ -71,7 +73,11 @@ pub fn default_name(role: &str) -> String {
 impl Membership {
     pub async fn join(options: &JoinOptions) -> Result<Membership, MembershipError> {
         let token = options.auth_token_file.as_deref().map(client::read_token_file).transpose()?;
-        let client = client::connect(&options.coordinator, token.as_deref()).await?;
+        let connect = client::ConnectOptions {
+            max_message_bytes: options.max_message_bytes,
+            ..client::ConnectOptions::default()
+        };
+        let client = client::connect_with(&options.coordinator, token.as_deref(), &connect).await?;
         let request = RegisterRequest {
             role: options.role as i32,
             name: options.name.clone(),

@@ -179,6 +179,7 @@ async fn a_membership_heartbeat_registers_again_on_its_own() {
         name: "learner-h".into(),
         rank: 0,
         world_size: 1,
+        max_message_bytes: medtvt_proto::DEFAULT_MAX_MESSAGE_BYTES,
     };
     let membership = Membership::join(&options).await.unwrap();
     let old_id = membership.worker_id();

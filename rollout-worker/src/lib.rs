@@ -51,6 +51,7 @@ pub async fn run<P: Policy + 'static>(args: RolloutWorkerArgs) -> Result<(), Wor
         name: args.name.clone().unwrap_or_else(|| default_name("rollout-worker")),
         rank: 0,
         world_size: 0,
+        max_message_bytes: args.role.max_message_bytes(),
     };
     let mut membership = Membership::join(&options).await?;
     let mut after = 0;
