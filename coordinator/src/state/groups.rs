@@ -361,6 +361,40 @@ mod tests {
         assert_eq!(seat, GroupSeat::Seat { epoch: 3, rank: 0, world_size: 2, resume_step: 0 });
     }
 
+    /// Three ranks lose one: the same 3-sample batch is split 1 + 2 over the two left, disjoint
+    /// and complete (the trainer's global normalisation makes uneven shards exact).
+    #[test]
+    fn a_batch_is_resharded_unevenly_over_a_group_that_does_not_divide_it() {
+        let mut st = RunState::new(StateOptions::default());
+        let extra = "on_learner_loss = \"shrink\"\ncollective_timeout_s = 2.0\n";
+        let mut cfg = config("pt", extra);
+        (cfg.cluster.learners, cfg.train.batch_size) = (3, 3);
+        let job = st.enqueue(cfg, samples(9)).unwrap();
+        let now = Instant::now();
+        let w: Vec<WorkerId> = (0..3).map(|r| st.register(now, Role::Learner, format!("l{r}"), r, 3)).collect();
+        for (slot, worker) in w.iter().enumerate() {
+            st.join_group(now, job, *worker, slot as u32, 0, 0).unwrap();
+        }
+        let whole: Vec<Bytes> = (0..3)
+            .flat_map(|r| match st.pull_batch(job, r, 3, 0).unwrap() {
+                BatchOutcome::Samples { samples, .. } => samples,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        st.join_group(now, job, w[0], 0, 0, 1).unwrap();
+        st.join_group(now, job, w[2], 2, 0, 1).unwrap();
+        st.workers.get_mut(&w[1]).unwrap().alive = false;
+        assert!(st.advance_group(now, job));
+        let shards: Vec<Vec<Bytes>> = (0..2)
+            .map(|r| match st.pull_batch(job, r, 2, 0).unwrap() {
+                BatchOutcome::Samples { samples, .. } => samples,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!((shards[0].len(), shards[1].len()), (1, 2));
+        assert_eq!(shards.concat(), whole, "the same batch, in the same order");
+    }
+
     #[test]
     fn under_fail_there_is_no_group() {
         let mut st = RunState::new(StateOptions::default());
