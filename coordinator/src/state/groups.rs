@@ -21,7 +21,7 @@
 //! new group, on the same batch resharded over its ranks.
 
 use super::*;
-use medtvt_config::LearnerLossPolicy;
+use medtvt_config::{LearnerLossPolicy, ReplacementTimeout};
 use std::cmp::Reverse;
 
 /// A learner process in a group.
@@ -205,6 +205,15 @@ impl RunState {
         if forming.joined.is_empty() {
             return false;
         }
+        let waiting = cluster.on_learner_loss == LearnerLossPolicy::Wait;
+        if waiting && !lost.is_empty() && cluster.on_replacement_timeout == ReplacementTimeout::Fail {
+            let message = format!(
+                "learner rank(s) {lost:?} lost and not replaced within cluster.replacement_timeout_s = {}",
+                cluster.replacement_timeout_s
+            );
+            self.end_job(id, JobState::Failed, message);
+            return true;
+        }
         let mut members: Vec<Member> = forming.joined.values().copied().collect();
         members.sort_by_key(|m| (Reverse(m.step), m.slot, m.worker));
         let resume = members[0].step.min(job.total_steps);
@@ -346,6 +355,25 @@ mod tests {
         st.join_group(now, job, a, 0, 0, 2).unwrap();
         assert!(!st.advance_group(now + Duration::from_secs(9), job));
         assert!(st.advance_group(now + Duration::from_secs(10), job));
+    }
+
+    #[test]
+    fn wait_can_fail_the_job_when_no_replacement_comes() {
+        let mut st = RunState::new(StateOptions::default());
+        let extra = "on_learner_loss = \"wait\"\nreplacement_timeout_s = 5.0\non_replacement_timeout = \"fail\"\n";
+        let job = st.enqueue(config("pt", extra), samples(8)).unwrap();
+        let now = Instant::now();
+        let a = st.register(now, Role::Learner, "a".into(), 0, 2);
+        let b = st.register(now, Role::Learner, "b".into(), 1, 2);
+        st.join_group(now, job, a, 0, 0, 0).unwrap();
+        st.join_group(now, job, b, 1, 0, 0).unwrap();
+        st.workers.get_mut(&b).unwrap().alive = false;
+        st.on_learners_dead(now, &[b]);
+        st.join_group(now, job, a, 0, 0, 1).unwrap();
+        assert!(!st.advance_group(now + Duration::from_secs(4), job));
+        assert!(st.advance_group(now + Duration::from_secs(5), job));
+        assert_eq!(st.job_state(job).unwrap(), JobState::Failed);
+        assert_eq!(st.join_group(now, job, a, 0, 0, 1).unwrap(), GroupSeat::Done(JobState::Failed));
     }
 
     #[test]
