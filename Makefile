@@ -27,7 +27,8 @@ test: setup
 	scripts/validate_deploy.sh
 
 # Fault injection with real processes (kill -9 a worker, a learner, the coordinator; a wrong
-# token; a corrupt checkpoint; a dataset with broken files), printed as a Markdown table.
+# token; a corrupt checkpoint; a dataset with broken files; a learner rank of two killed or stopped
+# under on_learner_loss = shrink / wait), printed as a Markdown table.
 # The same tests also run in `make test`; docs/reliability.md keeps a copy of the table.
 chaos: setup
 	@scripts/chaos.sh

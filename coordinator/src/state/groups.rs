@@ -21,7 +21,7 @@
 //! new group, on the same batch resharded over its ranks.
 
 use super::*;
-use medtvt_config::LearnerLossPolicy;
+use medtvt_config::{LearnerLossPolicy, ReplacementTimeout};
 use std::cmp::Reverse;
 
 /// A learner process in a group.
@@ -203,6 +203,15 @@ impl RunState {
         if forming.joined.is_empty() {
             return false;
         }
+        let waiting = cluster.on_learner_loss == LearnerLossPolicy::Wait;
+        if waiting && !lost.is_empty() && cluster.on_replacement_timeout == ReplacementTimeout::Fail {
+            let message = format!(
+                "learner rank(s) {lost:?} lost and not replaced within cluster.replacement_timeout_s = {}",
+                cluster.replacement_timeout_s
+            );
+            self.end_job(id, JobState::Failed, message);
+            return true;
+        }
         let mut members: Vec<Member> = forming.joined.values().copied().collect();
         members.sort_by_key(|m| (Reverse(m.step), m.slot, m.worker));
         let resume = members[0].step.min(job.total_steps);
@@ -346,6 +355,25 @@ mod tests {
     }
 
     #[test]
+    fn wait_can_fail_the_job_when_no_replacement_comes() {
+        let mut st = RunState::new(StateOptions::default());
+        let extra = "on_learner_loss = \"wait\"\nreplacement_timeout_s = 5.0\non_replacement_timeout = \"fail\"\n";
+        let job = st.enqueue(config("pt", extra), samples(8)).unwrap();
+        let now = Instant::now();
+        let a = st.register(now, Role::Learner, "a".into(), 0, 2);
+        let b = st.register(now, Role::Learner, "b".into(), 1, 2);
+        st.join_group(now, job, a, 0, 0, 0).unwrap();
+        st.join_group(now, job, b, 1, 0, 0).unwrap();
+        st.workers.get_mut(&b).unwrap().alive = false;
+        st.on_learners_dead(now, &[b]);
+        st.join_group(now, job, a, 0, 0, 1).unwrap();
+        assert!(!st.advance_group(now + Duration::from_secs(4), job));
+        assert!(st.advance_group(now + Duration::from_secs(5), job));
+        assert_eq!(st.job_state(job).unwrap(), JobState::Failed);
+        assert_eq!(st.join_group(now, job, a, 0, 0, 1).unwrap(), GroupSeat::Done(JobState::Failed));
+    }
+
+    #[test]
     fn a_late_joiner_grows_the_group_back() {
         let (mut st, now, job, [a, _b]) = grouped("shrink");
         st.join_group(now, job, a, 0, 0, 1).unwrap();
@@ -356,6 +384,40 @@ mod tests {
         assert!(matches!(st.check_group(job, 2), Err(StateError::StaleGroup(_))), "members come at their next call");
         let seat = st.join_group(now, job, a, 0, 0, 2).unwrap();
         assert_eq!(seat, GroupSeat::Seat { epoch: 3, rank: 0, world_size: 2, resume_step: 0 });
+    }
+
+    /// Three ranks lose one: the same 3-sample batch is split 1 + 2 over the two left, disjoint
+    /// and complete (the trainer's global normalisation makes uneven shards exact).
+    #[test]
+    fn a_batch_is_resharded_unevenly_over_a_group_that_does_not_divide_it() {
+        let mut st = RunState::new(StateOptions::default());
+        let extra = "on_learner_loss = \"shrink\"\ncollective_timeout_s = 2.0\n";
+        let mut cfg = config("pt", extra);
+        (cfg.cluster.learners, cfg.train.batch_size) = (3, 3);
+        let job = st.enqueue(cfg, samples(9)).unwrap();
+        let now = Instant::now();
+        let w: Vec<WorkerId> = (0..3).map(|r| st.register(now, Role::Learner, format!("l{r}"), r, 3)).collect();
+        for (slot, worker) in w.iter().enumerate() {
+            st.join_group(now, job, *worker, slot as u32, 0, 0).unwrap();
+        }
+        let whole: Vec<Bytes> = (0..3)
+            .flat_map(|r| match st.pull_batch(job, r, 3, 0).unwrap() {
+                BatchOutcome::Samples { samples, .. } => samples,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        st.join_group(now, job, w[0], 0, 0, 1).unwrap();
+        st.join_group(now, job, w[2], 2, 0, 1).unwrap();
+        st.workers.get_mut(&w[1]).unwrap().alive = false;
+        assert!(st.advance_group(now, job));
+        let shards: Vec<Vec<Bytes>> = (0..2)
+            .map(|r| match st.pull_batch(job, r, 2, 0).unwrap() {
+                BatchOutcome::Samples { samples, .. } => samples,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!((shards[0].len(), shards[1].len()), (1, 2));
+        assert_eq!(shards.concat(), whole, "the same batch, in the same order");
     }
 
     #[test]
