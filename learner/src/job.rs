@@ -270,7 +270,7 @@ fn run_steps<P: Policy>(ctx: &JobContext<'_>, seat: Seat, trainer: &mut Trainer<
                 &MetricsRecord { stage: stage_name.into(), step, values: outcome.metrics.clone() },
             )?;
             let every = cfg.train.checkpoint_every;
-            if every > 0 && version_after % every == 0 && version_after < cfg.train.steps {
+            if every > 0 && version_after.is_multiple_of(every) && version_after < cfg.train.steps {
                 trainer.save_checkpoint(&ctx.checkpoints)?;
             }
         }
