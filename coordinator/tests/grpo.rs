@@ -275,7 +275,8 @@ async fn a_batch_over_the_message_limit_is_refused_naming_the_limit() {
     let limit = 4096;
     let server = TestServer::start(ServerOptions { max_message_bytes: limit, ..options() }).await;
     let mut c = server.client().await;
-    let job = submit(&mut c, server.config("grpo", ""), &[]).await;
+    // One learner: its batch holds both groups.
+    let job = submit(&mut c, server.config("grpo", ""), &["cluster.learners=1"]).await;
     let me = register(&mut c, pb::Role::RolloutWorker, "w", 0).await;
     let l = lease(&mut c, me, job, 2).await;
     assert_eq!(l.prompts.len(), 2);
@@ -286,7 +287,7 @@ async fn a_batch_over_the_message_limit_is_refused_naming_the_limit() {
         assert_eq!(submit_groups(&mut c, vec![group]).await.accepted, 1);
     }
     let req =
-        pb::PullBatchRequest { job_id: job, rank: 0, world_size: 2, step: 0, wait_ms: 2_000, ..Default::default() };
+        pb::PullBatchRequest { job_id: job, rank: 0, world_size: 1, step: 0, wait_ms: 2_000, ..Default::default() };
     let err = c.pull_training_batch(req).await.unwrap_err();
     assert_eq!(medtvt_proto::errors::reason_of(&err), Some(pb::ErrorReason::MessageTooLarge));
     assert_eq!(err.code(), Code::ResourceExhausted);
