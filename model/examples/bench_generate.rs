@@ -16,8 +16,8 @@
 //! prompt prefilled again, the old rollout path) and one prefill per group (the rollout path now).
 
 use medtvt_model::llama::{
-    check_device_kind, generate_from_embeds, generate_groups_from_embeds, kind_from_name, load_llama, save_hf, Llama,
-    Llama3RopeScaling, LlamaConfig, SamplingParams,
+    check_device_kind, generate_from_embeds, generate_groups_from_embeds, kind_from_name, load_llama, save_hf,
+    ContinuousBatch, Generation, GroupRequest, Llama, Llama3RopeScaling, LlamaConfig, SamplingParams,
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -151,29 +151,43 @@ fn sync(device: Device) {
 /// Best-of-`repeat` seconds for a prefill pass (last-position logits) and a full generation.
 /// `prompts` are the distinct prompts; each is generated from `args.group` times, with one prefill
 /// per group when `grouped`, else one per row (the prompts repeated in place first).
+/// How ours generates a batch of groups.
+#[derive(Clone, Copy, PartialEq)]
+enum Route {
+    /// The prompts repeated in place, one prefill per row.
+    PerRow,
+    /// One prefill per group, then one static batch (`generate_groups_from_embeds`).
+    PerGroup,
+    /// The rollout engine: decode slots groups flow through (`ContinuousBatch`).
+    Continuous,
+}
+
 fn bench_ours(
     model: &Llama,
     prompts: &[Vec<i64>],
     args: &Args,
     device: Device,
-    grouped: bool,
+    path: Route,
 ) -> Result<(f64, f64), String> {
     let params = SamplingParams { max_new_tokens: args.new, greedy: args.greedy, seed: 1, ..Default::default() };
     let g = args.group;
     let ids = Tensor::from_slice2(prompts).to_device(device);
     let mask = ids.ones_like();
-    let run = |params: &SamplingParams| {
+    let run = |params: &SamplingParams| -> Result<Generation, String> {
         let embeds = tch::no_grad(|| model.embed_tokens(&ids));
-        if grouped {
-            generate_groups_from_embeds(model, &embeds, &mask, g, params)
-        } else {
-            let repeat = |t: &Tensor| t.repeat_interleave_self_int(g, 0, None::<i64>);
-            generate_from_embeds(model, &repeat(&embeds), &repeat(&mask), params)
+        match path {
+            Route::PerGroup => generate_groups_from_embeds(model, &embeds, &mask, g, params),
+            Route::PerRow => {
+                let repeat = |t: &Tensor| t.repeat_interleave_self_int(g, 0, None::<i64>);
+                generate_from_embeds(model, &repeat(&embeds), &repeat(&mask), params)
+            }
+            Route::Continuous => return continuous(model, &embeds, g, params, device),
         }
         .map_err(|e| e.to_string())
     };
     run(&SamplingParams { max_new_tokens: 2, ..params.clone() })?;
-    let prefill_rows = if grouped { ids.shallow_clone() } else { ids.repeat_interleave_self_int(g, 0, None::<i64>) };
+    let prefill_rows =
+        if path == Route::PerRow { ids.repeat_interleave_self_int(g, 0, None::<i64>) } else { ids.shallow_clone() };
     let (mut prefill, mut total) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..args.repeat {
         let start = Instant::now();
@@ -195,6 +209,36 @@ fn bench_ours(
         }
     }
     Ok((prefill, total))
+}
+
+/// Every prompt (`embeds` `[n, t, d]`) as a group of `g` through a continuous batch with a slot
+/// per row; the rows in group order.
+fn continuous(
+    model: &Llama,
+    embeds: &Tensor,
+    g: i64,
+    params: &SamplingParams,
+    device: Device,
+) -> Result<Generation, String> {
+    let n = embeds.size()[0];
+    let mut batch = ContinuousBatch::new((n * g) as usize, params, device).map_err(|e| e.to_string())?;
+    for i in 0..n {
+        let request =
+            GroupRequest { id: i as u64, embeds: embeds.get(i), group_size: g as usize, seed: params.seed + i as u64 };
+        batch.submit(request).map_err(|e| e.to_string())?;
+    }
+    let mut groups = Vec::new();
+    while !batch.is_idle() {
+        groups.extend(batch.step(model, 0).map_err(|e| e.to_string())?);
+    }
+    groups.sort_by_key(|f| f.id);
+    let mut all = Generation { tokens: Vec::new(), logprobs: Vec::new(), finished_by_eos: Vec::new() };
+    for group in groups {
+        all.tokens.extend(group.generation.tokens);
+        all.logprobs.extend(group.generation.logprobs);
+        all.finished_by_eos.extend(group.generation.finished_by_eos);
+    }
+    Ok(all)
 }
 
 fn bench_hf(dir: &Path, prompts: &[Vec<i64>], args: &Args) -> Result<(f64, f64, i64), String> {
@@ -263,18 +307,23 @@ fn run() -> Result<(), String> {
     println!("\n| implementation | prefill tok/s | generation tok/s (end to end) | generate wall s |");
     println!("|---|---:|---:|---:|");
     let mut ours = Vec::new();
-    let variants: &[(bool, &str)] = if args.group > 1 {
-        &[(false, "medtvt (tch), one prefill per row"), (true, "medtvt (tch), one prefill per group")]
+    let variants: &[(Route, &str)] = if args.group > 1 {
+        &[
+            (Route::PerRow, "medtvt (tch), one prefill per row"),
+            (Route::Continuous, "medtvt (tch), rollout engine (continuous batching, one prefill per group)"),
+            (Route::PerGroup, "medtvt (tch), one prefill per group"),
+        ]
     } else {
-        &[(true, "medtvt (tch)")]
+        &[(Route::PerGroup, "medtvt (tch)")]
     };
-    for &(grouped, name) in variants {
-        let (prefill, total) = bench_ours(&model, &distinct, &args, device, grouped)?;
+    for &(path, name) in variants {
+        let (prefill, total) = bench_ours(&model, &distinct, &args, device, path)?;
         println!("| {name} | {:.0} | {:.0} | {:.3} |", rate(prompt_tokens, prefill), rate(new_tokens, total), total);
         ours.push((name, prefill, total));
     }
-    if let [(_, _, old), (_, _, new)] = ours[..] {
+    if let [(_, _, old), (_, _, engine), (_, _, new)] = ours[..] {
         println!("| ratio one prefill per group / per row | | {:.2}x | |", old / new);
+        println!("| ratio rollout engine / per row | | {:.2}x | |", old / engine);
     }
     let (_, prefill, total) = *ours.last().ok_or("nothing measured")?;
     if args.hf {
