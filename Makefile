@@ -15,8 +15,9 @@ build: setup
 demo: build
 	./target/release/medtvt demo
 
-# The same pipeline with the budget GRPO needs to show a gain over SFT (1200 encounters, 600 SFT
-# steps, 30 GRPO steps; under an hour on 2 cores), under runs/showcase/. SEED=1 etc. for other seeds.
+# The same pipeline sized for GRPO to have evidence to sharpen (1200 encounters, 600 SFT steps,
+# 30 GRPO steps; meant to stay under an hour on 2 idle cores), under runs/showcase/. SEED=1 etc.
+# for other seeds. docs/results.md has what it measured.
 SEED ?= 0
 showcase: build
 	./target/release/medtvt demo --showcase --seed $(SEED)

@@ -4,9 +4,10 @@
 //! checkpoint on the test split, print a before/after table with the verdict on GRPO, and draw the
 //! plots. Everything goes under `runs/demo/` of the working directory.
 //!
-//! `medtvt demo --showcase` (`make showcase`) is the same pipeline with the budget GRPO needs to
-//! show a gain (twice the data, three times the SFT steps, a longer GRPO; under an hour on 2 cores,
-//! against the demo's 15 minutes), under `runs/showcase/`. docs/results.md says why.
+//! `medtvt demo --showcase` (`make showcase`) is the same pipeline sized for GRPO to have evidence
+//! to sharpen (twice the data, three times the SFT steps, a longer GRPO; meant to stay under an
+//! hour on 2 idle cores, against the demo's 15 minutes), under `runs/showcase/`. docs/results.md
+//! says why and what it measured.
 
 use crate::cluster::{ClusterShape, LocalCluster};
 use crate::eval_cmd::{evaluate, report_metrics, EvalArgs};
@@ -36,8 +37,8 @@ const SHOWCASE_STAGES: [(&str, &str, &str); 3] = [
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DemoArgs {
-    /// Run the showcase (`make showcase`, under an hour): enough data and steps for GRPO's gain
-    /// over SFT to show, under runs/showcase/.
+    /// Run the showcase (`make showcase`): the same pipeline with enough data and SFT steps for
+    /// GRPO to have evidence to sharpen, under runs/showcase/.
     #[arg(long)]
     pub showcase: bool,
     /// Encounters in the synthetic set (two QA samples each; 80/10/10 train/val/test); default
@@ -187,12 +188,12 @@ fn closing_lines(showcase: bool, improved: Option<bool>) -> String {
         None => "This run evaluated no disease-level answers, so it says nothing about GRPO's gain.",
     };
     if showcase {
-        format!("{this_run}\ndocs/results.md has the showcase's numbers on three seeds.")
+        format!("{this_run}\ndocs/results.md has what the showcase measured, seed by seed.")
     } else {
         format!(
             "{this_run}\nThe 15-minute demo is a smoke test of the whole system: 200 SFT steps leave the tiny model at\n\
-             the label prior, with little for GRPO to sharpen. The command that shows GRPO's gain is\n\
-             `make showcase` (1200 encounters, 600 SFT and 30 GRPO steps, under an hour on 2 cores)."
+             the label prior, with little for GRPO to sharpen. The run sized to show GRPO's gain is\n\
+             `make showcase` (1200 encounters, 600 SFT and 30 GRPO steps); docs/results.md has what it measured."
         )
     }
 }
