@@ -78,7 +78,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     };
     let run_dir = PathBuf::from(profile.run_dir);
     let data_dir = run_dir.join("data");
-    println!("== medtvt demo: PT -> SFT -> GRPO of the tiny MedTVT-R1 on synthetic MedTVT-QA (CPU) ==");
+    let name = if profile.showcase { "medtvt demo --showcase" } else { "medtvt demo" };
+    println!("== {name}: PT -> SFT -> GRPO of the tiny MedTVT-R1 on synthetic MedTVT-QA (CPU) ==");
     if run_dir.exists() {
         std::fs::remove_dir_all(&run_dir)
             .with_context(|| format!("clearing the previous demo in {}", run_dir.display()))?;
@@ -138,12 +139,12 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     println!("\n[4/5] results on the test split ({} samples of each kind)\n", args.eval_samples);
     print!("{}", comparison_table(&rows));
     let mut improved = None;
-    let report_of = |label: &str| rows.iter().find(|(l, _)| *l == label).map(|(_, r)| r);
-    match (report_of("SFT"), report_of("GRPO")) {
-        (Some(sft), Some(grpo)) if sft.disease.is_some() && grpo.disease.is_some() => {
+    let disease_report_of =
+        |label: &str| rows.iter().find(|(l, _)| *l == label).and_then(|(_, r)| r.disease.as_ref().map(|d| (r, d)));
+    match (disease_report_of("SFT"), disease_report_of("GRPO")) {
+        (Some((sft, sft_d)), Some((grpo, grpo_d))) => {
             let references = medtvt_data::read_jsonl(&data_dir.join("qa.jsonl"))?;
             let (diff, se, n) = paired_jaccard_difference(sft, grpo, &references);
-            let (sft_d, grpo_d) = (sft.disease.as_ref().expect("checked"), grpo.disease.as_ref().expect("checked"));
             let comparison = Comparison {
                 diff,
                 se,
@@ -349,7 +350,8 @@ pub(crate) fn grpo_verdict(c: &Comparison) -> (bool, String) {
         c.n, c.diff, c.se
     ));
     lines.push(format!("Macro F1: SFT {:.4}, GRPO {:.4}.", c.sft_macro_f1, c.grpo_macro_f1));
-    let silent: Vec<&str> = c.grpo_f1.iter().filter(|(_, f)| !(*f > 0.0)).map(|(d, _)| d.as_str()).collect();
+    let silent: Vec<&str> =
+        c.grpo_f1.iter().filter(|(_, f)| f.is_nan() || *f <= 0.0).map(|(d, _)| d.as_str()).collect();
     let gain = c.diff > 2.0 * c.se;
     let macro_kept = c.grpo_macro_f1 >= c.sft_macro_f1;
     let improved = gain && silent.is_empty() && macro_kept && !c.grpo_f1.is_empty();
