@@ -86,7 +86,7 @@ mod tests {
                 seen += 1;
             }
         }
-        assert_eq!(seen, 6, "three tiny and three llama-3.2-1b configs");
+        assert_eq!(seen, 9, "three tiny, three showcase and three llama-3.2-1b configs");
     }
 
     #[test]
