@@ -15,7 +15,7 @@
 
 use anyhow::{bail, Context, Result};
 use medtvt_learner::optim::{AdamW, AdamWConfig};
-use medtvt_model::llama::{kind_from_name, Llama, Llama3RopeScaling, LlamaConfig};
+use medtvt_model::llama::{kind_from_name, Llama, LlamaConfig};
 use std::process::Command;
 use std::time::Instant;
 use tch::{nn, Device, Kind, Tensor};
@@ -88,25 +88,6 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-fn named_config(name: &str) -> Result<LlamaConfig> {
-    Ok(match name {
-        "tiny" => LlamaConfig::tiny(2048, 256, 688, 4, 8, 4),
-        "small" => LlamaConfig::tiny(32000, 512, 1376, 8, 8, 4),
-        "llama-1b" => {
-            let mut c = LlamaConfig::tiny(128256, 2048, 8192, 16, 32, 8);
-            c.rope_theta = 500000.0;
-            c.rope_scaling = Some(Llama3RopeScaling {
-                factor: 32.0,
-                low_freq_factor: 1.0,
-                high_freq_factor: 4.0,
-                original_max_position_embeddings: 8192,
-            });
-            c
-        }
-        other => bail!("unknown --config {other}: tiny, small or llama-1b"),
-    })
-}
-
 fn device_of(name: &str) -> Result<Device> {
     Ok(match name {
         "cpu" => Device::Cpu,
@@ -130,7 +111,8 @@ fn main() -> Result<()> {
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
-    let config = named_config(&args.config)?;
+    let config = LlamaConfig::bench_shape(&args.config)
+        .with_context(|| format!("unknown --config {}: tiny, small or llama-1b", args.config))?;
     tch::manual_seed(0);
     let mut vs = nn::VarStore::new(device);
     let model = Llama::new(&vs.root(), &config);

@@ -17,7 +17,7 @@
 
 use medtvt_model::llama::{
     check_device_kind, generate_from_embeds, generate_groups_from_embeds, kind_from_name, load_llama, save_hf,
-    ContinuousBatch, Generation, GroupRequest, Llama, Llama3RopeScaling, LlamaConfig, SamplingParams,
+    ContinuousBatch, Generation, GroupRequest, Llama, LlamaConfig, SamplingParams,
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -109,25 +109,6 @@ fn parse_args() -> Result<Args, String> {
         return Err(format!("--batch {} is not a multiple of --group {}", args.batch, args.group));
     }
     Ok(args)
-}
-
-fn named_config(name: &str) -> Option<LlamaConfig> {
-    match name {
-        "tiny" => Some(LlamaConfig::tiny(2048, 256, 688, 4, 8, 4)),
-        "small" => Some(LlamaConfig::tiny(32000, 512, 1376, 8, 8, 4)),
-        "llama-1b" => {
-            let mut c = LlamaConfig::tiny(128256, 2048, 8192, 16, 32, 8);
-            c.rope_theta = 500000.0;
-            c.rope_scaling = Some(Llama3RopeScaling {
-                factor: 32.0,
-                low_freq_factor: 1.0,
-                high_freq_factor: 4.0,
-                original_max_position_embeddings: 8192,
-            });
-            Some(c)
-        }
-        _ => None,
-    }
 }
 
 fn device_of(name: &str) -> Result<Device, String> {
@@ -273,7 +254,7 @@ fn run() -> Result<(), String> {
     }
     let scratch_dir = tempfile::tempdir().map_err(|e| format!("cannot create a scratch directory: {e}"))?;
     let scratch = scratch_dir.path().to_path_buf();
-    let (vs, model, dir): (nn::VarStore, Llama, PathBuf) = match named_config(&args.config) {
+    let (vs, model, dir): (nn::VarStore, Llama, PathBuf) = match LlamaConfig::bench_shape(&args.config) {
         Some(config) => {
             tch::manual_seed(0);
             let mut vs = nn::VarStore::new(device);

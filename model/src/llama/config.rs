@@ -170,6 +170,27 @@ impl LlamaConfig {
         Ok(config)
     }
 
+    /// The benchmarks' random-weight shapes by name: `tiny` (3.4 M parameters), `small` (40 M) and
+    /// `llama-1b` (Llama-3.2-1B: 1.24 B, its rope scaling included).
+    pub fn bench_shape(name: &str) -> Option<Self> {
+        match name {
+            "tiny" => Some(Self::tiny(2048, 256, 688, 4, 8, 4)),
+            "small" => Some(Self::tiny(32000, 512, 1376, 8, 8, 4)),
+            "llama-1b" => {
+                let mut c = Self::tiny(128256, 2048, 8192, 16, 32, 8);
+                c.rope_theta = 500000.0;
+                c.rope_scaling = Some(Llama3RopeScaling {
+                    factor: 32.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 8192,
+                });
+                Some(c)
+            }
+            _ => None,
+        }
+    }
+
     /// A small model for training from scratch: rope_theta 10000, tied embeddings, no scaling.
     pub fn tiny(vocab: i64, hidden: i64, intermediate: i64, layers: i64, heads: i64, kv_heads: i64) -> Self {
         LlamaConfig {
