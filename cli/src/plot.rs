@@ -122,15 +122,20 @@ fn collect_series(records: &[MetricsRecord], wanted: &[&str]) -> Vec<(String, Ve
     series
 }
 
-fn draw(path: &Path, title: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
-    let points = series.iter().flat_map(|(_, p)| p.iter());
+/// The smallest and largest x and y over every point of `series`: (x0, x1, y0, y1).
+fn bounds(series: &[(String, Vec<(f64, f64)>)]) -> (f64, f64, f64, f64) {
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in points {
+    for &(x, y) in series.iter().flat_map(|(_, p)| p.iter()) {
         x0 = x0.min(x);
         x1 = x1.max(x);
         y0 = y0.min(y);
         y1 = y1.max(y);
     }
+    (x0, x1, y0, y1)
+}
+
+fn draw(path: &Path, title: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
+    let (x0, x1, y0, y1) = bounds(series);
     let pad = ((y1 - y0) * 0.05).max(1e-3);
     let root = BitMapBackend::new(path, (900, 540)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -199,14 +204,7 @@ fn draw_reward<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, series: &[(Str
 where
     DB::ErrorType: 'static,
 {
-    let points = series.iter().flat_map(|(_, p)| p.iter());
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in points {
-        x0 = x0.min(x);
-        x1 = x1.max(x);
-        y0 = y0.min(y);
-        y1 = y1.max(y);
-    }
+    let (x0, x1, y0, y1) = bounds(series);
     // Headroom above the data for the legend, so it never sits on a line.
     let span = (y1 - y0).max(0.05);
     root.fill(&WHITE)?;
