@@ -126,6 +126,7 @@ pub async fn run_until(
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
         let job = coordinator
             .submit_job(&text, &args.overrides)
+            .await
             .with_context(|| format!("config {} is not a valid job", path.display()))?;
         tracing::info!(job_id = job.0, config = %path.display(), "job submitted");
     }

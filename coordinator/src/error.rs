@@ -21,6 +21,8 @@ pub enum CoordinatorError {
     Store(#[from] crate::store::StoreError),
     #[error("cannot resume the run recorded in {path}: {source}")]
     Resume { path: PathBuf, source: crate::state::StateError },
+    #[error("cannot start the run state's writer thread: {source}")]
+    Writer { source: std::io::Error },
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
 }

@@ -5,7 +5,7 @@
 //!
 //! Modules, in the order a request meets them: [`server`] (bind, serve, stop), `interceptor`
 //! (auth, trace hook), [`service`] (the gRPC handlers), [`state`] (the pure job state
-//! machine), [`store`] (the durable run state behind `--run-dir`), [`weights`] (weight
+//! machine), [`store`] (the durable run state behind `--run-dir`), [`journal_writer`] (its writer thread), [`weights`] (weight
 //! versions), [`dataset`] (the prompts), [`job_roots`] (where submitted jobs may point), [`tls`]
 //! (the server certificate) and [`args`] (the CLI);
 //! [`in_process`] runs a killable coordinator inside a test process.
@@ -18,6 +18,7 @@ pub mod ids;
 pub mod in_process;
 mod interceptor;
 pub mod job_roots;
+pub mod journal_writer;
 pub mod server;
 pub mod service;
 pub mod state;

@@ -121,19 +121,21 @@ impl Coordinator {
         let state = state.unwrap_or_else(|| RunState::new(options.state.clone()));
         let (stop_tx, stop_rx) = watch::channel(false);
         let service = ServiceOptions { max_message_bytes: options.max_message_bytes, ..options.service.clone() };
-        let shared = Arc::new(Shared::new(state, events, store, stop_rx, service));
+        let shared = Arc::new(
+            Shared::new(state, events, store, stop_rx, service)
+                .map_err(|source| CoordinatorError::Writer { source })?,
+        );
         if let Some(version) = weights {
             let (job, number) = (crate::ids::JobId(version.job_id), version.version);
             shared.weights().install(version);
             // The weights may have been saved just before the step that made them was recorded.
-            shared.with_state(|st| st.weights_published(job, number)).map_err(|source| CoordinatorError::Resume {
-                path: options.run_dir.clone().unwrap_or_default(),
-                source,
+            shared.with_state(|st| st.weights_published(job, number)).await.map_err(|source| {
+                CoordinatorError::Resume { path: options.run_dir.clone().unwrap_or_default(), source }
             })?;
         }
         if resumed {
-            let jobs = shared.with_state(|st| st.snapshot(None).map(|jobs| jobs.len()).unwrap_or(0));
-            let running = shared.with_state(|st| st.running_job());
+            let jobs = shared.with_state(|st| st.snapshot(None).map(|jobs| jobs.len()).unwrap_or(0)).await;
+            let running = shared.with_state(|st| st.running_job()).await;
             tracing::info!(jobs, running = ?running.map(|j| j.0), "resumed the run recorded in the run directory");
         }
         Ok(Coordinator { listener, local_addr, shared, stop_tx, tls, resumed, options })
@@ -150,9 +152,9 @@ impl Coordinator {
     }
 
     /// Submits a job as the SubmitJob RPC would.
-    pub fn submit_job(&self, config_toml: &str, overrides: &[String]) -> Result<JobId, CoordinatorError> {
+    pub async fn submit_job(&self, config_toml: &str, overrides: &[String]) -> Result<JobId, CoordinatorError> {
         let loaded = state::load_job(config_toml, overrides)?;
-        Ok(self.shared.with_state(|st| st.enqueue_loaded(loaded))?)
+        Ok(self.shared.with_state(|st| st.enqueue_loaded(loaded)).await?)
     }
 
     /// Serves until `shutdown` resolves or a requested shutdown has drained; then stops the
@@ -261,7 +263,7 @@ async fn reap(
             _ = stop_rx.wait_for(|s| *s) => return,
         }
         let now = Instant::now();
-        let (running, finished, gauges) = shared.with_state(|st| {
+        let (running, finished, gauges) = shared.with_state_unacknowledged(|st| {
             st.expire(now);
             (st.running_job(), st.finished(), st.pipeline_gauges())
         });

@@ -7,6 +7,7 @@
 use crate::events::EventLog;
 use crate::ids::{JobId, JobState, Role, WorkerId};
 use crate::job_roots::JobRoots;
+use crate::journal_writer::{CommitMode, JournalWriter};
 use crate::state::{self, Assignment, BatchOutcome, GroupOutcome, GroupSeat, RunState, StateError};
 use crate::store::RunStore;
 use crate::weights::{VersionAssembler, WeightStore, WeightVersion, WeightsError};
@@ -36,6 +37,8 @@ pub struct ServiceOptions {
     pub job_roots: JobRoots,
     /// The gRPC message limit (the server's): a reply over it is refused with MESSAGE_TOO_LARGE.
     pub max_message_bytes: usize,
+    /// How the durable run state is written (with a run directory).
+    pub commit_mode: CommitMode,
 }
 
 impl Default for ServiceOptions {
@@ -47,6 +50,7 @@ impl Default for ServiceOptions {
             lease_retry: Duration::from_millis(200),
             job_roots: JobRoots::default(),
             max_message_bytes: medtvt_proto::DEFAULT_MAX_MESSAGE_BYTES,
+            commit_mode: CommitMode::Writer,
         }
     }
 }
@@ -57,8 +61,11 @@ pub struct Shared {
     weights: Mutex<WeightStore>,
     revision: watch::Sender<u64>,
     events: EventLog,
-    /// With a run directory: where each call's durable records go before it answers.
+    /// With a run directory: the weights' files.
     store: Option<Arc<RunStore>>,
+    /// With a run directory: the thread that commits each call's durable records (a call
+    /// answers only once they are committed).
+    writer: Option<JournalWriter>,
     /// Set when the process is stopping: long-polls answer at once.
     stopping: watch::Receiver<bool>,
     pub options: ServiceOptions,
@@ -76,27 +83,40 @@ impl Shared {
         store: Option<Arc<RunStore>>,
         stopping: watch::Receiver<bool>,
         options: ServiceOptions,
-    ) -> Self {
-        Shared {
+    ) -> std::io::Result<Self> {
+        let writer = store.clone().map(|s| JournalWriter::start(s, options.commit_mode)).transpose()?;
+        Ok(Shared {
             state: Mutex::new(state),
             weights: Mutex::new(WeightStore::default()),
             revision: watch::channel(0).0,
             events,
             store,
+            writer,
             stopping,
             options,
-        }
+        })
     }
 
-    /// Runs `f` on the state; records what it changed durably (with a run directory); wakes
-    /// long-polls if it changed anything; logs its events.
-    pub fn with_state<T>(&self, f: impl FnOnce(&mut RunState) -> T) -> T {
-        self.with_state_seen(None, f)
+    /// Runs `f` on the state; wakes long-polls if it changed anything; logs its events; and,
+    /// with a run directory, returns only once what it changed (and every change before it) is
+    /// committed: what a call answers survives a killed coordinator.
+    pub async fn with_state<T>(&self, f: impl FnOnce(&mut RunState) -> T) -> T {
+        let (out, ticket) = self.locked(None, f);
+        self.durable(ticket).await;
+        out
     }
 
-    /// Like [`Shared::with_state`]; also marks the current revision as seen by `seen` before
-    /// `f` runs, under the lock, so that no change made after `f` can be missed.
-    fn with_state_seen<T>(&self, seen: Option<&mut watch::Receiver<u64>>, f: impl FnOnce(&mut RunState) -> T) -> T {
+    /// Like [`Shared::with_state`], for the background tasks that answer no one: the records
+    /// are handed to the writer in order all the same, but nothing waits for their commit.
+    pub fn with_state_unacknowledged<T>(&self, f: impl FnOnce(&mut RunState) -> T) -> T {
+        self.locked(None, f).0
+    }
+
+    /// Runs `f` under the state lock and hands its durable records to the writer (in the order
+    /// of the transitions, since this happens under the lock); returns the writer's number to
+    /// wait for. With `seen`, marks the current revision as seen before `f` runs, under the
+    /// lock, so that no change made after `f` can be missed.
+    fn locked<T>(&self, seen: Option<&mut watch::Receiver<u64>>, f: impl FnOnce(&mut RunState) -> T) -> (T, u64) {
         let mut st = lock(&self.state);
         if let Some(rx) = seen {
             rx.borrow_and_update();
@@ -105,21 +125,27 @@ impl Shared {
         let out = f(&mut st);
         let after = st.wake_key();
         let events = st.drain_events();
-        // Written under the state lock so that records land in the order of the transitions,
-        // and before the call answers. A failed write cannot undo the transition: the run goes
-        // on, and the error says that resuming it would lose this change.
         let journal = st.drain_journal();
-        if let Some(store) = &self.store {
-            if let Err(err) = store.apply(&journal) {
-                tracing::error!(error = %err, "cannot record the run state; a resume would lose this change");
-            }
-        }
+        let ticket = self.writer.as_ref().map_or(0, |w| w.submit(journal));
         if after != before {
             self.revision.send_modify(|r| *r += 1);
         }
         drop(st);
         self.events.record(events);
-        out
+        (out, ticket)
+    }
+
+    /// Waits until the writer committed everything up to `ticket` (at once without a run
+    /// directory).
+    async fn durable(&self, ticket: u64) {
+        if let Some(writer) = &self.writer {
+            writer.committed(ticket).await;
+        }
+    }
+
+    /// The journal writer's counters (with a run directory).
+    pub fn writer_stats(&self) -> Option<&crate::journal_writer::WriterStats> {
+        self.writer.as_ref().map(|w| w.stats())
     }
 
     pub fn weights(&self) -> MutexGuard<'_, WeightStore> {
@@ -141,7 +167,9 @@ impl Shared {
         let mut changes = self.revision.subscribe();
         let mut stopping = self.stopping.clone();
         loop {
-            if let Some(value) = self.with_state_seen(Some(&mut changes), &mut attempt).map_err(to_status)? {
+            let (value, ticket) = self.locked(Some(&mut changes), &mut attempt);
+            self.durable(ticket).await;
+            if let Some(value) = value.map_err(to_status)? {
                 return Ok(Some(value));
             }
             tokio::select! {
@@ -172,7 +200,7 @@ impl CoordinatorService {
     }
 
     /// Makes a complete published version the one FetchWeights serves.
-    fn install_weights(
+    async fn install_weights(
         &self,
         version: WeightVersion,
         tensors: u32,
@@ -189,7 +217,7 @@ impl CoordinatorService {
             }
             store.install(version);
         }
-        self.shared.with_state(|st| st.weights_published(job, number)).map_err(to_status)?;
+        self.shared.with_state(|st| st.weights_published(job, number)).await.map_err(to_status)?;
         let span = tracing::Span::current();
         span.record("tensors", tensors);
         span.record("bytes", bytes);
@@ -271,10 +299,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             Ok(pb::Role::Learner) => Role::Learner,
             _ => return Err(reject(ErrorReason::InvalidRequest, "role must be ROLE_ROLLOUT_WORKER or ROLE_LEARNER")),
         };
-        let (id, interval) = self.shared.with_state(|st| {
-            let id = st.register(Instant::now(), role, req.name, req.rank, req.world_size);
-            (id, st.heartbeat_interval())
-        });
+        let (id, interval) = self
+            .shared
+            .with_state(|st| {
+                let id = st.register(Instant::now(), role, req.name, req.rank, req.world_size);
+                (id, st.heartbeat_interval())
+            })
+            .await;
         tracing::Span::current().record("worker_id", id.0);
         Ok(Response::new(pb::RegisterResponse { worker_id: id.0, heartbeat_interval_ms: interval.as_millis() as u64 }))
     }
@@ -287,19 +318,21 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let req = request.into_inner();
         let worker = WorkerId(req.worker_id);
         let stopping = self.shared.stopping();
-        self.shared.with_state(|st| {
-            let now = Instant::now();
-            st.touch(now, worker).map_err(to_status)?;
-            st.record_progress(now, worker, req.step, &req.phase);
-            let (job_id, policy_version, job_state) = running_job_fields(st);
-            Ok(Response::new(pb::HeartbeatResponse {
-                job_id,
-                policy_version,
-                job_state: job_state as i32,
-                shutdown: stopping || st.finished(),
-                heartbeat_interval_ms: st.heartbeat_interval().as_millis() as u64,
-            }))
-        })
+        self.shared
+            .with_state(|st| {
+                let now = Instant::now();
+                st.touch(now, worker).map_err(to_status)?;
+                st.record_progress(now, worker, req.step, &req.phase);
+                let (job_id, policy_version, job_state) = running_job_fields(st);
+                Ok(Response::new(pb::HeartbeatResponse {
+                    job_id,
+                    policy_version,
+                    job_state: job_state as i32,
+                    shutdown: stopping || st.finished(),
+                    heartbeat_interval_ms: st.heartbeat_interval().as_millis() as u64,
+                }))
+            })
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(worker_id = request.get_ref().worker_id))]
@@ -308,7 +341,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
         let worker = WorkerId(request.into_inner().worker_id);
-        let returned = self.shared.with_state(|st| st.deregister(worker)).map_err(to_status)?;
+        let returned = self.shared.with_state(|st| st.deregister(worker)).await.map_err(to_status)?;
         Ok(Response::new(pb::DeregisterResponse { prompts_returned: returned as u32 }))
     }
 
@@ -337,7 +370,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         .await
         .map_err(|e| reject(ErrorReason::Internal, format!("loading the job panicked: {e}")))?;
         let loaded = loaded?;
-        let id = self.shared.with_state(|st| st.enqueue_loaded(loaded)).map_err(to_status)?;
+        let id = self.shared.with_state(|st| st.enqueue_loaded(loaded)).await.map_err(to_status)?;
         tracing::Span::current().record("job_id", id.0);
         Ok(Response::new(pb::SubmitJobResponse { job_id: id.0 }))
     }
@@ -349,7 +382,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::JobAssignment>, Status> {
         let req = request.into_inner();
         let worker = WorkerId(req.worker_id);
-        self.shared.with_state(|st| st.touch(Instant::now(), worker).map(drop)).map_err(to_status)?;
+        self.shared.with_state(|st| st.touch(Instant::now(), worker).map(drop)).await.map_err(to_status)?;
         let wait = self.shared.wait_for(req.wait_ms);
         let found = self
             .shared
@@ -383,59 +416,61 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             id => Some(JobId(id)),
         };
         let now = Instant::now();
-        self.shared.with_state(|st| {
-            let jobs = st.snapshot(only).map_err(to_status)?;
-            let jobs = jobs
-                .into_iter()
-                .map(|j| pb::JobStatus {
-                    job_id: j.job_id.0,
-                    name: j.name,
-                    stage: stage_pb(j.stage) as i32,
-                    state: job_state_pb(j.state) as i32,
-                    step: j.steps_completed,
-                    total_steps: j.total_steps,
-                    policy_version: j.policy_version,
-                    prompts_leased: j.counters.prompts_leased,
-                    groups_accepted: j.counters.groups_accepted,
-                    groups_trained: j.counters.groups_trained,
-                    groups_dropped_stale: j.counters.groups_dropped_stale,
-                    duplicates_ignored: j.counters.duplicates_ignored,
-                    tied_groups: j.counters.tied_groups,
-                    queue_depth: j.queue_depth,
-                    leased_prompts_outstanding: j.leased_prompts_outstanding,
-                    latest_metrics: j.latest_metrics.into_iter().collect(),
-                    message: j.message,
-                    late_groups_ignored: j.counters.late_groups_ignored,
-                    unknown_lease_groups: j.counters.unknown_lease_groups,
-                    leases_expired: j.counters.leases_expired,
-                    samples_skipped: j.counters.samples_skipped,
-                    group_epoch: j.group_epoch,
-                    learners: j.learners,
-                    learners_lost: j.learners_lost,
-                })
-                .collect();
-            let workers = st
-                .workers()
-                .map(|(id, w)| pb::WorkerInfo {
-                    worker_id: id.0,
-                    name: w.name.clone(),
-                    role: role_pb(w.role) as i32,
-                    rank: w.rank,
-                    last_heartbeat_ms_ago: now.saturating_duration_since(w.last_seen).as_millis() as u64,
-                    alive: w.alive,
-                    step: w.step,
-                    phase: w.phase.clone(),
-                    phase_ms_ago: now.saturating_duration_since(w.phase_since).as_millis() as u64,
-                })
-                .collect();
-            let pipeline = pipeline_pb(st);
-            Ok(Response::new(pb::RunStatus {
-                jobs,
-                workers,
-                shutting_down: st.shutting_down(),
-                pipeline: Some(pipeline),
-            }))
-        })
+        self.shared
+            .with_state(|st| {
+                let jobs = st.snapshot(only).map_err(to_status)?;
+                let jobs = jobs
+                    .into_iter()
+                    .map(|j| pb::JobStatus {
+                        job_id: j.job_id.0,
+                        name: j.name,
+                        stage: stage_pb(j.stage) as i32,
+                        state: job_state_pb(j.state) as i32,
+                        step: j.steps_completed,
+                        total_steps: j.total_steps,
+                        policy_version: j.policy_version,
+                        prompts_leased: j.counters.prompts_leased,
+                        groups_accepted: j.counters.groups_accepted,
+                        groups_trained: j.counters.groups_trained,
+                        groups_dropped_stale: j.counters.groups_dropped_stale,
+                        duplicates_ignored: j.counters.duplicates_ignored,
+                        tied_groups: j.counters.tied_groups,
+                        queue_depth: j.queue_depth,
+                        leased_prompts_outstanding: j.leased_prompts_outstanding,
+                        latest_metrics: j.latest_metrics.into_iter().collect(),
+                        message: j.message,
+                        late_groups_ignored: j.counters.late_groups_ignored,
+                        unknown_lease_groups: j.counters.unknown_lease_groups,
+                        leases_expired: j.counters.leases_expired,
+                        samples_skipped: j.counters.samples_skipped,
+                        group_epoch: j.group_epoch,
+                        learners: j.learners,
+                        learners_lost: j.learners_lost,
+                    })
+                    .collect();
+                let workers = st
+                    .workers()
+                    .map(|(id, w)| pb::WorkerInfo {
+                        worker_id: id.0,
+                        name: w.name.clone(),
+                        role: role_pb(w.role) as i32,
+                        rank: w.rank,
+                        last_heartbeat_ms_ago: now.saturating_duration_since(w.last_seen).as_millis() as u64,
+                        alive: w.alive,
+                        step: w.step,
+                        phase: w.phase.clone(),
+                        phase_ms_ago: now.saturating_duration_since(w.phase_since).as_millis() as u64,
+                    })
+                    .collect();
+                let pipeline = pipeline_pb(st);
+                Ok(Response::new(pb::RunStatus {
+                    jobs,
+                    workers,
+                    shutting_down: st.shutting_down(),
+                    pipeline: Some(pipeline),
+                }))
+            })
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(job_id = request.get_ref().job_id))]
@@ -444,14 +479,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let id = JobId(request.into_inner().job_id);
-        let state = self.shared.with_state(|st| st.cancel_job(id)).map_err(to_status)?;
+        let state = self.shared.with_state(|st| st.cancel_job(id)).await.map_err(to_status)?;
         Ok(Response::new(pb::CancelJobResponse { state: job_state_pb(state) as i32 }))
     }
 
     #[tracing::instrument(skip_all, fields(drain = request.get_ref().drain))]
     async fn shutdown(&self, request: Request<pb::ShutdownRequest>) -> Result<Response<pb::ShutdownResponse>, Status> {
         let drain = request.into_inner().drain;
-        self.shared.with_state(|st| st.shutdown(drain));
+        self.shared.with_state(|st| st.shutdown(drain)).await;
         Ok(Response::new(pb::ShutdownResponse {}))
     }
 
@@ -461,6 +496,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let grant = self
             .shared
             .with_state(|st| st.lease(Instant::now(), WorkerId(req.worker_id), JobId(req.job_id), req.max_prompts))
+            .await
             .map_err(to_status)?;
         let span = tracing::Span::current();
         span.record("policy_version", grant.policy_version);
@@ -499,7 +535,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             let group = group?;
             span.record("job_id", group.job_id);
             span.record("worker_id", group.worker_id);
-            let outcome = self.shared.with_state(|st| st.submit_group(Instant::now(), group)).map_err(to_status)?;
+            let outcome =
+                self.shared.with_state(|st| st.submit_group(Instant::now(), group)).await.map_err(to_status)?;
             match outcome {
                 GroupOutcome::Accepted => reply.accepted += 1,
                 GroupOutcome::Duplicate => reply.duplicates += 1,
@@ -530,25 +567,33 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 Ok(match outcome {
                     BatchOutcome::Pending => None,
                     BatchOutcome::Groups { groups, policy_version } => {
-                        // Attach each group's prompt for the learner.
-                        let with_prompts = groups
-                            .iter()
+                        // Under the lock only reference counts move: each group (shared) and its
+                        // prompt's sample line (shared bytes); the copies are made after it.
+                        let shared = groups
+                            .into_iter()
                             .map(|g| {
-                                let mut g = pb::RolloutGroup::clone(g);
-                                g.prompt = Some(pb::Prompt {
-                                    prompt_id: g.prompt_id,
-                                    epoch: g.epoch,
-                                    sample_json: st.sample(job, g.prompt_id).unwrap_or_default(),
-                                });
-                                g
+                                let sample = st.sample(job, g.prompt_id).unwrap_or_default();
+                                (g, sample)
                             })
                             .collect::<Vec<_>>();
-                        Some((BatchOutcome::Groups { groups: Vec::new(), policy_version }, with_prompts))
+                        Some((BatchOutcome::Groups { groups: Vec::new(), policy_version }, shared))
                     }
                     other => Some((other, Vec::new())),
                 })
             })
             .await?;
+        // Attach each group's prompt for the learner.
+        let found = found.map(|(outcome, shared)| {
+            let groups = shared
+                .into_iter()
+                .map(|(g, sample_json)| {
+                    let mut g = pb::RolloutGroup::clone(&g);
+                    g.prompt = Some(pb::Prompt { prompt_id: g.prompt_id, epoch: g.epoch, sample_json });
+                    g
+                })
+                .collect::<Vec<_>>();
+            (outcome, groups)
+        });
         let mut batch = pb::TrainingBatch { job_id: job.0, step: req.step, ..Default::default() };
         match found {
             None => {
@@ -601,6 +646,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 let completed = st.report_step(job, req.rank, req.step, metrics, req.policy_version_after)?;
                 Ok((completed, st.job_state(job)?))
             })
+            .await
             .map_err(to_status)?;
         Ok(Response::new(pb::StepReportResponse { steps_completed: completed, job_state: job_state_pb(state) as i32 }))
     }
@@ -617,6 +663,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 st.check_group(JobId(req.job_id), req.group_epoch)?;
                 st.finish_job(JobId(req.job_id), req.rank, req.checkpoint_dir, req.failure)
             })
+            .await
             .map_err(to_status)?;
         Ok(Response::new(pb::FinishJobResponse { state: job_state_pb(state) as i32 }))
     }
@@ -641,7 +688,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 let span = tracing::Span::current();
                 span.record("job_id", job.0);
                 span.record("policy_version", version);
-                let state = self.shared.with_state(|st| st.job_state(job)).map_err(to_status)?;
+                let state = self.shared.with_state(|st| st.job_state(job)).await.map_err(to_status)?;
                 if state != JobState::Running {
                     return Err(to_status(StateError::JobNotRunning { job, state }));
                 }
@@ -668,9 +715,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 .map_err(|e| {
                     reject(ErrorReason::Internal, format!("cannot save weights of job {job} version {number}: {e}"))
                 })?;
-            return self.install_weights(Arc::unwrap_or_clone(version), tensors, bytes);
+            return self.install_weights(Arc::unwrap_or_clone(version), tensors, bytes).await;
         }
-        self.install_weights(version, tensors, bytes)
+        self.install_weights(version, tensors, bytes).await
     }
 
     type FetchWeightsStream = tokio_stream::Iter<std::vec::IntoIter<Result<pb::WeightChunk, Status>>>;
@@ -689,6 +736,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 }
                 st.job_state(job)
             })
+            .await
             .map_err(to_status)?;
         let latest = self.shared.weights().newer_than(job, req.have_version);
         let chunks = match latest {

@@ -4,8 +4,9 @@
 //!
 //! Design: the state machine stays pure. It pushes a [`Durable`] record for every transition a
 //! resumed run needs (see `state/journal.rs`); the service drains them after each call, under the state
-//! lock, and [`RunStore::apply`] writes each batch in one SQLite transaction before the call
-//! answers. Small per-job progress is stored as a snapshot row (replaced on each change);
+//! lock, and hands them to the writer thread (`journal_writer.rs`), whose [`RunStore::apply`]
+//! writes every batch waiting in one SQLite transaction (group commit) outside the state lock;
+//! the call answers once its records, and every earlier call's, are committed. Small per-job progress is stored as a snapshot row (replaced on each change);
 //! sealed steps are appended once and never change. [`RunStore::open`] reads it all back for
 //! [`RunState::resume`](crate::state::RunState::resume).
 //!
@@ -26,8 +27,8 @@
 //! Journal mode WAL with `synchronous = NORMAL`: a commit is in the WAL file (the OS page cache)
 //! before the call answers, so a killed coordinator process loses nothing it acknowledged; only
 //! a power loss or kernel crash can drop the last commits, and that takes the learners (which
-//! resume from their checkpoints) with it. FULL would add an fsync under the state lock to every
-//! lease and step report for a failure mode that the run recovers from anyway. Weight files are
+//! resume from their checkpoints) with it. FULL would add an fsync to every commit for a
+//! failure mode that the run recovers from anyway. Weight files are
 //! fsynced, since they are written once per step and are large.
 
 use crate::ids::{JobId, JobState, PromptKey};
