@@ -158,6 +158,10 @@ pub struct RewardSums {
     pub reward_sq: f64,
     pub jaccard: f64,
     pub format: f64,
+    /// Completions that hit max_new_tokens without an end token.
+    pub truncated: f64,
+    /// Completion tokens, summed.
+    pub completion_tokens: f64,
 }
 
 pub fn reward_sums(groups: &[RolloutGroup]) -> RewardSums {
@@ -169,6 +173,8 @@ pub fn reward_sums(groups: &[RolloutGroup]) -> RewardSums {
         sums.reward_sq += r * r;
         sums.jaccard += c.reward_parts.get("jaccard").copied().map_or(0.0, f64::from);
         sums.format += c.reward_parts.get("format").copied().map_or(0.0, f64::from);
+        sums.truncated += f64::from(u8::from(c.truncated));
+        sums.completion_tokens += c.token_ids.len() as f64;
     }
     sums
 }

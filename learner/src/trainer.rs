@@ -194,6 +194,8 @@ impl Sums {
             &mut r.reward_sq,
             &mut r.jaccard,
             &mut r.format,
+            &mut r.truncated,
+            &mut r.completion_tokens,
             &mut self.kl_x_tokens,
             &mut self.clip_x_tokens,
             &mut self.tied_groups,
@@ -520,6 +522,9 @@ impl<P: Policy> Trainer<P> {
             m.insert("jaccard".into(), r.jaccard / n);
             m.insert("format".into(), r.format / n);
             m.insert("completions".into(), r.completions);
+            // TRL's completions/clipped_ratio and completions/mean_length.
+            m.insert("truncated_fraction".into(), r.truncated / n);
+            m.insert("completion_length".into(), r.completion_tokens / n);
             m.insert("kl".into(), per_token(s.kl_x_tokens));
             m.insert("clip_fraction".into(), per_token(s.clip_x_tokens));
             m.insert("tied_groups".into(), s.tied_groups);
