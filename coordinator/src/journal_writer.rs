@@ -43,7 +43,16 @@ pub enum CommitMode {
 pub struct WriterStats {
     pub commits: AtomicU64,
     pub batches: AtomicU64,
-    pub records: AtomicU64,
+}
+
+/// Writes `records` (the records of `batches` calls) in one transaction and counts it. A failed
+/// write is logged: the transitions stand, and a resume would lose them.
+fn commit(store: &RunStore, records: &[Durable], batches: u64, stats: &WriterStats) {
+    if let Err(err) = store.apply(records) {
+        tracing::error!(error = %err, "cannot record the run state; a resume would lose this change");
+    }
+    stats.commits.fetch_add(1, Ordering::Relaxed);
+    stats.batches.fetch_add(batches, Ordering::Relaxed);
 }
 
 /// The writer thread and the numbers of what was handed to it and what it committed.
@@ -96,12 +105,7 @@ impl JournalWriter {
             return self.submitted.load(Ordering::Acquire);
         }
         if let Some(store) = &self.inline {
-            if let Err(err) = store.apply(&records) {
-                tracing::error!(error = %err, "cannot record the run state; a resume would lose this change");
-            }
-            self.stats.commits.fetch_add(1, Ordering::Relaxed);
-            self.stats.batches.fetch_add(1, Ordering::Relaxed);
-            self.stats.records.fetch_add(records.len() as u64, Ordering::Relaxed);
+            commit(store, &records, 1, &self.stats);
             return 0;
         }
         let number = self.submitted.load(Ordering::Acquire) + 1;
@@ -161,12 +165,7 @@ fn write_loop(store: &RunStore, receiver: &mpsc::Receiver<Batch>, committed: &wa
             records.extend(more);
             batches += 1;
         }
-        if let Err(err) = store.apply(&records) {
-            tracing::error!(error = %err, "cannot record the run state; a resume would lose this change");
-        }
-        stats.commits.fetch_add(1, Ordering::Relaxed);
-        stats.batches.fetch_add(batches, Ordering::Relaxed);
-        stats.records.fetch_add(records.len() as u64, Ordering::Relaxed);
+        commit(store, &records, batches, stats);
         committed.send_replace(last);
     }
 }

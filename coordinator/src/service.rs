@@ -143,11 +143,6 @@ impl Shared {
         }
     }
 
-    /// The journal writer's counters (with a run directory).
-    pub fn writer_stats(&self) -> Option<&crate::journal_writer::WriterStats> {
-        self.writer.as_ref().map(|w| w.stats())
-    }
-
     pub fn weights(&self) -> MutexGuard<'_, WeightStore> {
         lock(&self.weights)
     }

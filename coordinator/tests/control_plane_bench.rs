@@ -63,28 +63,15 @@ async fn connect(url: &str) -> Client {
     client::connect_with(url, None, &options).await.unwrap()
 }
 
+/// The rig's group for `prompt`, with completions of [`COMPLETION_TOKENS`] tokens (the size a
+/// real worker submits).
 fn group(lease: &pb::Lease, worker_id: u64, prompt: &pb::Prompt, salt: u64) -> pb::RolloutGroup {
-    pb::RolloutGroup {
-        job_id: lease.job_id,
-        lease_id: lease.lease_id,
-        worker_id,
-        prompt_id: prompt.prompt_id,
-        epoch: prompt.epoch,
-        policy_version: lease.policy_version,
-        completions: (0..lease.group_size)
-            .map(|i| pb::Completion {
-                token_ids: (0..COMPLETION_TOKENS as i64).map(|t| (t + i as i64 + salt as i64) % 1000).collect(),
-                logprobs: vec![-0.5; COMPLETION_TOKENS],
-                reward: i as f32,
-                reward_parts: [("jaccard".to_string(), i as f32), ("format".to_string(), 1.0)].into(),
-                text: format!("<think>simulated</think><answer>a{i}</answer>"),
-                truncated: false,
-                token_policy_versions: Vec::new(),
-            })
-            .collect(),
-        prompt: None,
-        traceparent: String::new(),
+    let mut group = group_for(lease, worker_id, prompt, lease.policy_version);
+    for (i, c) in group.completions.iter_mut().enumerate() {
+        c.token_ids = (0..COMPLETION_TOKENS as i64).map(|t| (t + i as i64 + salt as i64) % 1000).collect();
+        c.logprobs = vec![-0.5; COMPLETION_TOKENS];
     }
+    group
 }
 
 async fn worker(url: String, job: u64, n: usize, lat: Shared) {
